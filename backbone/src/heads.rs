@@ -1,0 +1,133 @@
+//! Task heads read from the backbone's final hidden states.
+
+use crate::error::Result;
+use crate::init::Initializer;
+use crate::linear::Linear;
+use crate::model::{Encoded, Transformer};
+use crate::params::TrainableParams;
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// Which position(s) summarise a sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// The first position (BERT's [CLS], or the first virtual token with an input prefix, as in PEFT).
+    First,
+    /// The last non-padding position (decoders, reward models).
+    LastToken,
+    /// Mean over non-padding positions (sentence embeddings).
+    Mean,
+}
+
+/// Pools `[batch, len, hidden]` into `[batch, hidden]`.
+pub fn pool(enc: &Encoded, pooling: Pooling) -> Result<Tensor> {
+    let (b, s, h) = enc.hidden.dims3()?;
+    Ok(match pooling {
+        Pooling::First => enc.hidden.narrow(1, 0, 1)?.squeeze(1)?,
+        Pooling::LastToken => {
+            let idx = last_token_index(&enc.mask)?;
+            let flat: Vec<u32> = idx.iter().enumerate().map(|(i, &j)| (i * s + j) as u32).collect();
+            let flat = Tensor::from_vec(flat, b, enc.hidden.device())?;
+            enc.hidden.reshape((b * s, h))?.index_select(&flat, 0)?
+        }
+        Pooling::Mean => {
+            let m = enc.mask.unsqueeze(2)?;
+            let sum = enc.hidden.broadcast_mul(&m)?.sum(1)?;
+            sum.broadcast_div(&m.sum(1)?.maximum(1e-9)?)?
+        }
+    })
+}
+
+/// Index of the last non-padding position of each row of a `[batch, len]` 0/1 mask.
+pub fn last_token_index(mask: &Tensor) -> Result<Vec<usize>> {
+    let rows: Vec<Vec<f32>> = mask.to_dtype(DType::F32)?.to_vec2()?;
+    Ok(rows
+        .iter()
+        .map(|r| r.iter().rposition(|&v| v > 0.0).unwrap_or(0))
+        .collect())
+}
+
+/// What a sequence head predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadKind {
+    /// `num_labels` class logits.
+    Classifier {
+        /// Number of classes.
+        num_labels: usize,
+    },
+    /// One real-valued output (STS-B).
+    Regression,
+    /// One scalar reward, read at the last non-padding token.
+    Reward,
+}
+
+impl HeadKind {
+    /// Output width.
+    pub fn outputs(self) -> usize {
+        match self {
+            HeadKind::Classifier { num_labels } => num_labels,
+            HeadKind::Regression | HeadKind::Reward => 1,
+        }
+    }
+}
+
+/// A trainable linear head on a pooled representation. For encoders with a pooler it reads
+/// `tanh(pooler(first))`, as Hugging Face's sequence classifiers do.
+#[derive(Debug, Clone)]
+pub struct SequenceHead {
+    /// What it predicts.
+    pub kind: HeadKind,
+    /// How the sequence is summarised.
+    pub pooling: Pooling,
+    /// The trainable projection `[outputs, hidden]`.
+    pub out: Linear,
+}
+
+impl SequenceHead {
+    /// Creates the head's variables in `params` (normal(0, 0.02) weight, zero bias, as HF).
+    pub fn new(
+        model: &Transformer,
+        kind: HeadKind,
+        params: &mut TrainableParams,
+        init: &mut Initializer,
+    ) -> Result<Self> {
+        let h = model.config.hidden_size;
+        let dev = model.device();
+        let n = kind.outputs();
+        let weight = params.add("head.weight", init.normal((n, h), 0.02, dev)?)?;
+        let bias = params.add("head.bias", Tensor::zeros(n, DType::F32, dev)?)?;
+        let pooling = match (kind, model.config.is_causal()) {
+            (HeadKind::Reward, _) | (_, true) => Pooling::LastToken,
+            _ => Pooling::First,
+        };
+        Ok(Self {
+            kind,
+            pooling,
+            out: Linear::new(weight, Some(bias)),
+        })
+    }
+
+    /// Closed-form trainable count: `outputs·hidden + outputs`.
+    pub fn num_parameters(kind: HeadKind, hidden: usize) -> usize {
+        kind.outputs() * (hidden + 1)
+    }
+
+    /// Head outputs `[batch, outputs]`.
+    pub fn forward(&self, model: &Transformer, enc: &Encoded) -> Result<Tensor> {
+        let mut x = pool(enc, self.pooling)?;
+        if self.pooling == Pooling::First {
+            if let Some(p) = &model.pooler {
+                x = p.forward(&x)?.tanh()?;
+            }
+        }
+        Ok(self.out.forward(&x)?)
+    }
+}
+
+/// Next-token logits `[batch, len, vocab]` from the (tied or untied) LM head.
+pub fn lm_logits(model: &Transformer, enc: &Encoded) -> Result<Tensor> {
+    let w = model.lm_head_weight();
+    Ok(Linear::new(w.clone(), None).forward(&enc.hidden)?)
+}

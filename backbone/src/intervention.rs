@@ -1,0 +1,143 @@
+//! The only ways a method may touch the backbone.
+//!
+//! The backbone calls these hooks at fixed points of its forward pass and knows nothing of
+//! what a method does in them. Every hook defaults to "no change".
+
+use candle_core::{Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// A linear projection inside a transformer layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Proj {
+    /// Attention query.
+    Query,
+    /// Attention key.
+    Key,
+    /// Attention value.
+    Value,
+    /// Attention output projection.
+    AttnOut,
+    /// Feed-forward up (first) projection.
+    Up,
+    /// Feed-forward gate projection (Llama's SwiGLU only).
+    Gate,
+    /// Feed-forward down (second) projection.
+    Down,
+}
+
+impl Proj {
+    /// All projections, in forward order.
+    pub const ALL: [Proj; 7] = [
+        Proj::Query,
+        Proj::Key,
+        Proj::Value,
+        Proj::AttnOut,
+        Proj::Up,
+        Proj::Gate,
+        Proj::Down,
+    ];
+
+    /// The name used in configs and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proj::Query => "query",
+            Proj::Key => "key",
+            Proj::Value => "value",
+            Proj::AttnOut => "attn_out",
+            Proj::Up => "up",
+            Proj::Gate => "gate",
+            Proj::Down => "down",
+        }
+    }
+
+    /// Parses a name, accepting the common Hugging Face spellings too.
+    pub fn parse(name: &str) -> Option<Proj> {
+        Some(match name {
+            "query" | "q" | "q_proj" => Proj::Query,
+            "key" | "k" | "k_proj" => Proj::Key,
+            "value" | "v" | "v_proj" => Proj::Value,
+            "attn_out" | "o_proj" | "dense" | "c_proj" => Proj::AttnOut,
+            "up" | "up_proj" | "intermediate" | "c_fc" => Proj::Up,
+            "gate" | "gate_proj" => Proj::Gate,
+            "down" | "down_proj" | "output" => Proj::Down,
+            _ => return None,
+        })
+    }
+}
+
+/// One projection of one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Site {
+    /// Layer index, from 0.
+    pub layer: usize,
+    /// Which projection.
+    pub proj: Proj,
+}
+
+impl std::fmt::Display for Site {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "layer{}.{}", self.layer, self.proj.name())
+    }
+}
+
+/// A sublayer whose output a method may transform before the residual add.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Block {
+    /// Self-attention.
+    Attention,
+    /// Feed-forward.
+    Ffn,
+}
+
+/// Key and value vectors prepended to one layer's attention, each `[len, kv_heads·head_dim]`
+/// (shared by the batch) or `[batch, len, kv_heads·head_dim]`.
+#[derive(Debug, Clone)]
+pub struct KvPrefix {
+    /// Prefix keys (not rotated: they sit before every position).
+    pub key: Tensor,
+    /// Prefix values.
+    pub value: Tensor,
+}
+
+impl KvPrefix {
+    /// Number of prefix positions.
+    pub fn len(&self) -> usize {
+        let d = self.key.dims();
+        d[d.len() - 2]
+    }
+
+    /// Whether the prefix is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Hooks a method implements; the backbone calls them during forward.
+pub trait Intervention {
+    /// Transforms the output of projection `site`, given that projection's input.
+    fn project(&self, _site: Site, _input: &Tensor, output: Tensor) -> Result<Tensor> {
+        Ok(output)
+    }
+
+    /// Transforms a sublayer's output before its residual add.
+    fn after_block(&self, _layer: usize, _block: Block, output: Tensor) -> Result<Tensor> {
+        Ok(output)
+    }
+
+    /// Per-layer key/value prefixes (one per layer, all the same length), if any.
+    fn kv_prefixes(&self) -> Result<Option<Vec<KvPrefix>>> {
+        Ok(None)
+    }
+
+    /// Vectors `[len, hidden]` prepended to the input embeddings, if any.
+    fn input_prefix(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// The unmodified model.
+pub struct NoIntervention;
+
+impl Intervention for NoIntervention {}

@@ -1,0 +1,27 @@
+//! A differentiable transformer backbone (BERT-, GPT-2- and Llama-style) with intervention
+//! points through which parameter-efficient methods attach. It names no method.
+
+pub mod config;
+pub mod error;
+pub mod heads;
+pub mod init;
+pub mod intervention;
+pub mod linear;
+pub mod load;
+pub mod model;
+pub mod ops;
+pub mod params;
+pub mod random;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{Activation, Family, ModelConfig};
+pub use error::{BackboneError, Result};
+pub use heads::{lm_logits, pool, HeadKind, Pooling, SequenceHead};
+pub use init::Initializer;
+pub use intervention::{Block, Intervention, KvPrefix, NoIntervention, Proj, Site};
+pub use linear::Linear;
+pub use load::{load_model_dir, save_model_dir};
+pub use model::{Encoded, Inputs, Transformer};
+pub use params::TrainableParams;
+pub use tokenizer::{pad_rows, TextTokenizer};

@@ -1,0 +1,523 @@
+//! The transformer: embeddings, attention, feed-forward and norms, with intervention points.
+
+use crate::config::{Activation, Family, ModelConfig};
+use crate::error::{BackboneError, Result};
+use crate::intervention::{Block, Intervention, KvPrefix, Proj, Site};
+use crate::linear::Linear;
+use crate::ops;
+use candle_core::{DType, Device, Tensor};
+
+/// A normalisation layer.
+#[derive(Debug, Clone)]
+pub enum Norm {
+    /// LayerNorm with weight and bias.
+    Layer {
+        /// Scale.
+        weight: Tensor,
+        /// Shift.
+        bias: Tensor,
+        /// Epsilon.
+        eps: f64,
+    },
+    /// RMSNorm with weight.
+    Rms {
+        /// Scale.
+        weight: Tensor,
+        /// Epsilon.
+        eps: f64,
+    },
+}
+
+impl Norm {
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Norm::Layer { weight, bias, eps } => ops::layer_norm(x, weight, bias, *eps),
+            Norm::Rms { weight, eps } => ops::rms_norm(x, weight, *eps),
+        }
+    }
+
+    /// The norm's tensors, mutably, with their names (weight, bias).
+    pub fn tensors_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        match self {
+            Norm::Layer { weight, bias, .. } => vec![("weight", weight), ("bias", bias)],
+            Norm::Rms { weight, .. } => vec![("weight", weight)],
+        }
+    }
+}
+
+/// One transformer layer.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// Query projection `[heads·d, hidden]`.
+    pub query: Linear,
+    /// Key projection `[kv_heads·d, hidden]`.
+    pub key: Linear,
+    /// Value projection `[kv_heads·d, hidden]`.
+    pub value: Linear,
+    /// Attention output projection.
+    pub attn_out: Linear,
+    /// Feed-forward up projection.
+    pub up: Linear,
+    /// Feed-forward gate projection (SwiGLU only).
+    pub gate: Option<Linear>,
+    /// Feed-forward down projection.
+    pub down: Linear,
+    /// Norm around attention (before it in pre-norm, after the residual in post-norm).
+    pub attn_norm: Norm,
+    /// Norm around the feed-forward block.
+    pub ffn_norm: Norm,
+}
+
+impl Layer {
+    /// The projection at `proj`, if this layer has one.
+    pub fn proj(&self, proj: Proj) -> Option<&Linear> {
+        match proj {
+            Proj::Query => Some(&self.query),
+            Proj::Key => Some(&self.key),
+            Proj::Value => Some(&self.value),
+            Proj::AttnOut => Some(&self.attn_out),
+            Proj::Up => Some(&self.up),
+            Proj::Gate => self.gate.as_ref(),
+            Proj::Down => Some(&self.down),
+        }
+    }
+
+    /// The projection at `proj`, mutably.
+    pub fn proj_mut(&mut self, proj: Proj) -> Option<&mut Linear> {
+        match proj {
+            Proj::Query => Some(&mut self.query),
+            Proj::Key => Some(&mut self.key),
+            Proj::Value => Some(&mut self.value),
+            Proj::AttnOut => Some(&mut self.attn_out),
+            Proj::Up => Some(&mut self.up),
+            Proj::Gate => self.gate.as_mut(),
+            Proj::Down => Some(&mut self.down),
+        }
+    }
+}
+
+/// Token, position and segment embeddings.
+#[derive(Debug, Clone)]
+pub struct Embeddings {
+    /// Word embeddings `[vocab, hidden]`.
+    pub word: Tensor,
+    /// Learned absolute positions `[max_pos, hidden]` (none with RoPE).
+    pub position: Option<Tensor>,
+    /// Segment embeddings `[types, hidden]` (BERT).
+    pub token_type: Option<Tensor>,
+    /// Norm applied to the embedding sum (BERT).
+    pub norm: Option<Norm>,
+}
+
+/// A batch of token ids with its padding mask.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    /// Token ids `[batch, len]`, u32.
+    pub input_ids: Tensor,
+    /// 1 for real tokens, 0 for padding, `[batch, len]`, u32.
+    pub attention_mask: Tensor,
+    /// Segment ids `[batch, len]`, u32 (BERT pairs); zeros when absent.
+    pub token_type_ids: Option<Tensor>,
+}
+
+/// What a forward pass returns.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// Final hidden states `[batch, prefix + len, hidden]`, input-prefix positions first.
+    pub hidden: Tensor,
+    /// 1.0 where `hidden` holds a real token or an input-prefix vector, 0.0 at padding.
+    pub mask: Tensor,
+    /// How many input-prefix vectors were prepended.
+    pub input_prefix_len: usize,
+}
+
+/// A transformer encoder or decoder whose weights are plain tensors.
+#[derive(Debug, Clone)]
+pub struct Transformer {
+    /// Shape and architecture.
+    pub config: ModelConfig,
+    /// Embedding tables.
+    pub embeddings: Embeddings,
+    /// The layers.
+    pub layers: Vec<Layer>,
+    /// Norm after the last layer (pre-norm decoders).
+    pub final_norm: Option<Norm>,
+    /// BERT's pooler (dense + tanh on the first token), when the checkpoint has one.
+    pub pooler: Option<Linear>,
+    /// Untied LM head `[vocab, hidden]`; `None` means the word embeddings are reused.
+    pub lm_head: Option<Tensor>,
+    device: Device,
+}
+
+impl Transformer {
+    /// Assembles a model from its parts.
+    pub fn from_parts(
+        config: ModelConfig,
+        embeddings: Embeddings,
+        layers: Vec<Layer>,
+        final_norm: Option<Norm>,
+        pooler: Option<Linear>,
+        lm_head: Option<Tensor>,
+    ) -> Self {
+        let device = embeddings.word.device().clone();
+        Self {
+            config,
+            embeddings,
+            layers,
+            final_norm,
+            pooler,
+            lm_head,
+            device,
+        }
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every projection site the model has, in layer order.
+    pub fn sites(&self) -> Vec<Site> {
+        let mut out = Vec::new();
+        for (layer, l) in self.layers.iter().enumerate() {
+            for proj in Proj::ALL {
+                if l.proj(proj).is_some() {
+                    out.push(Site { layer, proj });
+                }
+            }
+        }
+        out
+    }
+
+    /// The projection at `site`.
+    pub fn linear(&self, site: Site) -> Option<&Linear> {
+        self.layers.get(site.layer).and_then(|l| l.proj(site.proj))
+    }
+
+    /// The projection at `site`, mutably (LoRA merges into it).
+    pub fn linear_mut(&mut self, site: Site) -> Option<&mut Linear> {
+        self.layers.get_mut(site.layer).and_then(|l| l.proj_mut(site.proj))
+    }
+
+    /// The LM head matrix `[vocab, hidden]` (tied or not).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embeddings.word)
+    }
+
+    /// Number of weights in the backbone (tied matrices counted once).
+    pub fn num_parameters(&self) -> usize {
+        let mut n = 0;
+        let mut count = |t: &Tensor| n += t.elem_count();
+        self.for_each_weight(&mut |_, t| count(t));
+        n
+    }
+
+    /// Visits every weight tensor with its Hugging Face-independent name.
+    pub fn for_each_weight(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+        let mut me = self.clone();
+        me.for_each_weight_mut(&mut |name, t| f(name, t));
+    }
+
+    /// Visits every weight tensor mutably (full fine-tuning turns each into a variable).
+    pub fn for_each_weight_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        let e = &mut self.embeddings;
+        f("embeddings.word", &mut e.word);
+        if let Some(t) = e.position.as_mut() {
+            f("embeddings.position", t);
+        }
+        if let Some(t) = e.token_type.as_mut() {
+            f("embeddings.token_type", t);
+        }
+        if let Some(n) = e.norm.as_mut() {
+            for (k, t) in n.tensors_mut() {
+                f(&format!("embeddings.norm.{k}"), t);
+            }
+        }
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            for proj in Proj::ALL {
+                if let Some(lin) = l.proj_mut(proj) {
+                    f(&format!("layer{i}.{}.weight", proj.name()), &mut lin.weight);
+                    if let Some(b) = lin.bias.as_mut() {
+                        f(&format!("layer{i}.{}.bias", proj.name()), b);
+                    }
+                }
+            }
+            for (k, t) in l.attn_norm.tensors_mut() {
+                f(&format!("layer{i}.attn_norm.{k}"), t);
+            }
+            for (k, t) in l.ffn_norm.tensors_mut() {
+                f(&format!("layer{i}.ffn_norm.{k}"), t);
+            }
+        }
+        if let Some(n) = self.final_norm.as_mut() {
+            for (k, t) in n.tensors_mut() {
+                f(&format!("final_norm.{k}"), t);
+            }
+        }
+        if let Some(p) = self.pooler.as_mut() {
+            f("pooler.weight", &mut p.weight);
+            if let Some(b) = p.bias.as_mut() {
+                f("pooler.bias", b);
+            }
+        }
+        if let Some(t) = self.lm_head.as_mut() {
+            f("lm_head", t);
+        }
+    }
+
+    /// Runs the model on `inputs` with a method's hooks.
+    pub fn forward(&self, inputs: &Inputs, iv: &dyn Intervention) -> Result<Encoded> {
+        let cfg = &self.config;
+        let (b, t) = inputs.input_ids.dims2()?;
+        if inputs.attention_mask.dims() != [b, t] {
+            return Err(BackboneError::Input(format!(
+                "attention_mask has shape {:?}, input_ids {:?}",
+                inputs.attention_mask.dims(),
+                [b, t]
+            )));
+        }
+        let kv = iv.kv_prefixes()?;
+        if let Some(kv) = &kv {
+            if kv.len() != cfg.num_layers {
+                return Err(BackboneError::Input(format!(
+                    "{} key/value prefixes for {} layers",
+                    kv.len(),
+                    cfg.num_layers
+                )));
+            }
+        }
+        let kv_len = kv.as_ref().map_or(0, |k| k.first().map_or(0, KvPrefix::len));
+        let prefix = iv.input_prefix()?;
+        let p_in = prefix.as_ref().map_or(0, |p| p.dims()[p.rank() - 2]);
+        let seq = p_in + t;
+        let positions_needed = cfg.position_offset + kv_len + seq;
+        if positions_needed > cfg.max_position_embeddings {
+            return Err(BackboneError::Input(format!(
+                "sequence of {seq} (+{kv_len} prefix) needs {positions_needed} positions, model has {}",
+                cfg.max_position_embeddings
+            )));
+        }
+
+        // Token mask over the extended sequence: input-prefix vectors are always visible.
+        let token_mask = inputs.attention_mask.to_dtype(DType::F32)?;
+        let mask = if p_in > 0 {
+            Tensor::cat(&[&Tensor::ones((b, p_in), DType::F32, &self.device)?, &token_mask], 1)?
+        } else {
+            token_mask
+        };
+
+        let mut h = self.embed(inputs, prefix.as_ref(), kv_len)?;
+        let bias = attention_bias(&mask, kv_len, cfg.is_causal())?;
+        let rope = if cfg.family == Family::Llama {
+            Some(ops::rope_tables(kv_len, seq, cfg.head_dim(), cfg.rope_theta, &self.device)?)
+        } else {
+            None
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let prefix_i = kv.as_ref().map(|k| &k[i]);
+            h = self.layer_forward(i, layer, &h, &bias, rope.as_ref(), prefix_i, iv)?;
+        }
+        if let Some(n) = &self.final_norm {
+            h = n.forward(&h)?;
+        }
+        Ok(Encoded {
+            hidden: h,
+            mask,
+            input_prefix_len: p_in,
+        })
+    }
+
+    fn embed(&self, inputs: &Inputs, prefix: Option<&Tensor>, kv_len: usize) -> Result<Tensor> {
+        let cfg = &self.config;
+        let e = &self.embeddings;
+        let (b, t) = inputs.input_ids.dims2()?;
+        let ids = inputs.input_ids.flatten_all()?;
+        let max_id = ids.max(0)?.to_scalar::<u32>()? as usize;
+        if max_id >= cfg.vocab_size {
+            return Err(BackboneError::Input(format!(
+                "token id {max_id} is outside the vocabulary of {}",
+                cfg.vocab_size
+            )));
+        }
+        let mut x = e.word.index_select(&ids, 0)?.reshape((b, t, cfg.hidden_size))?;
+        let mut p_in = 0;
+        if let Some(p) = prefix {
+            p_in = p.dims()[p.rank() - 2];
+            let p = if p.rank() == 2 {
+                p.unsqueeze(0)?.broadcast_as((b, p_in, cfg.hidden_size))?
+            } else {
+                p.clone()
+            };
+            x = Tensor::cat(&[&p, &x], 1)?;
+        }
+        let seq = p_in + t;
+        if let Some(pos) = &e.position {
+            let start = cfg.position_offset + kv_len;
+            x = x.broadcast_add(&pos.narrow(0, start, seq)?.unsqueeze(0)?)?;
+        }
+        if let Some(tt) = &e.token_type {
+            let types = match &inputs.token_type_ids {
+                Some(ty) => ty.clone(),
+                None => Tensor::zeros((b, t), DType::U32, &self.device)?,
+            };
+            let types = if p_in > 0 {
+                Tensor::cat(&[&Tensor::zeros((b, p_in), DType::U32, &self.device)?, &types], 1)?
+            } else {
+                types
+            };
+            let te = tt
+                .index_select(&types.flatten_all()?, 0)?
+                .reshape((b, seq, cfg.hidden_size))?;
+            x = (x + te)?;
+        }
+        if let Some(n) = &e.norm {
+            x = n.forward(&x)?;
+        }
+        Ok(x)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        i: usize,
+        layer: &Layer,
+        h: &Tensor,
+        bias: &Tensor,
+        rope: Option<&(Tensor, Tensor)>,
+        prefix: Option<&KvPrefix>,
+        iv: &dyn Intervention,
+    ) -> Result<Tensor> {
+        let post_norm = self.config.family == Family::Bert;
+        let attn_in = if post_norm {
+            h.clone()
+        } else {
+            layer.attn_norm.forward(h)?
+        };
+        let a = self.attention(i, layer, &attn_in, bias, rope, prefix, iv)?;
+        let a = iv.after_block(i, Block::Attention, a)?;
+        let h = if post_norm {
+            layer.attn_norm.forward(&(h + a)?)?
+        } else {
+            (h + a)?
+        };
+        let ffn_in = if post_norm {
+            h.clone()
+        } else {
+            layer.ffn_norm.forward(&h)?
+        };
+        let f = self.feed_forward(i, layer, &ffn_in, iv)?;
+        let f = iv.after_block(i, Block::Ffn, f)?;
+        let h = if post_norm {
+            layer.ffn_norm.forward(&(h + f)?)?
+        } else {
+            (h + f)?
+        };
+        Ok(h)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        i: usize,
+        layer: &Layer,
+        x: &Tensor,
+        bias: &Tensor,
+        rope: Option<&(Tensor, Tensor)>,
+        prefix: Option<&KvPrefix>,
+        iv: &dyn Intervention,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim());
+        let site = |proj| Site { layer: i, proj };
+        let q = iv.project(site(Proj::Query), x, layer.query.forward(x)?)?;
+        let k = iv.project(site(Proj::Key), x, layer.key.forward(x)?)?;
+        let v = iv.project(site(Proj::Value), x, layer.value.forward(x)?)?;
+        let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()
+        };
+        let (mut q, mut k, mut v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
+        if let Some((cos, sin)) = rope {
+            q = ops::apply_rope(&q, cos, sin)?;
+            k = ops::apply_rope(&k, cos, sin)?;
+        }
+        if let Some(p) = prefix.filter(|p| !p.is_empty()) {
+            let len = p.len();
+            let as_heads = |y: &Tensor| -> candle_core::Result<Tensor> {
+                let y = if y.rank() == 2 {
+                    y.unsqueeze(0)?.broadcast_as((b, len, nkv * d))?
+                } else {
+                    y.clone()
+                };
+                y.reshape((b, len, nkv, d))?.transpose(1, 2)
+            };
+            k = Tensor::cat(&[&as_heads(&p.key)?, &k], 2)?;
+            v = Tensor::cat(&[&as_heads(&p.value)?, &v], 2)?;
+        }
+        if nkv != nh {
+            let rep = nh / nkv;
+            let expand = |y: Tensor| -> candle_core::Result<Tensor> {
+                let (b, _, s, d) = y.dims4()?;
+                y.unsqueeze(2)?
+                    .broadcast_as((b, nkv, rep, s, d))?
+                    .reshape((b, nh, s, d))
+            };
+            k = expand(k)?;
+            v = expand(v)?;
+        }
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
+        let probs = ops::softmax_last_dim(&scores)?;
+        let ctx = probs
+            .matmul(&v.contiguous()?)?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * d))?;
+        Ok(iv.project(site(Proj::AttnOut), &ctx, layer.attn_out.forward(&ctx)?)?)
+    }
+
+    fn feed_forward(
+        &self,
+        i: usize,
+        layer: &Layer,
+        x: &Tensor,
+        iv: &dyn Intervention,
+    ) -> Result<Tensor> {
+        let site = |proj| Site { layer: i, proj };
+        let up = iv.project(site(Proj::Up), x, layer.up.forward(x)?)?;
+        let inner = match &layer.gate {
+            Some(gate) => {
+                let g = iv.project(site(Proj::Gate), x, gate.forward(x)?)?;
+                (ops::activate(&g, self.config.activation)? * up)?
+            }
+            None => ops::activate(&up, self.config.activation)?,
+        };
+        Ok(iv.project(site(Proj::Down), &inner, layer.down.forward(&inner)?)?)
+    }
+}
+
+/// Additive attention bias `[batch, 1, len, kv_len + len]`: 0 where a query may attend,
+/// f32::MIN at padding keys and (for decoders) at later positions. Prefix keys are visible
+/// to every query.
+pub fn attention_bias(mask: &Tensor, kv_len: usize, causal: bool) -> Result<Tensor> {
+    let (b, t) = mask.dims2()?;
+    let m: Vec<f32> = mask.flatten_all()?.to_vec1()?;
+    let s = kv_len + t;
+    let mut bias = vec![0f32; b * t * s];
+    for bi in 0..b {
+        for qi in 0..t {
+            let row = &mut bias[(bi * t + qi) * s..(bi * t + qi + 1) * s];
+            for kj in 0..t {
+                if m[bi * t + kj] == 0.0 || (causal && kj > qi) {
+                    row[kv_len + kj] = f32::MIN;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(bias, (b, 1, t, s), mask.device())?)
+}
+
+/// Whether the family uses SwiGLU.
+pub fn gated(act: Activation, family: Family) -> bool {
+    family == Family::Llama && act == Activation::Silu
+}

@@ -1,0 +1,160 @@
+//! Text to padded id batches through a Hugging Face `tokenizer.json`.
+
+use crate::error::{BackboneError, Result};
+use crate::model::Inputs;
+use candle_core::{Device, Tensor};
+use std::path::{Path, PathBuf};
+use tokenizers::{EncodeInput, Tokenizer};
+
+/// A loaded tokenizer with the padding id and length cap the harness uses.
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    path: PathBuf,
+    /// Id written at padding positions.
+    pub pad_id: u32,
+    /// Longest sequence produced; longer inputs are truncated.
+    pub max_len: usize,
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json`. Its own padding/truncation settings are dropped (MiniLM's pads
+    /// every input to 128): batches are padded to their longest row instead.
+    pub fn from_file(path: &Path, max_len: usize) -> Result<Self> {
+        let err = |message: String| BackboneError::Tokenizer {
+            path: path.to_path_buf(),
+            message,
+        };
+        if !path.exists() {
+            return Err(err("file not found".into()));
+        }
+        let mut inner = Tokenizer::from_file(path).map_err(|e| err(e.to_string()))?;
+        let pad_id = inner
+            .get_padding()
+            .map(|p| p.pad_id)
+            .or_else(|| inner.token_to_id("[PAD]"))
+            .or_else(|| inner.token_to_id("<pad>"))
+            .or_else(|| inner.token_to_id("<|endoftext|>"))
+            .unwrap_or(0);
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| err(e.to_string()))?;
+        Ok(Self {
+            inner,
+            path: path.to_path_buf(),
+            pad_id,
+            max_len,
+        })
+    }
+
+    /// Wraps a tokenizer built in memory (e.g. one just trained).
+    pub fn from_tokenizer(inner: Tokenizer, path: &Path, pad_id: u32, max_len: usize) -> Self {
+        Self {
+            inner,
+            path: path.to_path_buf(),
+            pad_id,
+            max_len,
+        }
+    }
+
+    /// The underlying tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The id of a token, if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> BackboneError {
+        BackboneError::Tokenizer {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Token ids of one text.
+    pub fn encode_ids(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| self.err(e))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Decodes ids back to text.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| self.err(e))
+    }
+
+    /// Encodes single texts or `(text_a, text_b)` pairs with special tokens, truncated to
+    /// `max_len` (longest-first) and right-padded to the longest row.
+    pub fn encode_batch(&self, rows: &[(&str, Option<&str>)], device: &Device) -> Result<Inputs> {
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut types = Vec::with_capacity(rows.len());
+        for (a, b) in rows {
+            let input: EncodeInput = match b {
+                Some(b) => (*a, *b).into(),
+                None => (*a).into(),
+            };
+            let mut enc = self.inner.encode(input, true).map_err(|e| self.err(e))?;
+            if enc.len() > self.max_len {
+                // Truncate the body, keeping the closing special token(s) of the template.
+                enc = self.truncate(a, *b)?;
+            }
+            ids.push(enc.get_ids().to_vec());
+            types.push(enc.get_type_ids().to_vec());
+        }
+        pad_rows(&ids, Some(&types), self.pad_id, device)
+    }
+
+    fn truncate(&self, a: &str, b: Option<&str>) -> Result<tokenizers::Encoding> {
+        let mut t = self.inner.clone();
+        t.with_truncation(Some(tokenizers::TruncationParams {
+            max_length: self.max_len,
+            strategy: tokenizers::TruncationStrategy::LongestFirst,
+            ..Default::default()
+        }))
+        .map_err(|e| self.err(e))?;
+        let input: EncodeInput = match b {
+            Some(b) => (a, b).into(),
+            None => a.into(),
+        };
+        t.encode(input, true).map_err(|e| self.err(e))
+    }
+}
+
+/// Right-pads id rows into a batch with its attention mask (and segment ids when given).
+pub fn pad_rows(
+    rows: &[Vec<u32>],
+    types: Option<&[Vec<u32>]>,
+    pad_id: u32,
+    device: &Device,
+) -> Result<Inputs> {
+    let b = rows.len();
+    let t = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut ids = vec![pad_id; b * t];
+    let mut mask = vec![0u32; b * t];
+    let mut tys = vec![0u32; b * t];
+    for (i, r) in rows.iter().enumerate() {
+        ids[i * t..i * t + r.len()].copy_from_slice(r);
+        mask[i * t..i * t + r.len()].fill(1);
+        if let Some(ty) = types {
+            tys[i * t..i * t + ty[i].len()].copy_from_slice(&ty[i]);
+        }
+    }
+    Ok(Inputs {
+        input_ids: Tensor::from_vec(ids, (b, t), device)?,
+        attention_mask: Tensor::from_vec(mask, (b, t), device)?,
+        token_type_ids: match types {
+            Some(_) => Some(Tensor::from_vec(tys, (b, t), device)?),
+            None => None,
+        },
+    })
+}
