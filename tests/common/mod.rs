@@ -1,0 +1,66 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use candle_core::{Device, Tensor};
+use peftbench_backbone::{ModelConfig, Transformer};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+/// The all-MiniLM-L6-v2 directory fetched by scripts/fetch-minilm.sh. In CI its absence is a
+/// failure; elsewhere the test is skipped with a message.
+pub fn minilm_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("PEFTBENCH_MINILM")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/peftbench/all-MiniLM-L6-v2"))
+        })?;
+    if dir.join("model.safetensors").exists() {
+        return Some(dir);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("all-MiniLM-L6-v2 not found at {}: run scripts/fetch-minilm.sh", dir.display());
+    }
+    eprintln!("skipping: all-MiniLM-L6-v2 not found at {} (run scripts/fetch-minilm.sh)", dir.display());
+    None
+}
+
+/// A small config of each family, parsed from Hugging Face-style JSON.
+pub fn tiny_config(model_type: &str) -> ModelConfig {
+    let v = match model_type {
+        "bert" => json!({"model_type": "bert", "vocab_size": 50, "hidden_size": 16,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 24,
+            "max_position_embeddings": 64, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+            "hidden_act": "gelu", "pad_token_id": 0}),
+        "gpt2" => json!({"model_type": "gpt2", "vocab_size": 50, "n_embd": 16, "n_layer": 2,
+            "n_head": 4, "n_positions": 64, "layer_norm_epsilon": 1e-5,
+            "activation_function": "gelu_new"}),
+        "gpt_bigcode" => json!({"model_type": "gpt_bigcode", "vocab_size": 50, "n_embd": 16,
+            "n_layer": 2, "n_head": 4, "n_positions": 64, "layer_norm_epsilon": 1e-5,
+            "multi_query": true, "activation_function": "gelu_pytorch_tanh"}),
+        "llama" => json!({"model_type": "llama", "vocab_size": 50, "hidden_size": 16,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 24, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": false}),
+        other => panic!("no tiny config for {other}"),
+    };
+    ModelConfig::from_json(&v, Path::new("tiny/config.json")).expect("tiny config is valid")
+}
+
+/// A random tiny model of the family.
+pub fn tiny_model(model_type: &str, seed: u64) -> Transformer {
+    Transformer::random(tiny_config(model_type), seed, &Device::Cpu).expect("random model")
+}
+
+/// Largest absolute elementwise difference.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
