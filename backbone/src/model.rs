@@ -450,10 +450,11 @@ impl Transformer {
                 } else {
                     y.clone()
                 };
-                y.reshape((b, len, nkv, d))?.transpose(1, 2)
+                y.reshape((b, len, nkv, d))?.transpose(1, 2)?.contiguous()
             };
-            k = Tensor::cat(&[&as_heads(&p.key)?, &k], 2)?;
-            v = Tensor::cat(&[&as_heads(&p.value)?, &v], 2)?;
+            // cat falls back to strided copies for odd layouts; gemm needs plain batches.
+            k = Tensor::cat(&[&as_heads(&p.key)?, &k], 2)?.contiguous()?;
+            v = Tensor::cat(&[&as_heads(&p.value)?, &v], 2)?.contiguous()?;
         }
         if nkv != nh {
             let rep = nh / nkv;

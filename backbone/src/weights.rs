@@ -105,3 +105,12 @@ impl WeightFile {
         std::mem::replace(&mut self.prefix, prefix)
     }
 }
+
+impl WeightFile {
+    /// The shape of a tensor (under the detected prefix), if present.
+    pub fn dims(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors
+            .get(&format!("{}{name}", self.prefix))
+            .map(|t| t.dims().to_vec())
+    }
+}

@@ -1,0 +1,31 @@
+//! Errors raised by methods.
+
+/// A method's configuration is impossible for the model, or a tensor op failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MethodError {
+    /// The configuration cannot be applied (bad rank, unknown target, empty budget…).
+    #[error("{method}: {message}")]
+    InvalidConfig {
+        /// The method.
+        method: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A backbone error (loading, shapes).
+    #[error(transparent)]
+    Backbone(#[from] peftbench_backbone::BackboneError),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result with [`MethodError`].
+pub type Result<T> = std::result::Result<T, MethodError>;
+
+/// Shorthand for an invalid-configuration error.
+pub(crate) fn invalid(method: &'static str, message: impl Into<String>) -> MethodError {
+    MethodError::InvalidConfig {
+        method,
+        message: message.into(),
+    }
+}

@@ -1,0 +1,43 @@
+//! Full fine-tuning: every backbone weight becomes trainable. The reference the PEFT methods
+//! are measured against.
+
+use crate::error::Result;
+use crate::{AttachContext, Method};
+use peftbench_backbone::{Intervention, TrainableParams};
+
+/// Full fine-tuning attached to a model (its weights are now variables).
+pub struct FullFinetune {
+    params: TrainableParams,
+}
+
+impl FullFinetune {
+    /// Turns every weight of the model into a variable.
+    pub fn attach(ctx: &mut AttachContext) -> Result<Self> {
+        let mut params = TrainableParams::new();
+        let mut failed = None;
+        ctx.model.for_each_weight_mut(&mut |name, t| {
+            if failed.is_some() {
+                return;
+            }
+            match params.add(name, t.clone()) {
+                Ok(v) => *t = v,
+                Err(e) => failed = Some(e),
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        Ok(Self { params })
+    }
+}
+
+impl Intervention for FullFinetune {}
+
+impl Method for FullFinetune {
+    fn name(&self) -> &'static str {
+        "full_finetune"
+    }
+    fn params(&self) -> &TrainableParams {
+        &self.params
+    }
+}

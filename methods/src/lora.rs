@@ -1,0 +1,219 @@
+//! LoRA (Hu et al. 2021): frozen W plus a trainable low-rank bypass (α/r)·B·A.
+//! A is Kaiming-uniform and B zero, as in PEFT, so training starts from the unchanged model.
+
+use crate::error::{invalid, Result};
+use crate::{AttachContext, Method, Targets};
+use candle_core::{Tensor, D};
+use peftbench_backbone::{Intervention, ModelConfig, Site, TrainableParams, Transformer};
+use serde::{Deserialize, Serialize};
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+
+/// LoRA's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank r of each update.
+    pub rank: usize,
+    /// Scaling numerator α.
+    #[serde(default = "default_alpha")]
+    pub lora_alpha: f64,
+    /// Dropout on the low-rank path while training.
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Scale by α/√r (rsLoRA) instead of α/r.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Which projections get an update.
+    #[serde(default)]
+    pub target_modules: Targets,
+}
+
+fn default_alpha() -> f64 {
+    16.0
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 8,
+            lora_alpha: default_alpha(),
+            lora_dropout: 0.0,
+            use_rslora: false,
+            target_modules: Targets::default(),
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The factor applied to B·A.
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.rank as f64).sqrt()
+        } else {
+            self.lora_alpha / self.rank as f64
+        }
+    }
+
+    /// Checks the configuration against a model.
+    pub fn validate(&self, model: &ModelConfig) -> Result<()> {
+        if self.rank == 0 {
+            return Err(invalid("lora", "rank must be at least 1"));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(invalid("lora", format!("lora_dropout {} is not in [0, 1)", self.lora_dropout)));
+        }
+        self.target_modules.sites(model, "lora").map(|_| ())
+    }
+
+    /// Closed form: Σ over targeted projections of r·(in + out).
+    pub fn num_trainable(&self, model: &ModelConfig) -> Result<usize> {
+        let sites = self.target_modules.sites(model, "lora")?;
+        Ok(sites
+            .iter()
+            .map(|s| {
+                let (i, o) = crate::site_shape(model, s.proj);
+                self.rank * (i + o)
+            })
+            .sum())
+    }
+}
+
+/// One adapted projection's factors.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    /// Down factor A `[r, in]`.
+    pub a: Tensor,
+    /// Up factor B `[out, r]`.
+    pub b: Tensor,
+}
+
+/// LoRA attached to a model.
+pub struct Lora {
+    config: LoraConfig,
+    pairs: BTreeMap<Site, LoraPair>,
+    params: TrainableParams,
+    merged: Cell<bool>,
+    training: Cell<bool>,
+    rng: RefCell<peftbench_backbone::Initializer>,
+}
+
+impl Lora {
+    /// Creates A (Kaiming-uniform) and B (zero) for every targeted projection.
+    pub fn attach(config: &LoraConfig, ctx: &mut AttachContext) -> Result<Self> {
+        config.validate(&ctx.model.config)?;
+        let mut params = TrainableParams::new();
+        let mut pairs = BTreeMap::new();
+        let dev = ctx.model.device().clone();
+        for site in config.target_modules.sites(&ctx.model.config, "lora")? {
+            let (inp, out) = crate::site_shape(&ctx.model.config, site.proj);
+            let a = params.add(format!("{site}.lora_A"), ctx.init.kaiming_uniform(config.rank, inp, &dev)?)?;
+            let b = params.add(
+                format!("{site}.lora_B"),
+                Tensor::zeros((out, config.rank), candle_core::DType::F32, &dev)?,
+            )?;
+            pairs.insert(site, LoraPair { a, b });
+        }
+        Ok(Self {
+            config: config.clone(),
+            pairs,
+            params,
+            merged: Cell::new(false),
+            training: Cell::new(false),
+            rng: RefCell::new(peftbench_backbone::Initializer::new(ctx.seed ^ 0x10a)),
+        })
+    }
+
+    /// The factors of each adapted projection.
+    pub fn pairs(&self) -> &BTreeMap<Site, LoraPair> {
+        &self.pairs
+    }
+
+    /// (α/r)·B·A for one site, detached.
+    fn delta(&self, pair: &LoraPair) -> Result<Tensor> {
+        Ok((pair.b.matmul(&pair.a)?.detach() * self.config.scaling())?)
+    }
+
+    /// Adds every update into its base weight; forward then skips the bypass.
+    pub fn merge(&self, model: &mut Transformer) -> Result<()> {
+        if self.merged.get() {
+            return Ok(());
+        }
+        for (site, pair) in &self.pairs {
+            let lin = model.linear_mut(*site).expect("site exists");
+            lin.weight = (&lin.weight + self.delta(pair)?)?;
+        }
+        self.merged.set(true);
+        Ok(())
+    }
+
+    /// Subtracts every update from its base weight again.
+    pub fn unmerge(&self, model: &mut Transformer) -> Result<()> {
+        if !self.merged.get() {
+            return Ok(());
+        }
+        for (site, pair) in &self.pairs {
+            let lin = model.linear_mut(*site).expect("site exists");
+            lin.weight = (&lin.weight - self.delta(pair)?)?;
+        }
+        self.merged.set(false);
+        Ok(())
+    }
+
+    /// Whether the updates currently live in the base weights.
+    pub fn is_merged(&self) -> bool {
+        self.merged.get()
+    }
+}
+
+/// Inverted dropout with a seeded mask.
+pub(crate) fn dropout(x: &Tensor, p: f64, rng: &RefCell<peftbench_backbone::Initializer>) -> Result<Tensor> {
+    let n = x.elem_count();
+    let keep: Vec<f32> = {
+        let mut r = rng.borrow_mut();
+        (0..n)
+            .map(|_| if (r.unit() as f64) < p { 0.0 } else { (1.0 / (1.0 - p)) as f32 })
+            .collect()
+    };
+    Ok((x * Tensor::from_vec(keep, x.shape(), x.device())?)?)
+}
+
+impl Intervention for Lora {
+    fn project(&self, site: Site, input: &Tensor, output: Tensor) -> candle_core::Result<Tensor> {
+        let Some(pair) = self.pairs.get(&site) else {
+            return Ok(output);
+        };
+        if self.merged.get() {
+            return Ok(output);
+        }
+        let x = if self.training.get() && self.config.lora_dropout > 0.0 {
+            dropout(input, self.config.lora_dropout, &self.rng).map_err(candle_core::Error::wrap)?
+        } else {
+            input.clone()
+        };
+        let low = x.broadcast_matmul(&pair.a.t()?)?;
+        let up = low.broadcast_matmul(&pair.b.t()?)?;
+        debug_assert_eq!(up.dim(D::Minus1)?, output.dim(D::Minus1)?);
+        output + (up * self.config.scaling())?
+    }
+}
+
+impl Method for Lora {
+    fn name(&self) -> &'static str {
+        "lora"
+    }
+    fn params(&self) -> &TrainableParams {
+        &self.params
+    }
+    fn set_training(&self, training: bool) {
+        self.training.set(training);
+    }
+    fn merge_into(&self, model: &mut Transformer) -> Result<bool> {
+        self.merge(model)?;
+        Ok(true)
+    }
+    fn unmerge_from(&self, model: &mut Transformer) -> Result<bool> {
+        self.unmerge(model)?;
+        Ok(true)
+    }
+}

@@ -1,0 +1,122 @@
+//! Prompt tuning (Lester et al. 2021): a trainable soft prompt prepended to the input
+//! embeddings, at the input layer only.
+
+use crate::error::{invalid, Result};
+use crate::{AttachContext, Method};
+use candle_core::Tensor;
+use peftbench_backbone::{Intervention, ModelConfig, TrainableParams};
+use serde::{Deserialize, Serialize};
+
+/// How the soft prompt starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PromptInit {
+    /// N(0, 1), as PEFT's `RANDOM`.
+    Random,
+    /// Embeddings of vocabulary tokens drawn at random (PEFT's `SAMPLE_VOCAB`).
+    SampleVocab,
+    /// Embeddings of a text's tokens, repeated or cut to length (PEFT's `TEXT`).
+    Text {
+        /// The initialising text.
+        text: String,
+    },
+}
+
+/// Prompt-tuning configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptTuningConfig {
+    /// Soft-prompt length p.
+    pub num_virtual_tokens: usize,
+    /// Initialisation.
+    #[serde(default = "d_init")]
+    pub init: PromptInit,
+}
+
+fn d_init() -> PromptInit {
+    PromptInit::SampleVocab
+}
+
+impl Default for PromptTuningConfig {
+    fn default() -> Self {
+        Self {
+            num_virtual_tokens: 20,
+            init: d_init(),
+        }
+    }
+}
+
+impl PromptTuningConfig {
+    /// Checks the configuration.
+    pub fn validate(&self, _model: &ModelConfig) -> Result<()> {
+        if let PromptInit::Text { text } = &self.init {
+            if text.trim().is_empty() {
+                return Err(invalid("prompt_tuning", "init text is empty"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Closed form: p·hidden.
+    pub fn num_trainable(&self, model: &ModelConfig) -> usize {
+        self.num_virtual_tokens * model.hidden_size
+    }
+}
+
+/// Builds `[p, hidden]` initial prompt vectors (shared with P-Tuning's embedding).
+pub(crate) fn initial_prompt(init: &PromptInit, p: usize, ctx: &mut AttachContext, method: &'static str) -> Result<Tensor> {
+    let dev = ctx.model.device().clone();
+    let h = ctx.model.config.hidden_size;
+    let vocab = ctx.model.config.vocab_size;
+    let ids: Vec<u32> = match init {
+        PromptInit::Random => return Ok(ctx.init.normal((p, h), 1.0, &dev)?),
+        PromptInit::SampleVocab => (0..p).map(|_| ctx.init.index(vocab) as u32).collect(),
+        PromptInit::Text { text } => {
+            let tok = ctx
+                .tokenizer
+                .ok_or_else(|| invalid(method, "text initialisation needs the model's tokenizer"))?;
+            let t = tok.encode_ids(text, false)?;
+            if t.is_empty() {
+                return Err(invalid(method, format!("init text `{text}` has no tokens")));
+            }
+            (0..p).map(|i| t[i % t.len()]).collect()
+        }
+    };
+    if p == 0 {
+        return Ok(Tensor::zeros((0, h), candle_core::DType::F32, &dev)?);
+    }
+    let ids = Tensor::from_vec(ids, p, &dev)?;
+    Ok(ctx.model.embeddings.word.index_select(&ids, 0)?.detach())
+}
+
+/// Prompt tuning attached to a model.
+pub struct PromptTuning {
+    prompt: Tensor,
+    params: TrainableParams,
+}
+
+impl PromptTuning {
+    /// Creates the soft prompt.
+    pub fn attach(config: &PromptTuningConfig, ctx: &mut AttachContext) -> Result<Self> {
+        config.validate(&ctx.model.config)?;
+        let init = initial_prompt(&config.init, config.num_virtual_tokens, ctx, "prompt_tuning")?;
+        let mut params = TrainableParams::new();
+        let prompt = params.add("prompt", init)?;
+        Ok(Self { prompt, params })
+    }
+}
+
+impl Intervention for PromptTuning {
+    fn input_prefix(&self) -> candle_core::Result<Option<Tensor>> {
+        Ok((self.prompt.dims()[0] > 0).then(|| self.prompt.clone()))
+    }
+}
+
+impl Method for PromptTuning {
+    fn name(&self) -> &'static str {
+        "prompt_tuning"
+    }
+    fn params(&self) -> &TrainableParams {
+        &self.params
+    }
+}
