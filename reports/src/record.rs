@@ -1,0 +1,156 @@
+//! One record per run: what the harness writes and the reports read.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Trained and evaluated.
+    Ok,
+    /// The loss became NaN or infinite.
+    Diverged {
+        /// Step at which it happened.
+        step: usize,
+        /// What was seen.
+        message: String,
+    },
+    /// The method cannot reach the requested parameter budget; nothing was trained.
+    BudgetUnreachable {
+        /// Why.
+        message: String,
+    },
+    /// The run failed.
+    Error {
+        /// The error.
+        message: String,
+    },
+}
+
+impl RunStatus {
+    /// Short label for tables: ok, diverged, unreachable, error.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RunStatus::Ok => "ok",
+            RunStatus::Diverged { .. } => "diverged",
+            RunStatus::BudgetUnreachable { .. } => "unreachable",
+            RunStatus::Error { .. } => "error",
+        }
+    }
+}
+
+/// One evaluation point of the training curve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    /// Optimizer step.
+    pub step: usize,
+    /// Mean training loss since the previous point.
+    pub train_loss: f64,
+    /// Dev metrics at this step (empty where only the loss was logged).
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Where and with what a run was made.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Environment {
+    /// `git rev-parse HEAD` of the harness, if known.
+    pub git_revision: Option<String>,
+    /// CPU model name.
+    pub cpu: String,
+    /// Threads the run used.
+    pub threads: usize,
+    /// candle version.
+    pub candle_version: String,
+    /// Device (cpu, cuda:0 …).
+    pub device: String,
+    /// Operating system.
+    pub os: String,
+    /// When the run finished (seconds since the Unix epoch).
+    pub finished_at: u64,
+}
+
+/// Everything recorded about one (task, method, budget, seed) run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// `task__method__budget__seed`, unique within a suite.
+    pub run_id: String,
+    /// Suite name.
+    pub suite: String,
+    /// Task name.
+    pub task: String,
+    /// Method name (lora, adalora, adapter, prefix_tuning, prompt_tuning, p_tuning, p_tuning_v2, full_finetune).
+    pub method: String,
+    /// Budget label as written in the suite (`0.5%`, `20000`, `full`).
+    pub budget: String,
+    /// The budget in parameters, when one was set.
+    pub budget_target: Option<usize>,
+    /// Seed.
+    pub seed: u64,
+    /// The resolved run configuration (method config with its size knob set, optimiser, data).
+    pub config: serde_json::Value,
+    /// Name and value of the size knob chosen for the budget.
+    pub knob: Option<(String, usize)>,
+    /// Trainable parameters of the method (task head excluded).
+    pub trainable_params: usize,
+    /// Trainable parameters of the task head (the same for every method).
+    pub head_params: usize,
+    /// Parameters of the base model.
+    pub base_params: usize,
+    /// trainable_params as a percentage of base_params.
+    pub trainable_percent: f64,
+    /// (achieved − target) / target, when a budget was set.
+    pub budget_deviation: Option<f64>,
+    /// Bytes of the saved method (what a user would ship).
+    pub adapter_bytes: u64,
+    /// The metric that ranks runs for this task (accuracy, matthews, pearson, …).
+    pub primary_metric: String,
+    /// Best dev value of each metric over evaluations.
+    pub metrics_best: BTreeMap<String, f64>,
+    /// Dev metrics after the last step.
+    pub metrics_final: BTreeMap<String, f64>,
+    /// Training wall time in seconds.
+    pub train_seconds: f64,
+    /// Optimizer steps taken.
+    pub steps: usize,
+    /// Optimizer steps per second.
+    pub steps_per_second: f64,
+    /// Training tokens (non-padding) per second.
+    pub tokens_per_second: f64,
+    /// Peak resident memory of the process during the run, in bytes.
+    pub peak_memory_bytes: u64,
+    /// Inference latency in milliseconds per batch: `unmerged`, and `merged` for the LoRA family.
+    pub latency_ms: BTreeMap<String, f64>,
+    /// Loss / metric curve.
+    pub curve: Vec<CurvePoint>,
+    /// How the run ended.
+    pub status: RunStatus,
+    /// Method-specific facts (AdaLoRA's final rank per matrix under `final_ranks`).
+    pub extra: serde_json::Value,
+    /// Environment.
+    pub env: Environment,
+}
+
+impl RunRecord {
+    /// Writes the record as JSON atomically (temporary file, then rename), so a killed run
+    /// never leaves a half-written record.
+    pub fn write_atomic(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Reads one record.
+    pub fn read(path: &Path) -> Result<Self, crate::ReportError> {
+        let text = std::fs::read_to_string(path).map_err(|source| crate::ReportError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|e| crate::ReportError::BadRecord {
+            path: path.to_path_buf(),
+            message: format!("line {}: {e}", e.line()),
+        })
+    }
+}
