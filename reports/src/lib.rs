@@ -1,10 +1,19 @@
 //! Run records and the reports made from them: CSV tables, PNG plots and a Markdown report.
 
+pub mod lenient;
+pub mod load;
+pub mod markdown;
+pub mod plots;
 pub mod record;
+pub mod summary;
+pub mod tables;
 
+pub use load::load_records;
+pub use plots::Plot;
 pub use record::{CurvePoint, Environment, RunRecord, RunStatus};
+pub use summary::{summarize, SummaryRow};
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Errors reading records or writing reports.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +34,17 @@ pub enum ReportError {
         /// What is wrong.
         message: String,
     },
+    /// A CSV table could not be written.
+    #[error("{path}: writing CSV: {message}")]
+    Csv {
+        /// The table file.
+        path: PathBuf,
+        /// The CSV error.
+        message: String,
+    },
+    /// The embedded plot font could not be registered.
+    #[error("plot font: {0}")]
+    Font(String),
     /// A plot could not be drawn.
     #[error("plot {path}: {message}")]
     Plot {
@@ -33,4 +53,62 @@ pub enum ReportError {
         /// The drawing error.
         message: String,
     },
+}
+
+/// What [`write_report`] wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReportSummary {
+    /// Run records read.
+    pub records: usize,
+    /// Of those, runs with status ok.
+    pub ok_runs: usize,
+    /// Rows of `summary.csv` (task × method × budget groups with an ok run).
+    pub summary_rows: usize,
+    /// Rows of `curves.csv`.
+    pub curve_rows: usize,
+    /// `runs.csv`.
+    pub runs_csv: PathBuf,
+    /// `summary.csv`.
+    pub summary_csv: PathBuf,
+    /// `curves.csv`.
+    pub curves_csv: PathBuf,
+    /// The PNG plots, in the order the report shows them.
+    pub plots: Vec<PathBuf>,
+    /// `REPORT.md`.
+    pub report: PathBuf,
+}
+
+/// Reads every record in `results_dir` and writes the CSV tables, the PNG plots and `REPORT.md`
+/// into `out_dir` (created if missing).
+pub fn write_report(results_dir: &Path, out_dir: &Path) -> Result<ReportSummary, ReportError> {
+    let records = load_records(results_dir)?;
+    std::fs::create_dir_all(out_dir).map_err(|source| ReportError::Io {
+        path: out_dir.to_path_buf(),
+        source,
+    })?;
+    let rows = summarize(&records);
+    let runs_csv = out_dir.join("runs.csv");
+    let summary_csv = out_dir.join("summary.csv");
+    let curves_csv = out_dir.join("curves.csv");
+    tables::write_runs_csv(&records, &runs_csv)?;
+    let summary_rows = tables::write_summary_csv(&rows, &summary_csv)?;
+    let curve_rows = tables::write_curves_csv(&records, &curves_csv)?;
+    let plots = plots::write_plots(&records, &rows, out_dir)?;
+    let report = out_dir.join("REPORT.md");
+    let text = markdown::render_report(&records, &rows, &plots);
+    std::fs::write(&report, text).map_err(|source| ReportError::Io {
+        path: report.clone(),
+        source,
+    })?;
+    Ok(ReportSummary {
+        records: records.len(),
+        ok_runs: records.iter().filter(|r| r.status == RunStatus::Ok).count(),
+        summary_rows,
+        curve_rows,
+        runs_csv,
+        summary_csv,
+        curves_csv,
+        plots: plots.into_iter().map(|p| p.path).collect(),
+        report,
+    })
 }

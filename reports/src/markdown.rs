@@ -1,0 +1,185 @@
+//! `REPORT.md`: environment, per-task tables, the comparison with full fine-tuning, failed
+//! runs and the plots.
+
+use crate::plots::Plot;
+use crate::summary::{compare_to_full, tasks, FullComparison, SummaryRow};
+use crate::{RunRecord, RunStatus};
+use std::fmt::Write;
+
+fn opt_num(v: Option<f64>, decimals: usize) -> String {
+    v.filter(|x| x.is_finite())
+        .map_or("–".to_string(), |x| format!("{x:.decimals$}"))
+}
+
+/// Markdown table cells must not contain `|` or newlines.
+fn cell(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+/// Why a run did not finish, in one line.
+pub fn failure_message(status: &RunStatus) -> Option<String> {
+    match status {
+        RunStatus::Ok => None,
+        RunStatus::Diverged { step, message } => {
+            Some(format!("diverged at step {step}: {message}"))
+        }
+        RunStatus::BudgetUnreachable { message } => Some(format!("budget unreachable: {message}")),
+        RunStatus::Error { message } => Some(format!("error: {message}")),
+    }
+}
+
+/// The sentence comparing a task's methods with full fine-tuning (|mean − mean_full| ≤ std_full).
+pub fn comparison_sentence(rows: &[SummaryRow], task: &str) -> String {
+    match compare_to_full(rows, task) {
+        FullComparison::NoFullFinetune => format!(
+            "On **{task}**, full fine-tuning has no ok run with a score, so no method can be compared with it."
+        ),
+        FullComparison::Compared {
+            full_mean,
+            full_std,
+            within,
+        } => {
+            let metric = rows
+                .iter()
+                .find(|r| r.task == task)
+                .map_or("score", |r| r.primary_metric.as_str());
+            let head = format!(
+                "On **{task}**, methods within one standard deviation of full fine-tuning \
+                 ({metric} {full_mean:.4} ± {full_std:.4})"
+            );
+            if within.is_empty() {
+                format!("{head}: none.")
+            } else {
+                let list: Vec<String> = within
+                    .iter()
+                    .map(|(m, budgets)| format!("{m} ({})", budgets.join(", ")))
+                    .collect();
+                format!("{head}: {}.", list.join(", "))
+            }
+        }
+    }
+}
+
+fn environment(out: &mut String, records: &[RunRecord]) {
+    let Some(first) = records.first() else { return };
+    let env = &first.env;
+    let _ = writeln!(out, "## Environment\n");
+    let _ = writeln!(out, "From the first record (`{}`).\n", first.run_id);
+    let _ = writeln!(out, "- CPU: {}", env.cpu);
+    let _ = writeln!(out, "- Threads: {}", env.threads);
+    let _ = writeln!(out, "- candle: {}", env.candle_version);
+    let _ = writeln!(out, "- Device: {}", env.device);
+    let _ = writeln!(out, "- OS: {}", env.os);
+    let _ = writeln!(
+        out,
+        "- Git revision: {}\n",
+        env.git_revision.as_deref().unwrap_or("unknown")
+    );
+}
+
+fn task_table(out: &mut String, rows: &[&SummaryRow]) {
+    let metric = rows.first().map_or("score", |r| r.primary_metric.as_str());
+    let _ = writeln!(
+        out,
+        "| method | budget | trainable params | % of base | {} (mean ± std) | seeds | train s | peak MB | latency unmerged ms | latency merged ms |",
+        cell(metric)
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let score = match (r.primary_mean, r.primary_std) {
+            (Some(m), Some(s)) => format!("{m:.4} ± {s:.4}"),
+            (m, _) => opt_num(m, 4),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {:.4}% | {} | {} | {:.1} | {:.1} | {} | {} |",
+            cell(&r.method),
+            cell(&r.budget),
+            r.trainable_params,
+            r.trainable_percent,
+            score,
+            r.n_seeds,
+            r.train_seconds,
+            r.peak_memory_mb,
+            opt_num(r.latency_unmerged_ms, 2),
+            opt_num(r.latency_merged_ms, 2),
+        );
+    }
+}
+
+fn embed(out: &mut String, plots: &[&Plot]) {
+    for p in plots {
+        let _ = writeln!(out, "![{}]({})\n", p.title, p.file_name);
+    }
+}
+
+/// Renders the whole report. `rows` must be [`crate::summary::summarize`] of `records`, and
+/// `plots` the images written next to the report (linked by file name).
+pub fn render_report(records: &[RunRecord], rows: &[SummaryRow], plots: &[Plot]) -> String {
+    let mut out = String::new();
+    let suite = records.first().map_or("(none)", |r| r.suite.as_str());
+    let _ = writeln!(out, "# peftbench report: {suite}\n");
+    if records.is_empty() {
+        let _ = writeln!(
+            out,
+            "No runs were found: the results directory holds no run records."
+        );
+        return out;
+    }
+    let ok = records.iter().filter(|r| r.status == RunStatus::Ok).count();
+    let _ = writeln!(
+        out,
+        "{} runs, {ok} ok. Scores are the best dev value of each task's primary metric, \
+         mean ± sample standard deviation over seeds of ok runs; trainable parameters exclude \
+         the task head; MB are 10^6 bytes.\n",
+        records.len()
+    );
+    environment(&mut out, records);
+
+    for task in tasks(records) {
+        let _ = writeln!(out, "## Task: {task}\n");
+        let mut task_rows: Vec<&SummaryRow> = rows.iter().filter(|r| r.task == task).collect();
+        if task_rows.is_empty() {
+            let _ = writeln!(out, "No ok runs.\n");
+        } else {
+            // `rows` is already method-then-budget ordered; the stable sort keeps budget order
+            // and puts full fine-tuning with the other methods by name.
+            task_rows.sort_by(|a, b| a.method.cmp(&b.method));
+            task_table(&mut out, &task_rows);
+            let _ = writeln!(out);
+        }
+        let _ = writeln!(out, "{}\n", comparison_sentence(rows, &task));
+        let task_plots: Vec<&Plot> = plots
+            .iter()
+            .filter(|p| p.task.as_deref() == Some(&task))
+            .collect();
+        embed(&mut out, &task_plots);
+    }
+
+    let _ = writeln!(out, "## Runs that did not finish\n");
+    let failed: Vec<(&RunRecord, String)> = records
+        .iter()
+        .filter_map(|r| Some((r, failure_message(&r.status)?)))
+        .collect();
+    if failed.is_empty() {
+        let _ = writeln!(out, "None: every run finished ok.\n");
+    } else {
+        for (r, message) in failed {
+            let _ = writeln!(
+                out,
+                "- `{}` ({}): {}",
+                r.run_id,
+                r.status.label(),
+                message.replace('\n', " ")
+            );
+        }
+        let _ = writeln!(out);
+    }
+
+    let global: Vec<&Plot> = plots.iter().filter(|p| p.task.is_none()).collect();
+    if !global.is_empty() {
+        let _ = writeln!(out, "## Cost and AdaLoRA ranks\n");
+        embed(&mut out, &global);
+    }
+    out
+}

@@ -1,0 +1,829 @@
+//! PNG plots drawn with plotters' bitmap backend. Text uses an embedded DejaVu Sans, so the
+//! images look the same on every machine and never depend on the system's fontconfig.
+
+use crate::summary::{
+    budget_order, budget_rank, methods, tasks, SummaryRow, BYTES_PER_MB, FULL_FINETUNE,
+};
+use crate::{ReportError, RunRecord, RunStatus};
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// Pixel size of `score_vs_params_<task>.png`.
+pub const SCORE_VS_PARAMS_SIZE: (u32, u32) = (1000, 650);
+/// Pixel size of `curves_<task>.png`.
+pub const CURVES_SIZE: (u32, u32) = (1000, 650);
+/// Pixel size of `score_vs_budget_<task>.png`.
+pub const SCORE_VS_BUDGET_SIZE: (u32, u32) = (1000, 650);
+/// Pixel size of `time_memory.png`.
+pub const TIME_MEMORY_SIZE: (u32, u32) = (1400, 600);
+/// Pixel size of `adalora_ranks.png`.
+pub const ADALORA_RANKS_SIZE: (u32, u32) = (900, 700);
+
+/// The font family every text in the plots uses; registered from the embedded TTF.
+const FAMILY: &str = "sans-serif";
+static DEJAVU_SANS: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+
+/// One image written, with what the Markdown needs to embed it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plot {
+    /// File name inside the output directory (what the Markdown links to).
+    pub file_name: String,
+    /// Full path of the image.
+    pub path: PathBuf,
+    /// Short description, used as the image's alt text.
+    pub title: String,
+    /// The task it belongs to; None for plots over all tasks.
+    pub task: Option<String>,
+}
+
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Registers the embedded font under [`FAMILY`] once per process: plotters' `ab_glyph`
+/// backend finds fonts only in its own registry, never on the system.
+fn ensure_font() -> Result<(), ReportError> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| {
+        plotters::style::register_font(FAMILY, FontStyle::Normal, DEJAVU_SANS).is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ReportError::Font(
+            "embedded DejaVuSans.ttf could not be parsed".into(),
+        ))
+    }
+}
+
+fn font(size: u32) -> TextStyle<'static> {
+    TextStyle::from((FAMILY, size).into_font())
+}
+
+/// A file-name-safe form of a task name (task names come from suite files, not from us).
+pub fn file_stem(task: &str) -> String {
+    task.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Tableau-10: distinguishable colours, assigned to methods by name order so that a method has
+/// the same colour in every plot.
+const PALETTE: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+struct Colors(Vec<String>);
+
+impl Colors {
+    fn get(&self, method: &str) -> RGBColor {
+        let i = self.0.iter().position(|m| m == method).unwrap_or(0);
+        PALETTE[i % PALETTE.len()]
+    }
+}
+
+/// Range of the finite values padded by 10 % (or a fixed amount when they are all equal), so
+/// a single point or a flat series still gets a drawable, non-empty axis.
+fn padded_range(values: impl IntoIterator<Item = f64>) -> (f64, f64) {
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for v in values.into_iter().filter(|v| v.is_finite()) {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    let span = hi - lo;
+    let pad = if span > 0.0 && span.is_finite() {
+        span * 0.1
+    } else if lo != 0.0 {
+        lo.abs() * 0.05
+    } else {
+        0.5
+    };
+    (lo - pad, hi + pad)
+}
+
+/// Range for a log axis over the positive finite values (others cannot be placed on it).
+fn log_range(values: impl IntoIterator<Item = f64>) -> Option<(f64, f64)> {
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for v in values.into_iter().filter(|v| v.is_finite() && *v > 0.0) {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    lo.is_finite().then_some((lo / 2.0, hi * 2.0))
+}
+
+/// Compact parameter counts for axis labels: 1.5k, 20k, 1.2M.
+fn format_count(v: f64) -> String {
+    let (scaled, suffix) = if v.abs() >= 1e9 {
+        (v / 1e9, "G")
+    } else if v.abs() >= 1e6 {
+        (v / 1e6, "M")
+    } else if v.abs() >= 1e3 {
+        (v / 1e3, "k")
+    } else {
+        (v, "")
+    };
+    let s = format!("{scaled:.1}");
+    format!("{}{suffix}", s.strip_suffix(".0").unwrap_or(&s))
+}
+
+/// Label of category `v` on an axis whose categories sit at 0, 1, 2, …
+fn category_label(labels: &[String], v: f64) -> String {
+    let i = v.round();
+    if (v - i).abs() > 1e-6 || i < 0.0 {
+        return String::new();
+    }
+    labels.get(i as usize).cloned().unwrap_or_default()
+}
+
+type Root<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+
+/// An image that says why there is nothing to plot, so every link in the report resolves.
+fn placeholder(root: &Root, title: &str, message: &str) -> DrawResult {
+    let (_, h) = root.dim_in_pixel();
+    root.draw(&Text::new(title.to_string(), (30, 30), font(26)))?;
+    root.draw(&Text::new(
+        message.to_string(),
+        (30, h as i32 / 2),
+        font(22),
+    ))?;
+    Ok(())
+}
+
+fn draw_to(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&Root) -> DrawResult,
+) -> Result<(), ReportError> {
+    let result = (|| -> DrawResult {
+        let root = BitMapBackend::new(path, size).into_drawing_area();
+        root.fill(&WHITE)?;
+        draw(&root)?;
+        // Explicitly, because dropping the backend swallows write errors.
+        root.present()?;
+        Ok(())
+    })();
+    result.map_err(|e| ReportError::Plot {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Full fine-tuning's (mean, std) on the task, the dashed reference line.
+fn full_reference(rows: &[&SummaryRow]) -> Option<(f64, f64)> {
+    rows.iter()
+        .filter(|r| r.method == FULL_FINETUNE)
+        .find_map(|r| Some((r.primary_mean?, r.primary_std.unwrap_or(0.0))))
+}
+
+struct ScorePoint<'a> {
+    method: &'a str,
+    x: f64,
+    y: f64,
+    err: f64,
+}
+
+fn score_points<'a>(
+    rows: &[&'a SummaryRow],
+    x: impl Fn(&SummaryRow) -> f64,
+) -> Vec<ScorePoint<'a>> {
+    rows.iter()
+        .filter(|r| r.method != FULL_FINETUNE)
+        .filter_map(|r| {
+            let y = r.primary_mean.filter(|y| y.is_finite())?;
+            Some(ScorePoint {
+                method: &r.method,
+                x: x(r),
+                y,
+                err: r.primary_std.filter(|s| s.is_finite()).unwrap_or(0.0),
+            })
+        })
+        .collect()
+}
+
+fn distinct_methods<'a>(points: &[ScorePoint<'a>]) -> Vec<&'a str> {
+    let mut m: Vec<&str> = points.iter().map(|p| p.method).collect();
+    m.sort();
+    m.dedup();
+    m
+}
+
+fn draw_score_vs_params(
+    root: &Root,
+    task: &str,
+    rows: &[&SummaryRow],
+    colors: &Colors,
+) -> DrawResult {
+    let metric = rows.first().map_or("score", |r| r.primary_metric.as_str());
+    let title = format!("{task}: {metric} vs trainable parameters");
+    // Points at x ≤ 0 cannot sit on a log axis; they are left out rather than clamped.
+    let points: Vec<ScorePoint> = score_points(rows, |r| r.trainable_params)
+        .into_iter()
+        .filter(|p| p.x.is_finite() && p.x > 0.0)
+        .collect();
+    let Some((x_lo, x_hi)) = log_range(points.iter().map(|p| p.x)) else {
+        return placeholder(
+            root,
+            &title,
+            "No parameter-efficient run with a score to plot.",
+        );
+    };
+    let full = full_reference(rows);
+    let (y_lo, y_hi) = padded_range(
+        points
+            .iter()
+            .flat_map(|p| [p.y - p.err, p.y + p.err])
+            .chain(full.map(|f| f.0)),
+    );
+    let mut chart = ChartBuilder::on(root)
+        .caption(&title, font(26))
+        .margin(20)
+        .x_label_area_size(55)
+        .y_label_area_size(80)
+        .build_cartesian_2d((x_lo..x_hi).log_scale(), y_lo..y_hi)?;
+    chart
+        .configure_mesh()
+        .x_desc("trainable parameters (log scale)")
+        .y_desc(format!("{metric} (mean ± std over seeds)"))
+        .x_label_formatter(&|v| format_count(*v))
+        .label_style(font(15))
+        .axis_desc_style(font(18))
+        .draw()?;
+    for method in distinct_methods(&points) {
+        let color = colors.get(method);
+        let mut mine: Vec<&ScorePoint> = points.iter().filter(|p| p.method == method).collect();
+        mine.sort_by(|a, b| a.x.total_cmp(&b.x));
+        chart.draw_series(LineSeries::new(
+            mine.iter().map(|p| (p.x, p.y)),
+            color.mix(0.4).stroke_width(1),
+        ))?;
+        chart.draw_series(mine.iter().flat_map(|p| {
+            let (lo, hi) = (p.y - p.err, p.y + p.err);
+            // Caps a few percent wide in x: on a log axis a ratio is a fixed pixel width.
+            [
+                PathElement::new(vec![(p.x, lo), (p.x, hi)], color.stroke_width(2)),
+                PathElement::new(
+                    vec![(p.x / 1.06, lo), (p.x * 1.06, lo)],
+                    color.stroke_width(2),
+                ),
+                PathElement::new(
+                    vec![(p.x / 1.06, hi), (p.x * 1.06, hi)],
+                    color.stroke_width(2),
+                ),
+            ]
+        }))?;
+        chart
+            .draw_series(
+                mine.iter()
+                    .map(|p| Circle::new((p.x, p.y), 6, color.filled())),
+            )?
+            .label(method)
+            .legend(move |(x, y)| Circle::new((x, y), 6, color.filled()));
+    }
+    if let Some((mean, _)) = full {
+        chart
+            .draw_series(DashedLineSeries::new(
+                [(x_lo, mean), (x_hi, mean)],
+                10,
+                6,
+                BLACK.stroke_width(2),
+            ))?
+            .label(format!("{FULL_FINETUNE} (mean)"))
+            .legend(|(x, y)| {
+                PathElement::new(vec![(x - 10, y), (x + 10, y)], BLACK.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .label_font(font(15))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+fn draw_score_vs_budget(
+    root: &Root,
+    task: &str,
+    rows: &[&SummaryRow],
+    order: &[String],
+    colors: &Colors,
+) -> DrawResult {
+    let metric = rows.first().map_or("score", |r| r.primary_metric.as_str());
+    let title = format!("{task}: {metric} vs budget");
+    let mut budgets: Vec<String> = rows
+        .iter()
+        .filter(|r| r.method != FULL_FINETUNE && r.primary_mean.is_some_and(f64::is_finite))
+        .map(|r| r.budget.clone())
+        .collect();
+    budgets.sort_by_key(|b| budget_rank(order, b));
+    budgets.dedup();
+    let points = score_points(rows, |r| {
+        budgets.iter().position(|b| *b == r.budget).unwrap_or(0) as f64
+    });
+    if points.is_empty() {
+        return placeholder(
+            root,
+            &title,
+            "No parameter-efficient run with a score to plot.",
+        );
+    }
+    let full = full_reference(rows);
+    let (y_lo, y_hi) = padded_range(
+        points
+            .iter()
+            .flat_map(|p| [p.y - p.err, p.y + p.err])
+            .chain(full.map(|f| f.0)),
+    );
+    let n = budgets.len();
+    let x_range = -0.5..(n as f64 - 0.5);
+    let mut chart = ChartBuilder::on(root)
+        .caption(&title, font(26))
+        .margin(20)
+        .x_label_area_size(55)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x_range.clone(), y_lo..y_hi)?;
+    chart
+        .configure_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|v| category_label(&budgets, *v))
+        .disable_x_mesh()
+        .x_desc("parameter budget")
+        .y_desc(format!("{metric} (mean ± std over seeds)"))
+        .label_style(font(15))
+        .axis_desc_style(font(18))
+        .draw()?;
+    let methods = distinct_methods(&points);
+    for (k, method) in methods.iter().enumerate() {
+        let color = colors.get(method);
+        // Side-by-side offsets so that error bars of different methods do not overlap.
+        let shift = (k as f64 - (methods.len() as f64 - 1.0) / 2.0) * 0.06;
+        let mine: Vec<(f64, f64, f64)> = points
+            .iter()
+            .filter(|p| p.method == *method)
+            .map(|p| (p.x + shift, p.y, p.err))
+            .collect();
+        chart.draw_series(LineSeries::new(
+            mine.iter().map(|p| (p.0, p.1)),
+            color.mix(0.5).stroke_width(1),
+        ))?;
+        chart.draw_series(mine.iter().map(|p| {
+            PathElement::new(
+                vec![(p.0, p.1 - p.2), (p.0, p.1 + p.2)],
+                color.stroke_width(2),
+            )
+        }))?;
+        chart
+            .draw_series(
+                mine.iter()
+                    .map(|p| Circle::new((p.0, p.1), 6, color.filled())),
+            )?
+            .label(*method)
+            .legend(move |(x, y)| Circle::new((x, y), 6, color.filled()));
+    }
+    if let Some((mean, _)) = full {
+        chart
+            .draw_series(DashedLineSeries::new(
+                [(x_range.start, mean), (x_range.end, mean)],
+                10,
+                6,
+                BLACK.stroke_width(2),
+            ))?
+            .label(format!("{FULL_FINETUNE} (mean)"))
+            .legend(|(x, y)| {
+                PathElement::new(vec![(x - 10, y), (x + 10, y)], BLACK.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .label_font(font(15))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+/// A legend label, the method (for its colour) and the (step, loss) points.
+struct LossLine {
+    label: String,
+    method: String,
+    points: Vec<(f64, f64)>,
+}
+
+/// One training-loss line per method: the mean over ok seeds of the method's largest budget
+/// (one line per method keeps the plot readable; the full data is in curves.csv).
+fn loss_lines(records: &[RunRecord], task: &str, order: &[String]) -> Vec<LossLine> {
+    let ok: Vec<&RunRecord> = records
+        .iter()
+        .filter(|r| r.task == task && r.status == RunStatus::Ok)
+        .collect();
+    let mut lines = Vec::new();
+    for method in methods(records) {
+        let mine: Vec<&&RunRecord> = ok.iter().filter(|r| r.method == method).collect();
+        let Some(budget) = mine
+            .iter()
+            .map(|r| &r.budget)
+            .max_by_key(|b| budget_rank(order, b))
+        else {
+            continue;
+        };
+        let mut by_step: BTreeMap<usize, (f64, usize)> = BTreeMap::new();
+        for r in mine.iter().filter(|r| r.budget == *budget) {
+            for p in r.curve.iter().filter(|p| p.train_loss.is_finite()) {
+                let e = by_step.entry(p.step).or_insert((0.0, 0));
+                e.0 += p.train_loss;
+                e.1 += 1;
+            }
+        }
+        let points: Vec<(f64, f64)> = by_step
+            .into_iter()
+            .map(|(s, (sum, n))| (s as f64, sum / n as f64))
+            .collect();
+        if !points.is_empty() {
+            lines.push(LossLine {
+                label: format!("{method} @ {budget}"),
+                method: method.clone(),
+                points,
+            });
+        }
+    }
+    lines
+}
+
+fn draw_curves(
+    root: &Root,
+    task: &str,
+    records: &[RunRecord],
+    order: &[String],
+    colors: &Colors,
+) -> DrawResult {
+    let title = format!("{task}: training loss (mean over seeds, largest budget per method)");
+    let lines = loss_lines(records, task, order);
+    if lines.is_empty() {
+        return placeholder(root, &title, "No ok run with a finite training loss.");
+    }
+    let all = || lines.iter().flat_map(|l| l.points.iter());
+    let (x_lo, x_hi) = padded_range(all().map(|p| p.0));
+    let (y_lo, y_hi) = padded_range(all().map(|p| p.1));
+    let mut chart = ChartBuilder::on(root)
+        .caption(&title, font(24))
+        .margin(20)
+        .x_label_area_size(55)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x_lo..x_hi, y_lo..y_hi)?;
+    chart
+        .configure_mesh()
+        .x_desc("optimizer step")
+        .y_desc("training loss")
+        .x_label_formatter(&|v| {
+            // Steps are integers; fractional ticks appear only on very short ranges.
+            if (v - v.round()).abs() < 1e-9 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.1}")
+            }
+        })
+        .label_style(font(15))
+        .axis_desc_style(font(18))
+        .draw()?;
+    for LossLine {
+        label,
+        method,
+        points,
+    } in &lines
+    {
+        let color = colors.get(method);
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                color.stroke_width(2),
+            ))?
+            .label(label.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x - 10, y), (x + 10, y)], color.stroke_width(2))
+            });
+        // A one-point line draws nothing; a marker keeps it visible.
+        if points.len() == 1 {
+            chart.draw_series(points.iter().map(|p| Circle::new(*p, 5, color.filled())))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font(font(15))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+/// Horizontal bars (method names on the y axis have room for long names like `prefix_tuning`).
+fn draw_bars(
+    area: &Root,
+    title: &str,
+    unit: &str,
+    bars: &[(String, f64)],
+    colors: &Colors,
+) -> DrawResult {
+    let names: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+    let max = bars
+        .iter()
+        .map(|b| b.1)
+        .filter(|v| v.is_finite())
+        .fold(0.0, f64::max);
+    let x_hi = if max > 0.0 { max * 1.25 } else { 1.0 };
+    let n = bars.len();
+    // Reversed y range: the first method (by name) at the top.
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, font(22))
+        .margin(20)
+        .x_label_area_size(50)
+        .y_label_area_size(140)
+        .build_cartesian_2d(0.0..x_hi, (n as f64 - 0.5)..-0.5)?;
+    chart
+        .configure_mesh()
+        .y_labels(n)
+        .y_label_formatter(&|v| category_label(&names, *v))
+        .disable_y_mesh()
+        .x_desc(unit)
+        .label_style(font(15))
+        .axis_desc_style(font(17))
+        .draw()?;
+    for (i, (method, value)) in bars.iter().enumerate() {
+        if !value.is_finite() || *value < 0.0 {
+            continue;
+        }
+        let y = i as f64;
+        let color = colors.get(method);
+        chart.draw_series([Rectangle::new(
+            [(0.0, y - 0.35), (*value, y + 0.35)],
+            color.filled(),
+        )])?;
+        chart.draw_series([Text::new(
+            format!(" {value:.1}"),
+            (*value, y),
+            font(14).pos(Pos::new(HPos::Left, VPos::Center)),
+        )])?;
+    }
+    Ok(())
+}
+
+fn draw_time_memory(root: &Root, records: &[RunRecord], colors: &Colors) -> DrawResult {
+    let title = "Training cost per method (mean over all ok runs)";
+    let mut per_method: BTreeMap<&str, (f64, f64, usize)> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.status == RunStatus::Ok) {
+        let e = per_method.entry(&r.method).or_insert((0.0, 0.0, 0));
+        e.0 += r.train_seconds;
+        e.1 += r.peak_memory_bytes as f64 / BYTES_PER_MB;
+        e.2 += 1;
+    }
+    if per_method.is_empty() {
+        return placeholder(root, title, "No ok runs.");
+    }
+    let seconds: Vec<(String, f64)> = per_method
+        .iter()
+        .map(|(m, v)| (m.to_string(), v.0 / v.2 as f64))
+        .collect();
+    let memory: Vec<(String, f64)> = per_method
+        .iter()
+        .map(|(m, v)| (m.to_string(), v.1 / v.2 as f64))
+        .collect();
+    let panels = root.split_evenly((1, 2));
+    draw_bars(
+        &panels[0],
+        "Mean training time",
+        "seconds",
+        &seconds,
+        colors,
+    )?;
+    draw_bars(
+        &panels[1],
+        "Mean peak memory",
+        "MB (10^6 bytes)",
+        &memory,
+        colors,
+    )?;
+    Ok(())
+}
+
+/// Final rank per (layer, matrix) from the first ok AdaLoRA run that recorded them.
+struct RankGrid {
+    run_id: String,
+    rows: Vec<String>,
+    columns: Vec<String>,
+    cells: BTreeMap<(usize, usize), f64>,
+}
+
+/// Column order of the usual projection names; other names follow alphabetically.
+const PROJ_ORDER: [&str; 7] = ["query", "key", "value", "attn_out", "up", "gate", "down"];
+
+fn rank_grid(records: &[RunRecord]) -> Option<RankGrid> {
+    let (run, ranks) = records
+        .iter()
+        .filter(|r| r.method == "adalora" && r.status == RunStatus::Ok)
+        .find_map(|r| {
+            let m = r.extra.get("final_ranks")?.as_object()?;
+            (!m.is_empty()).then_some((r, m))
+        })?;
+    // Keys are `layer{i}.{proj}`; a key without a dot is its own row with column "rank".
+    let entries: Vec<(String, Option<usize>, String, f64)> = ranks
+        .iter()
+        .filter_map(|(k, v)| {
+            let value = v.as_f64()?;
+            let (row, col) = k.split_once('.').unwrap_or((k.as_str(), "rank"));
+            let layer = row.strip_prefix("layer").and_then(|i| i.parse().ok());
+            Some((row.to_string(), layer, col.to_string(), value))
+        })
+        .collect();
+    let mut rows: Vec<(Option<usize>, String)> =
+        entries.iter().map(|e| (e.1, e.0.clone())).collect();
+    rows.sort_by(|a, b| (a.0.is_none(), a.0, &a.1).cmp(&(b.0.is_none(), b.0, &b.1)));
+    rows.dedup();
+    let mut columns: Vec<String> = entries.iter().map(|e| e.2.clone()).collect();
+    let col_key = |c: &String| {
+        (
+            PROJ_ORDER
+                .iter()
+                .position(|p| p == c)
+                .unwrap_or(PROJ_ORDER.len()),
+            c.clone(),
+        )
+    };
+    columns.sort_by_key(col_key);
+    columns.dedup();
+    let cells = entries
+        .iter()
+        .map(|(row, _, col, v)| {
+            let r = rows.iter().position(|x| x.1 == *row).unwrap_or(0);
+            let c = columns.iter().position(|x| x == col).unwrap_or(0);
+            ((r, c), *v)
+        })
+        .collect();
+    Some(RankGrid {
+        run_id: run.run_id.clone(),
+        rows: rows.into_iter().map(|r| r.1).collect(),
+        columns,
+        cells,
+    })
+}
+
+fn draw_rank_heatmap(root: &Root, grid: &RankGrid) -> DrawResult {
+    let (nr, nc) = (grid.rows.len(), grid.columns.len());
+    let max = grid
+        .cells
+        .values()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(0.0, f64::max);
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            format!("AdaLoRA final rank per matrix ({})", grid.run_id),
+            font(22),
+        )
+        .margin(20)
+        .x_label_area_size(50)
+        .y_label_area_size(90)
+        .build_cartesian_2d(-0.5..(nc as f64 - 0.5), (nr as f64 - 0.5)..-0.5)?;
+    chart
+        .configure_mesh()
+        .x_labels(nc)
+        .y_labels(nr)
+        .x_label_formatter(&|v| category_label(&grid.columns, *v))
+        .y_label_formatter(&|v| category_label(&grid.rows, *v))
+        .disable_mesh()
+        .x_desc("matrix")
+        .y_desc("layer")
+        .label_style(font(15))
+        .axis_desc_style(font(17))
+        .draw()?;
+    for r in 0..nr {
+        for c in 0..nc {
+            let (x, y) = (c as f64, r as f64);
+            let value = grid.cells.get(&(r, c)).copied().filter(|v| v.is_finite());
+            let t = match value {
+                Some(v) if max > 0.0 => (v / max).clamp(0.0, 1.0),
+                _ => 0.0,
+            };
+            // White (rank 0) to dark blue (the largest rank); grey where the matrix is absent.
+            let fill = match value {
+                Some(_) => RGBColor(
+                    (255.0 - t * (255.0 - 8.0)) as u8,
+                    (255.0 - t * (255.0 - 48.0)) as u8,
+                    (255.0 - t * (255.0 - 107.0)) as u8,
+                ),
+                None => RGBColor(200, 200, 200),
+            };
+            chart.draw_series([
+                Rectangle::new([(x - 0.5, y - 0.5), (x + 0.5, y + 0.5)], fill.filled()),
+                Rectangle::new(
+                    [(x - 0.5, y - 0.5), (x + 0.5, y + 0.5)],
+                    WHITE.stroke_width(1),
+                ),
+            ])?;
+            let label = value.map_or("–".to_string(), |v| format!("{v}"));
+            let color = if t > 0.55 { WHITE } else { BLACK };
+            chart.draw_series([Text::new(
+                label,
+                (x, y),
+                font(16)
+                    .color(&color)
+                    .pos(Pos::new(HPos::Center, VPos::Center)),
+            )])?;
+        }
+    }
+    Ok(())
+}
+
+/// Draws every plot for the records into `out_dir` and returns them in report order: per task
+/// (score vs params, score vs budget, curves), then time/memory, then AdaLoRA's ranks when an
+/// ok AdaLoRA run recorded them. No records gives no plots.
+pub fn write_plots(
+    records: &[RunRecord],
+    rows: &[SummaryRow],
+    out_dir: &Path,
+) -> Result<Vec<Plot>, ReportError> {
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    ensure_font()?;
+    let colors = Colors(methods(records));
+    let order = budget_order(records);
+    let mut plots = Vec::new();
+    let mut add = |file_name: String,
+                   title: String,
+                   task: Option<&str>,
+                   size,
+                   draw: &dyn Fn(&Root) -> DrawResult| {
+        let path = out_dir.join(&file_name);
+        draw_to(&path, size, draw)?;
+        plots.push(Plot {
+            file_name,
+            path,
+            title,
+            task: task.map(str::to_string),
+        });
+        Ok::<(), ReportError>(())
+    };
+    for task in tasks(records) {
+        let task_rows: Vec<&SummaryRow> = rows.iter().filter(|r| r.task == task).collect();
+        let stem = file_stem(&task);
+        add(
+            format!("score_vs_params_{stem}.png"),
+            format!("{task}: score vs trainable parameters"),
+            Some(&task),
+            SCORE_VS_PARAMS_SIZE,
+            &|root| draw_score_vs_params(root, &task, &task_rows, &colors),
+        )?;
+        add(
+            format!("score_vs_budget_{stem}.png"),
+            format!("{task}: score vs budget"),
+            Some(&task),
+            SCORE_VS_BUDGET_SIZE,
+            &|root| draw_score_vs_budget(root, &task, &task_rows, &order, &colors),
+        )?;
+        add(
+            format!("curves_{stem}.png"),
+            format!("{task}: training loss"),
+            Some(&task),
+            CURVES_SIZE,
+            &|root| draw_curves(root, &task, records, &order, &colors),
+        )?;
+    }
+    add(
+        "time_memory.png".into(),
+        "training time and peak memory per method".into(),
+        None,
+        TIME_MEMORY_SIZE,
+        &|root| draw_time_memory(root, records, &colors),
+    )?;
+    if let Some(grid) = rank_grid(records) {
+        add(
+            "adalora_ranks.png".into(),
+            "AdaLoRA final ranks".into(),
+            None,
+            ADALORA_RANKS_SIZE,
+            &|root| draw_rank_heatmap(root, &grid),
+        )?;
+    }
+    Ok(plots)
+}
