@@ -1,0 +1,154 @@
+//! Tokenised examples for the three objectives, and batching them.
+
+use candle_core::{DType, Device, Tensor};
+use peftbench_backbone::{pad_rows, Inputs};
+
+/// What a classification / regression example is labelled with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Target {
+    /// Class index.
+    Class(usize),
+    /// Real-valued score.
+    Score(f32),
+}
+
+/// One tokenised example.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Example {
+    /// A text (or pair) with a label.
+    Text {
+        /// Token ids with special tokens.
+        ids: Vec<u32>,
+        /// Segment ids.
+        types: Vec<u32>,
+        /// Label.
+        target: Target,
+    },
+    /// A prompt and response for causal-LM training; loss only on the response.
+    Lm {
+        /// Prompt then response token ids.
+        ids: Vec<u32>,
+        /// Index of the first response token: tokens before it are never predicted.
+        response_start: usize,
+    },
+    /// A preference pair, each side prompt + response.
+    Pair {
+        /// Prompt + chosen response.
+        chosen: Vec<u32>,
+        /// Prompt + rejected response.
+        rejected: Vec<u32>,
+    },
+}
+
+impl Example {
+    /// Non-padding tokens the example feeds the model.
+    pub fn num_tokens(&self) -> usize {
+        match self {
+            Example::Text { ids, .. } | Example::Lm { ids, .. } => ids.len(),
+            Example::Pair { chosen, rejected } => chosen.len() + rejected.len(),
+        }
+    }
+}
+
+/// A batch ready for the model.
+#[derive(Debug, Clone)]
+pub enum Batch {
+    /// Classification or regression.
+    Text {
+        /// Inputs.
+        inputs: Inputs,
+        /// Labels.
+        targets: Vec<Target>,
+    },
+    /// Causal LM with its loss mask.
+    Lm {
+        /// Inputs.
+        inputs: Inputs,
+        /// `[batch, len]` 1.0 where position t's next token (t+1) is a response token.
+        loss_mask: Tensor,
+        /// `[batch, len]` u32 next-token targets (0 where masked).
+        next: Tensor,
+    },
+    /// Preference pairs.
+    Pair {
+        /// Chosen sides.
+        chosen: Inputs,
+        /// Rejected sides.
+        rejected: Inputs,
+    },
+}
+
+/// Keeps at most `max_len` tokens, cutting the prompt from the left so the response survives.
+pub fn clip_left(ids: &[u32], max_len: usize) -> Vec<u32> {
+    ids[ids.len().saturating_sub(max_len)..].to_vec()
+}
+
+/// Batches examples of one kind (mixing kinds is a programming error).
+pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> candle_core::Result<Batch> {
+    let err = || candle_core::Error::Msg("a batch mixes example kinds".into());
+    match examples[0] {
+        Example::Text { .. } => {
+            let mut ids = Vec::new();
+            let mut types = Vec::new();
+            let mut targets = Vec::new();
+            for e in examples {
+                let Example::Text { ids: i, types: t, target } = e else { return Err(err()) };
+                ids.push(i.clone());
+                types.push(t.clone());
+                targets.push(*target);
+            }
+            let inputs = pad_rows(&ids, Some(&types), pad_id, device).map_err(candle_core::Error::wrap)?;
+            Ok(Batch::Text { inputs, targets })
+        }
+        Example::Lm { .. } => {
+            let mut rows = Vec::new();
+            let mut starts = Vec::new();
+            for e in examples {
+                let Example::Lm { ids, response_start } = e else { return Err(err()) };
+                rows.push(ids.clone());
+                starts.push(*response_start);
+            }
+            let inputs = pad_rows(&rows, None, pad_id, device).map_err(candle_core::Error::wrap)?;
+            let (b, t) = inputs.input_ids.dims2()?;
+            let mut mask = vec![0f32; b * t];
+            let mut next = vec![0u32; b * t];
+            for (i, r) in rows.iter().enumerate() {
+                for pos in 0..r.len().saturating_sub(1) {
+                    if pos + 1 >= starts[i] {
+                        mask[i * t + pos] = 1.0;
+                        next[i * t + pos] = r[pos + 1];
+                    }
+                }
+            }
+            Ok(Batch::Lm {
+                inputs,
+                loss_mask: Tensor::from_vec(mask, (b, t), device)?,
+                next: Tensor::from_vec(next, (b, t), device)?,
+            })
+        }
+        Example::Pair { .. } => {
+            let mut c = Vec::new();
+            let mut r = Vec::new();
+            for e in examples {
+                let Example::Pair { chosen, rejected } = e else { return Err(err()) };
+                c.push(chosen.clone());
+                r.push(rejected.clone());
+            }
+            Ok(Batch::Pair {
+                chosen: pad_rows(&c, None, pad_id, device).map_err(candle_core::Error::wrap)?,
+                rejected: pad_rows(&r, None, pad_id, device).map_err(candle_core::Error::wrap)?,
+            })
+        }
+    }
+}
+
+/// Number of non-padding tokens in a batch's inputs.
+pub fn batch_tokens(b: &Batch) -> candle_core::Result<usize> {
+    let count = |i: &Inputs| -> candle_core::Result<usize> {
+        Ok(i.attention_mask.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize)
+    };
+    match b {
+        Batch::Text { inputs, .. } | Batch::Lm { inputs, .. } => count(inputs),
+        Batch::Pair { chosen, rejected } => Ok(count(chosen)? + count(rejected)?),
+    }
+}

@@ -1,0 +1,51 @@
+//! The environment a run is recorded with, and process memory readings.
+
+use peftbench_reports::Environment;
+
+/// Resets the kernel's peak-RSS mark so the next reading covers one run only (Linux).
+pub fn reset_peak_memory() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak resident memory of this process in bytes since the last reset (0 where unknown).
+pub fn peak_memory_bytes() -> u64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/status") else { return 0 };
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+fn git_revision() -> Option<String> {
+    let out = std::process::Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The current environment.
+pub fn environment() -> Environment {
+    Environment {
+        git_revision: git_revision(),
+        cpu: cpu_name(),
+        threads: rayon_threads(),
+        candle_version: "0.11.1".into(),
+        device: "cpu".into(),
+        os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
+        finished_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    }
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}

@@ -1,0 +1,171 @@
+//! A suite (TOML) and its expansion into runs: tasks × methods × budgets × seeds.
+
+use crate::budget::Budget;
+use crate::optim::OptimConfig;
+use crate::task::TaskConfig;
+use crate::train::{RunSpec, TrainConfig};
+use crate::HarnessError;
+use peftbench_methods::MethodConfig;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Optimiser keys allowed in a method's table beside its own configuration.
+const OPTIM_KEYS: [&str; 9] = [
+    "lr", "weight_decay", "warmup_ratio", "decay", "max_grad_norm", "grad_accumulation", "beta1", "beta2", "eps",
+];
+
+/// A parsed suite.
+#[derive(Debug, Clone)]
+pub struct Suite {
+    /// Suite name (results go to `<results>/<name>/`).
+    pub name: String,
+    /// The base model: a Hugging Face directory, or `minilm` for the fetched all-MiniLM-L6-v2.
+    pub model: String,
+    /// Seeds; every run is repeated once per seed.
+    pub seeds: Vec<u64>,
+    /// Budget labels, as written.
+    pub budgets: Vec<String>,
+    /// Largest accepted relative deviation from a budget.
+    pub max_budget_deviation: f64,
+    /// Training length and batches.
+    pub train: TrainConfig,
+    /// Methods with their optimisers, in suite order.
+    pub methods: Vec<(MethodConfig, OptimConfig)>,
+    /// Tasks.
+    pub tasks: Vec<TaskConfig>,
+    /// Data root for relative task paths.
+    pub data_root: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    name: String,
+    model: String,
+    #[serde(default = "d_seeds")]
+    seeds: Vec<u64>,
+    #[serde(default = "d_budgets")]
+    budgets: Vec<String>,
+    #[serde(default = "d_dev")]
+    max_budget_deviation: f64,
+    train: TrainConfig,
+    #[serde(default)]
+    data_root: Option<PathBuf>,
+    methods: toml::Table,
+    tasks: Vec<TaskConfig>,
+}
+
+fn d_seeds() -> Vec<u64> {
+    vec![0]
+}
+fn d_budgets() -> Vec<String> {
+    vec!["default".into()]
+}
+fn d_dev() -> f64 {
+    0.25
+}
+
+/// 1-based line of the first occurrence of `needle` in `text`.
+fn line_of(text: &str, needle: &str) -> Option<usize> {
+    text.find(needle).map(|i| text[..i].matches('\n').count() + 1)
+}
+
+impl Suite {
+    /// Reads a suite file.
+    pub fn from_file(path: &Path) -> Result<Self, HarnessError> {
+        let text = std::fs::read_to_string(path).map_err(|source| HarnessError::Io { path: path.to_path_buf(), source })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses suite text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, HarnessError> {
+        let err = |line: Option<usize>, msg: String| HarnessError::Suite {
+            origin: origin.to_string(),
+            line,
+            message: msg,
+        };
+        let raw: Raw = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
+            err(line, e.message().to_string())
+        })?;
+        let mut methods = Vec::new();
+        for (name, value) in &raw.methods {
+            let header = format!("[methods.{name}]");
+            let line = line_of(text, &header).or_else(|| line_of(text, name));
+            let toml::Value::Table(table) = value else {
+                return Err(err(line, format!("methods.{name} must be a table")));
+            };
+            let mut optim = toml::Table::new();
+            let mut cfg = toml::Table::new();
+            for (k, v) in table {
+                if OPTIM_KEYS.contains(&k.as_str()) {
+                    optim.insert(k.clone(), v.clone());
+                } else {
+                    cfg.insert(k.clone(), v.clone());
+                }
+            }
+            if !optim.contains_key("lr") {
+                return Err(err(line, format!("methods.{name}: missing key `lr` (each method sets its own learning rate)")));
+            }
+            let optim: OptimConfig = toml::Value::Table(optim)
+                .try_into()
+                .map_err(|e: toml::de::Error| err(line, format!("methods.{name}: {}", e.message())))?;
+            cfg.insert("method".into(), toml::Value::String(name.clone()));
+            let json = serde_json::to_value(&cfg).map_err(|e| err(line, format!("methods.{name}: {e}")))?;
+            let method: MethodConfig = serde_json::from_value(json).map_err(|e| err(line, format!("methods.{name}: {e}")))?;
+            methods.push((method, optim));
+        }
+        if methods.is_empty() {
+            return Err(err(None, "no [methods.*] tables".into()));
+        }
+        for b in &raw.budgets {
+            Budget::parse(b).map_err(|m| err(line_of(text, "budgets"), m))?;
+        }
+        if raw.seeds.is_empty() || raw.tasks.is_empty() || raw.train.steps == 0 {
+            return Err(err(None, "a suite needs seeds, tasks and train.steps > 0".into()));
+        }
+        Ok(Self {
+            name: raw.name,
+            model: raw.model,
+            seeds: raw.seeds,
+            budgets: raw.budgets,
+            max_budget_deviation: raw.max_budget_deviation,
+            train: raw.train,
+            methods,
+            tasks: raw.tasks,
+            data_root: raw.data_root,
+        })
+    }
+
+    /// Every run of the suite, in a stable order. Full fine-tuning ignores budgets: it is the
+    /// reference row and runs once per task and seed.
+    pub fn runs(&self) -> Vec<RunSpec> {
+        let mut out = Vec::new();
+        for task in &self.tasks {
+            for (method, optim) in &self.methods {
+                let budgets: Vec<String> = if matches!(method, MethodConfig::FullFinetune) {
+                    vec!["full".into()]
+                } else {
+                    self.budgets.clone()
+                };
+                for label in &budgets {
+                    let budget = if label == "full" { Budget::Default } else { Budget::parse(label).expect("checked at parse") };
+                    for &seed in &self.seeds {
+                        out.push(RunSpec {
+                            suite: self.name.clone(),
+                            task: task.name.clone(),
+                            method: method.clone(),
+                            optim: optim.clone(),
+                            budget_label: label.clone(),
+                            budget: budget.clone(),
+                            max_budget_deviation: self.max_budget_deviation,
+                            seed,
+                            train: self.train.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+}

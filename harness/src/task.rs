@@ -1,0 +1,215 @@
+//! Tasks described by data: where the examples come from, how long they may be, how many to
+//! use. Loading tokenises them for the model at hand.
+
+use crate::data::{clip_left, Example, Target};
+use crate::objective::Objective;
+use crate::HarnessError;
+use peftbench_backbone::TextTokenizer;
+use peftbench_datasets::{
+    load_alpaca, load_preferences, load_text_task, subset, Label, LoadOptions, Split, TextTaskSpec,
+};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Where a task's examples come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TaskSource {
+    /// A built-in GLUE task (sst2, rte, cola, stsb) under the data root's `glue/`.
+    Glue {
+        /// GLUE task name.
+        glue_task: String,
+    },
+    /// Any GLUE-style TSV task, declared in full.
+    Tsv(TextTaskSpec),
+    /// Alpaca-format instruction data (SFT).
+    Alpaca {
+        /// The JSON file (relative paths are under the data root).
+        path: PathBuf,
+        /// Fraction held out for dev.
+        #[serde(default = "d_dev_fraction")]
+        dev_fraction: f64,
+    },
+    /// prompt / chosen / rejected JSONL (reward modelling).
+    Preference {
+        /// The JSONL file (relative paths are under the data root).
+        path: PathBuf,
+        /// Fraction held out for dev.
+        #[serde(default = "d_dev_fraction")]
+        dev_fraction: f64,
+    },
+    /// A task of the embedded synthetic suite.
+    Synthetic {
+        /// classification, sft or reward.
+        objective: String,
+    },
+}
+
+fn d_dev_fraction() -> f64 {
+    0.1
+}
+
+/// A task as a suite declares it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    /// Name used in run ids and reports.
+    pub name: String,
+    /// Data source.
+    #[serde(flatten)]
+    pub source: TaskSource,
+    /// Use at most this many training examples (a seeded subset).
+    #[serde(default)]
+    pub train_limit: Option<usize>,
+    /// Use at most this many dev examples (a seeded subset).
+    #[serde(default)]
+    pub dev_limit: Option<usize>,
+    /// Longest tokenised example.
+    #[serde(default = "d_max_len")]
+    pub max_len: usize,
+    /// Skip and count malformed rows instead of failing.
+    #[serde(default)]
+    pub skip_bad_rows: bool,
+}
+
+fn d_max_len() -> usize {
+    128
+}
+
+/// A task's tokenised examples.
+#[derive(Debug, Clone)]
+pub struct TaskData {
+    /// Task name.
+    pub name: String,
+    /// What it trains for.
+    pub objective: Objective,
+    /// Training examples.
+    pub train: Vec<Example>,
+    /// Dev examples.
+    pub dev: Vec<Example>,
+    /// Rows skipped as malformed.
+    pub skipped_rows: usize,
+}
+
+/// Subset seed: the data subset is the same for every run of a suite.
+const SUBSET_SEED: u64 = 0x5eed;
+
+fn limit<T: Clone>(v: Vec<T>, n: Option<usize>) -> Vec<T> {
+    match n {
+        Some(n) if n < v.len() => subset(&v, n, SUBSET_SEED),
+        _ => v,
+    }
+}
+
+fn resolve(path: &Path, root: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        root.join(path)
+    }
+}
+
+fn split_dev<T: Clone>(all: Vec<T>, fraction: f64) -> (Vec<T>, Vec<T>) {
+    let shuffled = subset(&all, all.len(), SUBSET_SEED);
+    let n_dev = ((shuffled.len() as f64 * fraction).round() as usize).clamp(1, shuffled.len().saturating_sub(1).max(1));
+    let (dev, train) = shuffled.split_at(n_dev.min(shuffled.len()));
+    (train.to_vec(), dev.to_vec())
+}
+
+/// Token ids of `text` with a trailing end-of-sequence token where the tokenizer has one.
+fn with_eos(tok: &TextTokenizer, text: &str) -> Result<Vec<u32>, HarnessError> {
+    let mut ids = tok.encode_ids(text, false)?;
+    if let Some(eos) = tok.eos_id() {
+        ids.push(eos);
+    }
+    Ok(ids)
+}
+
+/// Loads and tokenises a real-data task (synthetic tasks are built by [`crate::synthetic`]).
+pub fn load_task(cfg: &TaskConfig, tok: &TextTokenizer, data_root: &Path) -> Result<TaskData, HarnessError> {
+    let opts = LoadOptions { skip_bad_rows: cfg.skip_bad_rows, limit: None };
+    match &cfg.source {
+        TaskSource::Glue { .. } | TaskSource::Tsv(_) => {
+            let spec = match &cfg.source {
+                TaskSource::Glue { glue_task } => TextTaskSpec::glue(glue_task, &data_root.join("glue"))
+                    .ok_or_else(|| HarnessError::Config(format!("task `{}`: unknown GLUE task `{glue_task}` (sst2, rte, cola, stsb)", cfg.name)))?,
+                TaskSource::Tsv(spec) => spec.clone().with_root(data_root),
+                _ => unreachable!(),
+            };
+            let objective = match spec.num_classes() {
+                Some(n) => Objective::Classification { num_labels: n, metric: spec.metric() },
+                None => Objective::Regression,
+            };
+            let encode = |split| -> Result<(Vec<Example>, usize), HarnessError> {
+                let loaded = load_text_task(&spec, split, &opts)?;
+                let rows = limit(loaded.examples, if split == Split::Train { cfg.train_limit } else { cfg.dev_limit });
+                let mut out = Vec::with_capacity(rows.len());
+                for chunk in rows.chunks(256) {
+                    let pairs: Vec<(&str, Option<&str>)> = chunk.iter().map(|e| (e.text_a.as_str(), e.text_b.as_deref())).collect();
+                    let enc = tok.encode_pairs(&pairs)?;
+                    for (e, (ids, types)) in chunk.iter().zip(enc) {
+                        let target = match e.label {
+                            Label::Class(c) => Target::Class(c),
+                            Label::Score(s) => Target::Score(s),
+                        };
+                        out.push(Example::Text { ids, types, target });
+                    }
+                }
+                Ok((out, loaded.skipped.len()))
+            };
+            let (train, s1) = encode(Split::Train)?;
+            let (dev, s2) = encode(Split::Dev)?;
+            Ok(TaskData { name: cfg.name.clone(), objective, train, dev, skipped_rows: s1 + s2 })
+        }
+        TaskSource::Alpaca { path, dev_fraction } => {
+            let loaded = load_alpaca(&resolve(path, data_root), &opts)?;
+            let (train, dev) = split_dev(loaded.examples, *dev_fraction);
+            let encode = |rows: Vec<peftbench_datasets::InstructionExample>| -> Result<Vec<Example>, HarnessError> {
+                rows.iter()
+                    .map(|e| {
+                        let prompt = tok.encode_ids(&e.prompt(), false)?;
+                        let response = with_eos(tok, &e.response())?;
+                        let mut ids = prompt.clone();
+                        ids.extend(&response);
+                        let keep = clip_left(&ids, cfg.max_len);
+                        let response_start = keep.len().saturating_sub(response.len()).max(1);
+                        Ok(Example::Lm { ids: keep, response_start })
+                    })
+                    .collect()
+            };
+            Ok(TaskData {
+                name: cfg.name.clone(),
+                objective: Objective::CausalLm,
+                train: encode(limit(train, cfg.train_limit))?,
+                dev: encode(limit(dev, cfg.dev_limit))?,
+                skipped_rows: loaded.skipped.len(),
+            })
+        }
+        TaskSource::Preference { path, dev_fraction } => {
+            let loaded = load_preferences(&resolve(path, data_root), &opts)?;
+            let (train, dev) = split_dev(loaded.examples, *dev_fraction);
+            let encode = |rows: Vec<peftbench_datasets::PreferencePair>| -> Result<Vec<Example>, HarnessError> {
+                rows.iter()
+                    .map(|p| {
+                        let side = |resp: &str| -> Result<Vec<u32>, HarnessError> {
+                            let ids = tok.encode_ids(&format!("{}{}", p.prompt, resp), true)?;
+                            Ok(clip_left(&ids, cfg.max_len))
+                        };
+                        Ok(Example::Pair { chosen: side(&p.chosen)?, rejected: side(&p.rejected)? })
+                    })
+                    .collect()
+            };
+            Ok(TaskData {
+                name: cfg.name.clone(),
+                objective: Objective::Reward,
+                train: encode(limit(train, cfg.train_limit))?,
+                dev: encode(limit(dev, cfg.dev_limit))?,
+                skipped_rows: loaded.skipped.len(),
+            })
+        }
+        TaskSource::Synthetic { .. } => Err(HarnessError::Config(format!(
+            "task `{}` is synthetic: build it with the synthetic suite",
+            cfg.name
+        ))),
+    }
+}

@@ -1,0 +1,317 @@
+//! One run: size the method to its budget, attach it, train, evaluate, record.
+
+use crate::budget::{match_budget, Budget};
+use crate::data::{batch_tokens, make_batch, Example};
+use crate::objective::{evaluate, loss, Scorer};
+use crate::optim::{AdamW, OptimConfig};
+use crate::task::TaskData;
+use crate::{env, HarnessError};
+use candle_core::Device;
+use peftbench_backbone::{Initializer, SequenceHead, TextTokenizer, TrainableParams, Transformer};
+use peftbench_methods::{AttachContext, Method, MethodConfig};
+use peftbench_reports::{CurvePoint, RunRecord, RunStatus};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+/// How long and in what batches to train.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Examples per micro-batch.
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    /// Evaluate on dev every this many steps (0: only at the end).
+    #[serde(default)]
+    pub eval_every: usize,
+    /// Examples per evaluation batch.
+    #[serde(default = "d_eval_batch")]
+    pub eval_batch_size: usize,
+}
+
+fn d_batch() -> usize {
+    16
+}
+fn d_eval_batch() -> usize {
+    64
+}
+
+/// Everything that defines one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSpec {
+    /// Suite name.
+    pub suite: String,
+    /// Task name.
+    pub task: String,
+    /// The method as configured (before budget matching).
+    pub method: MethodConfig,
+    /// Its optimiser.
+    pub optim: OptimConfig,
+    /// Budget label as written.
+    pub budget_label: String,
+    /// The budget.
+    pub budget: Budget,
+    /// Largest accepted relative budget deviation.
+    pub max_budget_deviation: f64,
+    /// Seed for init, data order and dropout.
+    pub seed: u64,
+    /// Training length and batches.
+    pub train: TrainConfig,
+}
+
+impl RunSpec {
+    /// `task__method__budget__seed`, safe as a file name.
+    pub fn run_id(&self) -> String {
+        let b: String = self
+            .budget_label
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else if c == '%' { 'p' } else { '_' })
+            .collect();
+        format!("{}__{}__{}__s{}", self.task, self.method.name(), b, self.seed)
+    }
+}
+
+/// The base model a suite fine-tunes, loaded once and cloned per run.
+pub struct Base {
+    /// The pretrained model.
+    pub model: Transformer,
+    /// Its tokenizer.
+    pub tokenizer: TextTokenizer,
+}
+
+/// A seeded permutation stream over `n` items (epochs reshuffle).
+struct Order {
+    rng: Initializer,
+    n: usize,
+    perm: Vec<usize>,
+    pos: usize,
+}
+
+impl Order {
+    fn new(n: usize, seed: u64) -> Self {
+        Self { rng: Initializer::new(seed ^ 0xda7a), n, perm: Vec::new(), pos: 0 }
+    }
+    fn next_batch(&mut self, size: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(size);
+        while out.len() < size.min(self.n) {
+            if self.pos == self.perm.len() {
+                self.perm = (0..self.n).collect();
+                for i in (1..self.n).rev() {
+                    let j = self.rng.index(i + 1);
+                    self.perm.swap(i, j);
+                }
+                self.pos = 0;
+            }
+            out.push(self.perm[self.pos]);
+            self.pos += 1;
+        }
+        out
+    }
+}
+
+fn record_base(spec: &RunSpec, base_params: usize, task: &TaskData) -> RunRecord {
+    RunRecord {
+        run_id: spec.run_id(),
+        suite: spec.suite.clone(),
+        task: spec.task.clone(),
+        method: spec.method.name().into(),
+        budget: spec.budget_label.clone(),
+        budget_target: spec.budget.target(base_params),
+        seed: spec.seed,
+        config: serde_json::to_value(spec).unwrap_or_default(),
+        knob: None,
+        trainable_params: 0,
+        head_params: 0,
+        base_params,
+        trainable_percent: 0.0,
+        budget_deviation: None,
+        adapter_bytes: 0,
+        primary_metric: task.objective.primary_metric().into(),
+        metrics_best: BTreeMap::new(),
+        metrics_final: BTreeMap::new(),
+        train_seconds: 0.0,
+        steps: 0,
+        steps_per_second: 0.0,
+        tokens_per_second: 0.0,
+        peak_memory_bytes: 0,
+        latency_ms: BTreeMap::new(),
+        curve: Vec::new(),
+        status: RunStatus::Ok,
+        extra: serde_json::Value::Null,
+        env: env::environment(),
+    }
+}
+
+/// Runs one spec to a record. Failures become records (status error / diverged /
+/// budget_unreachable); only I/O on the results directory is an `Err`.
+pub fn run(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path) -> RunRecord {
+    let base_params = base.model.num_parameters();
+    let mut rec = record_base(spec, base_params, task);
+    env::reset_peak_memory();
+    if let Err(e) = run_inner(spec, base, task, adapters_dir, &mut rec) {
+        rec.status = RunStatus::Error { message: e.to_string() };
+    }
+    rec.peak_memory_bytes = env::peak_memory_bytes();
+    rec.env = env::environment();
+    rec
+}
+
+fn run_inner(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path, rec: &mut RunRecord) -> Result<(), HarnessError> {
+    let device = Device::Cpu;
+    let mut model = base.model.clone();
+    let target = spec.budget.target(rec.base_params);
+    let matched = match match_budget(&spec.method, &model, target, spec.max_budget_deviation) {
+        Ok(m) => m,
+        Err(message) => {
+            rec.status = RunStatus::BudgetUnreachable { message };
+            return Ok(());
+        }
+    };
+    let mut config = matched.config.clone();
+    if let MethodConfig::Adalora(a) = &mut config {
+        // AdaLoRA's schedule needs the run's length; keep PEFT's shape (warm-up, then a fixed tail).
+        a.total_step = spec.train.steps.max(3);
+        if a.tinit + a.tfinal >= a.total_step {
+            a.tinit = a.total_step / 10;
+            a.tfinal = a.total_step / 5;
+        }
+    }
+    rec.knob = matched.knob.map(|k| (k.name.to_string(), k.value));
+    rec.trainable_params = matched.achieved;
+    rec.trainable_percent = 100.0 * matched.achieved as f64 / rec.base_params as f64;
+    rec.budget_deviation = matched.deviation;
+    if let Ok(v) = serde_json::to_value(&config) {
+        rec.config["method_resolved"] = v;
+    }
+
+    let mut ctx = AttachContext::new(&mut model, spec.seed);
+    ctx.tokenizer = Some(&base.tokenizer);
+    let mut method = config.attach(&mut ctx)?;
+    let mut head_params = TrainableParams::new();
+    let head = match task.objective.head_kind() {
+        Some(kind) => Some(SequenceHead::new(&model, kind, &mut head_params, &mut Initializer::new(spec.seed ^ 0x4ead))?),
+        None => None,
+    };
+    rec.head_params = head_params.count();
+    if method.params().count() != matched.achieved {
+        return Err(HarnessError::Config(format!(
+            "{}: created {} trainable parameters, formula says {}",
+            config.name(),
+            method.params().count(),
+            matched.achieved
+        )));
+    }
+    let mut vars = method.params().vars();
+    vars.extend(head_params.vars());
+    let mut opt = AdamW::new(vars, spec.optim.clone())?;
+
+    if task.train.is_empty() || task.dev.is_empty() {
+        return Err(HarnessError::Config(format!("task `{}` has no training or dev examples", task.name)));
+    }
+    let pad = base.tokenizer.pad_id;
+    let mut order = Order::new(task.train.len(), spec.seed);
+    let accum = spec.optim.grad_accumulation.max(1);
+    let total = spec.train.steps;
+    let mut tokens = 0usize;
+    let mut loss_sum = 0f64;
+    let mut loss_n = 0usize;
+    let started = Instant::now();
+    let mut eval_seconds = 0f64;
+    for step in 1..=total {
+        method.set_training(true);
+        for _ in 0..accum {
+            let idx = order.next_batch(spec.train.batch_size);
+            let examples: Vec<&Example> = idx.iter().map(|&i| &task.train[i]).collect();
+            let batch = make_batch(&examples, pad, &device)?;
+            tokens += batch_tokens(&batch)?;
+            let scorer = Scorer { model: &model, method: method.as_ref(), head: head.as_ref() };
+            let mut l = loss(&task.objective, &scorer, &batch)?;
+            let value = l.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
+                rec.status = RunStatus::Diverged { step, message: format!("training loss is {value}") };
+                rec.steps = step;
+                rec.train_seconds = started.elapsed().as_secs_f64() - eval_seconds;
+                return Ok(());
+            }
+            loss_sum += value;
+            loss_n += 1;
+            if let Some(extra) = method.extra_loss()? {
+                l = (l + extra)?;
+            }
+            let grads = l.backward()?;
+            if opt.accumulate(&grads)? {
+                opt.step(spec.optim.lr_at(step, total))?;
+                method.after_step(step, &grads)?;
+            }
+        }
+        let eval_now = step == total || (spec.train.eval_every > 0 && step % spec.train.eval_every == 0);
+        if eval_now {
+            let t0 = Instant::now();
+            method.set_training(false);
+            let scorer = Scorer { model: &model, method: method.as_ref(), head: head.as_ref() };
+            let mut m = evaluate(&task.objective, &scorer, &task.dev, spec.train.eval_batch_size, pad, &device)?;
+            // An undefined metric (e.g. Pearson of constant predictions) is left out, not NaN.
+            m.retain(|_, v| v.is_finite());
+            for (k, v) in &m {
+                if v.is_finite() {
+                    let best = rec.metrics_best.entry(k.clone()).or_insert(*v);
+                    let lower_better = k == "response_nll" || k == "perplexity";
+                    if (lower_better && *v < *best) || (!lower_better && *v > *best) {
+                        *best = *v;
+                    }
+                }
+            }
+            rec.metrics_final = m.clone();
+            rec.curve.push(CurvePoint { step, train_loss: loss_sum / loss_n.max(1) as f64, metrics: m });
+            loss_sum = 0.0;
+            loss_n = 0;
+            eval_seconds += t0.elapsed().as_secs_f64();
+        }
+    }
+    rec.steps = total;
+    rec.train_seconds = started.elapsed().as_secs_f64() - eval_seconds;
+    rec.steps_per_second = total as f64 / rec.train_seconds.max(1e-9);
+    rec.tokens_per_second = tokens as f64 / rec.train_seconds.max(1e-9);
+    rec.extra = method.summary()?;
+
+    method.set_training(false);
+    rec.latency_ms = latency(&mut model, method.as_ref(), head.as_ref(), task, spec.train.batch_size, pad)?;
+    std::fs::create_dir_all(adapters_dir).map_err(|source| HarnessError::Io { path: adapters_dir.to_path_buf(), source })?;
+    let path = adapters_dir.join(format!("{}.safetensors", spec.run_id()));
+    method.save(&path)?;
+    rec.adapter_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    if matches!(config, MethodConfig::FullFinetune) {
+        // A full copy of the model per run is not worth keeping: its size is recorded.
+        let _ = std::fs::remove_file(&path);
+    }
+    Ok(())
+}
+
+/// Median milliseconds of a forward pass on one training-sized dev batch, unmerged and (for
+/// methods that can fold into the weights) merged.
+fn latency(model: &mut Transformer, method: &dyn Method, head: Option<&SequenceHead>, task: &TaskData, batch: usize, pad: u32) -> Result<BTreeMap<String, f64>, HarnessError> {
+    let examples: Vec<&Example> = task.dev.iter().take(batch).collect();
+    let b = make_batch(&examples, pad, &Device::Cpu)?;
+    let obj = task.objective;
+    let time = |model: &Transformer| -> Result<f64, HarnessError> {
+        let mut t = Vec::new();
+        for _ in 0..3 {
+            let s = Scorer { model, method, head };
+            let t0 = Instant::now();
+            let _ = loss(&obj, &s, &b)?;
+            t.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        t.sort_by(f64::total_cmp);
+        Ok(t[1])
+    };
+    let mut out = BTreeMap::new();
+    out.insert("unmerged".to_string(), time(model)?);
+    if method.merge_into(model)? {
+        out.insert("merged".to_string(), time(model)?);
+        method.unmerge_from(model)?;
+    }
+    Ok(out)
+}

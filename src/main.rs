@@ -1,0 +1,160 @@
+//! `peftbench`: train every PEFT method on the same tasks under matched parameter budgets and
+//! report how they compare.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use peftbench_backbone::{load_model_dir, TextTokenizer, Transformer};
+use peftbench_harness::{grid, load_task, run_grid, Base, Shard, Suite, TaskData};
+use peftbench_methods::MethodConfig;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "peftbench", version, about = "A benchmark and reproducibility harness for parameter-efficient fine-tuning")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a suite's grid (tasks × methods × budgets × seeds); already-recorded runs are skipped.
+    Run {
+        /// A committed suite by name (see suites/).
+        #[arg(long, conflicts_with = "config")]
+        suite: Option<String>,
+        /// A suite file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Run only slice i of n of the grid (e.g. 2/4), for job arrays.
+        #[arg(long)]
+        shard: Option<String>,
+        /// Where records go (one folder per suite).
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+        /// Write the report when the grid is done.
+        #[arg(long, default_value_t = true)]
+        report: bool,
+    },
+    /// Write CSV tables, PNG plots and REPORT.md from a suite's records.
+    Report {
+        /// Suite name.
+        #[arg(long)]
+        suite: String,
+        /// Results folder given to `run`.
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+        /// Output folder (default: <results>/<suite>/report).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// List the methods with their size knobs and trainable-parameter formulas.
+    Methods {
+        /// Also print each count on this Hugging Face model directory.
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+}
+
+/// The committed suites, embedded so the binary works from any folder.
+const SUITES: [(&str, &str); 2] = [
+    ("glue-minilm-quick", include_str!("../suites/glue-minilm-quick.toml")),
+    ("glue-minilm", include_str!("../suites/glue-minilm.toml")),
+];
+
+fn minilm_dir() -> PathBuf {
+    std::env::var_os("PEFTBENCH_MINILM").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        home.join(".cache/peftbench/all-MiniLM-L6-v2")
+    })
+}
+
+fn model_dir(name: &str) -> PathBuf {
+    if name == "minilm" {
+        minilm_dir()
+    } else {
+        PathBuf::from(name)
+    }
+}
+
+fn load_base(dir: &Path, max_len: usize) -> Result<Base> {
+    let model = load_model_dir(dir, &candle_core::Device::Cpu)
+        .with_context(|| format!("loading the base model from {} (for `minilm`, run scripts/fetch-minilm.sh)", dir.display()))?;
+    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), max_len)?;
+    Ok(Base { model, tokenizer })
+}
+
+fn run_suite(suite: Suite, shard: Option<String>, results: &Path, report: bool) -> Result<()> {
+    let shard = match shard {
+        Some(s) => Shard::parse(&s).map_err(anyhow::Error::msg)?,
+        None => Shard { index: 0, count: 1 },
+    };
+    let data_root = suite
+        .data_root
+        .clone()
+        .or_else(peftbench_datasets::shared_datasets_root)
+        .context("no data root: set data_root in the suite or PEFTBENCH_DATA")?;
+    let max_len = suite.tasks.iter().map(|t| t.max_len).max().unwrap_or(128);
+    let base = load_base(&model_dir(&suite.model), max_len)?;
+    let mut tasks: HashMap<String, TaskData> = HashMap::new();
+    for t in &suite.tasks {
+        let mut tok = TextTokenizer::from_file(&model_dir(&suite.model).join("tokenizer.json"), t.max_len)?;
+        tok.pad_id = base.tokenizer.pad_id;
+        let data = load_task(t, &tok, &data_root).with_context(|| format!("loading task `{}`", t.name))?;
+        eprintln!("task {}: {} train / {} dev examples ({} bad rows skipped)", t.name, data.train.len(), data.dev.len(), data.skipped_rows);
+        tasks.insert(t.name.clone(), data);
+    }
+    let summary = run_grid(&suite, &base, &tasks, results, shard)?;
+    eprintln!("ran {}, skipped {} already recorded", summary.ran, summary.skipped);
+    if report {
+        write_report(&suite.name, results, None)?;
+    }
+    Ok(())
+}
+
+fn write_report(suite: &str, results: &Path, out: Option<PathBuf>) -> Result<()> {
+    let runs = grid::runs_dir(results, suite);
+    let out = out.unwrap_or_else(|| results.join(suite).join("report"));
+    let s = peftbench_reports::write_report(&runs, &out)?;
+    eprintln!("report: {} ({s:?})", out.join("REPORT.md").display());
+    Ok(())
+}
+
+fn methods(model: Option<PathBuf>) -> Result<()> {
+    let model: Option<Transformer> = match model {
+        Some(dir) => Some(load_model_dir(&dir, &candle_core::Device::Cpu)?),
+        None => None,
+    };
+    println!("{:<14} {:<20} {:>10}  trainable parameters", "method", "size knob", "count");
+    for m in MethodConfig::defaults() {
+        let knob = m.knob().map_or("-".to_string(), |k| format!("{}={}", k.name, k.value));
+        let count = match &model {
+            Some(t) => m.num_trainable(t).map_or_else(|e| e.to_string(), |n| n.to_string()),
+            None => "-".into(),
+        };
+        println!("{:<14} {:<20} {:>10}  {}", m.name(), knob, count, m.formula());
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { suite, config, shard, results, report } => {
+            let suite = match (suite, config) {
+                (_, Some(path)) => Suite::from_file(&path)?,
+                (Some(name), None) => {
+                    let (_, text) = SUITES
+                        .iter()
+                        .find(|(n, _)| *n == name)
+                        .with_context(|| format!("no suite `{name}` (committed: {})", SUITES.map(|s| s.0).join(", ")))?;
+                    Suite::parse(text, &format!("suites/{name}.toml"))?
+                }
+                (None, None) => bail!("the embedded default suite is not built yet: pass --suite or --config"),
+            };
+            run_suite(suite, shard, &results, report)
+        }
+        Command::Report { suite, results, out } => write_report(&suite, &results, out),
+        Command::Methods { model } => methods(model),
+    }
+}
