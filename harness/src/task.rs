@@ -49,9 +49,9 @@ fn d_dev_fraction() -> f64 {
     0.1
 }
 
-/// A task as a suite declares it.
+/// A task as a suite declares it. (Unknown keys cannot be rejected here: serde's `flatten`
+/// of the source does not combine with `deny_unknown_fields`.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TaskConfig {
     /// Name used in run ids and reports.
     pub name: String,

@@ -35,6 +35,7 @@ pub enum AdapterActivation {
 #[serde(deny_unknown_fields)]
 pub struct AdapterConfig {
     /// Bottleneck width m.
+    #[serde(default = "crate::defaults::bottleneck")]
     pub bottleneck: usize,
     /// Placement.
     #[serde(default = "default_variant")]

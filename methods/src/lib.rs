@@ -4,6 +4,7 @@
 
 pub mod adalora;
 pub mod adapter;
+pub mod defaults;
 pub mod error;
 pub mod full_finetune;
 pub mod lora;
@@ -172,6 +173,7 @@ pub enum MethodConfig {
 }
 
 /// A method's size knob: the one integer the harness turns to match a parameter budget.
+/// Prefix tuning's is the MLP width, which dominates its trainable count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Knob {
     /// The knob's name (`rank`, `bottleneck`, `num_virtual_tokens`, …).
@@ -284,7 +286,7 @@ impl MethodConfig {
             MethodConfig::Lora(c) => k("rank", c.rank),
             MethodConfig::Adalora(c) => k("target_r", c.target_r),
             MethodConfig::Adapter(c) => k("bottleneck", c.bottleneck),
-            MethodConfig::PrefixTuning(c) => k("num_virtual_tokens", c.num_virtual_tokens),
+            MethodConfig::PrefixTuning(c) => k("encoder_hidden_size", c.encoder_hidden_size),
             MethodConfig::PromptTuning(c) => k("num_virtual_tokens", c.num_virtual_tokens),
             MethodConfig::PTuning(c) => k("encoder_hidden_size", c.encoder_hidden_size),
             MethodConfig::PTuningV2(c) => k("num_virtual_tokens", c.num_virtual_tokens),
@@ -303,7 +305,7 @@ impl MethodConfig {
                 x.init_r = (value * 3).div_ceil(2).max(value + 1);
             }
             MethodConfig::Adapter(x) => x.bottleneck = value,
-            MethodConfig::PrefixTuning(x) => x.num_virtual_tokens = value,
+            MethodConfig::PrefixTuning(x) => x.encoder_hidden_size = value,
             MethodConfig::PromptTuning(x) => x.num_virtual_tokens = value,
             MethodConfig::PTuning(x) => x.encoder_hidden_size = value,
             MethodConfig::PTuningV2(x) => x.num_virtual_tokens = value,

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 #[serde(deny_unknown_fields)]
 pub struct LoraConfig {
     /// Rank r of each update.
+    #[serde(default = "crate::defaults::rank")]
     pub rank: usize,
     /// Scaling numerator α.
     #[serde(default = "default_alpha")]

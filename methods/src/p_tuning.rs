@@ -25,6 +25,7 @@ pub enum PromptEncoderType {
 #[serde(deny_unknown_fields)]
 pub struct PTuningConfig {
     /// Number of virtual tokens p.
+    #[serde(default = "crate::defaults::num_virtual_tokens")]
     pub num_virtual_tokens: usize,
     /// Encoder kind.
     #[serde(default = "d_kind")]

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct PTuningV2Config {
     /// Prompt length p per layer.
+    #[serde(default = "crate::defaults::num_virtual_tokens")]
     pub num_virtual_tokens: usize,
     /// Produce the prompts through prefix tuning's MLP while training.
     #[serde(default)]

@@ -15,6 +15,7 @@ use std::path::Path;
 #[serde(deny_unknown_fields)]
 pub struct PrefixTuningConfig {
     /// Prefix length p.
+    #[serde(default = "crate::defaults::num_virtual_tokens")]
     pub num_virtual_tokens: usize,
     /// Width of the reparametrising MLP's hidden layer.
     #[serde(default = "d_mid")]

@@ -27,6 +27,7 @@ pub enum PromptInit {
 #[serde(deny_unknown_fields)]
 pub struct PromptTuningConfig {
     /// Soft-prompt length p.
+    #[serde(default = "crate::defaults::num_virtual_tokens")]
     pub num_virtual_tokens: usize,
     /// Initialisation.
     #[serde(default = "d_init")]
