@@ -4,7 +4,8 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use peftbench_backbone::{load_model_dir, TextTokenizer, Transformer};
-use peftbench_harness::{grid, load_task, run_grid, Base, Shard, Suite, TaskData};
+use peftbench_harness::task::TaskSource;
+use peftbench_harness::{grid, load_task, run_grid, synthetic, Base, Shard, Suite, TaskData};
 use peftbench_methods::MethodConfig;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a suite's grid (tasks × methods × budgets × seeds); already-recorded runs are skipped.
+    /// Run a suite's grid (tasks × methods × budgets × seeds); already-recorded runs are
+    /// skipped. With no suite, runs the embedded default, which needs no files.
     Run {
         /// A committed suite by name (see suites/).
         #[arg(long, conflicts_with = "config")]
@@ -32,9 +34,9 @@ enum Command {
         /// Where records go (one folder per suite).
         #[arg(long, default_value = "results")]
         results: PathBuf,
-        /// Write the report when the grid is done.
-        #[arg(long, default_value_t = true)]
-        report: bool,
+        /// Skip writing the report when the grid is done.
+        #[arg(long)]
+        no_report: bool,
     },
     /// Write CSV tables, PNG plots and REPORT.md from a suite's records.
     Report {
@@ -57,7 +59,8 @@ enum Command {
 }
 
 /// The committed suites, embedded so the binary works from any folder.
-const SUITES: [(&str, &str); 2] = [
+const SUITES: [(&str, &str); 3] = [
+    ("default", include_str!("../suites/default.toml")),
     ("glue-minilm-quick", include_str!("../suites/glue-minilm-quick.toml")),
     ("glue-minilm", include_str!("../suites/glue-minilm.toml")),
 ];
@@ -89,21 +92,38 @@ fn run_suite(suite: Suite, shard: Option<String>, results: &Path, report: bool) 
         Some(s) => Shard::parse(&s).map_err(anyhow::Error::msg)?,
         None => Shard { index: 0, count: 1 },
     };
-    let data_root = suite
-        .data_root
-        .clone()
-        .or_else(peftbench_datasets::shared_datasets_root)
-        .context("no data root: set data_root in the suite or PEFTBENCH_DATA")?;
-    let max_len = suite.tasks.iter().map(|t| t.max_len).max().unwrap_or(128);
-    let base = load_base(&model_dir(&suite.model), max_len)?;
     let mut tasks: HashMap<String, TaskData> = HashMap::new();
-    for t in &suite.tasks {
-        let mut tok = TextTokenizer::from_file(&model_dir(&suite.model).join("tokenizer.json"), t.max_len)?;
-        tok.pad_id = base.tokenizer.pad_id;
-        let data = load_task(t, &tok, &data_root).with_context(|| format!("loading task `{}`", t.name))?;
-        eprintln!("task {}: {} train / {} dev examples ({} bad rows skipped)", t.name, data.train.len(), data.dev.len(), data.skipped_rows);
-        tasks.insert(t.name.clone(), data);
-    }
+    let base = if suite.model == "synthetic" {
+        let (base, trained) = synthetic::pretrained_base(&synthetic::cache_dir())?;
+        if let Some((first, last)) = trained {
+            eprintln!("pretrained the synthetic base: loss {first:.3} -> {last:.3} (cached in {})", synthetic::cache_dir().display());
+        }
+        for t in &suite.tasks {
+            let TaskSource::Synthetic { objective } = &t.source else {
+                bail!("suite {}: task `{}` is not synthetic but the model is", suite.name, t.name);
+            };
+            let mut data = synthetic::task(objective, &base.tokenizer, t.train_limit.unwrap_or(256), t.dev_limit.unwrap_or(200), 11)?;
+            data.name = t.name.clone();
+            tasks.insert(t.name.clone(), data);
+        }
+        base
+    } else {
+        let data_root = suite
+            .data_root
+            .clone()
+            .or_else(peftbench_datasets::shared_datasets_root)
+            .context("no data root: set data_root in the suite or PEFTBENCH_DATA")?;
+        let max_len = suite.tasks.iter().map(|t| t.max_len).max().unwrap_or(128);
+        let base = load_base(&model_dir(&suite.model), max_len)?;
+        for t in &suite.tasks {
+            let mut tok = TextTokenizer::from_file(&model_dir(&suite.model).join("tokenizer.json"), t.max_len)?;
+            tok.pad_id = base.tokenizer.pad_id;
+            let data = load_task(t, &tok, &data_root).with_context(|| format!("loading task `{}`", t.name))?;
+            eprintln!("task {}: {} train / {} dev examples ({} bad rows skipped)", t.name, data.train.len(), data.dev.len(), data.skipped_rows);
+            tasks.insert(t.name.clone(), data);
+        }
+        base
+    };
     let summary = run_grid(&suite, &base, &tasks, results, shard)?;
     eprintln!("ran {}, skipped {} already recorded", summary.ran, summary.skipped);
     if report {
@@ -140,7 +160,7 @@ fn methods(model: Option<PathBuf>) -> Result<()> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { suite, config, shard, results, report } => {
+        Command::Run { suite, config, shard, results, no_report } => {
             let suite = match (suite, config) {
                 (_, Some(path)) => Suite::from_file(&path)?,
                 (Some(name), None) => {
@@ -150,9 +170,9 @@ fn main() -> Result<()> {
                         .with_context(|| format!("no suite `{name}` (committed: {})", SUITES.map(|s| s.0).join(", ")))?;
                     Suite::parse(text, &format!("suites/{name}.toml"))?
                 }
-                (None, None) => bail!("the embedded default suite is not built yet: pass --suite or --config"),
+                (None, None) => Suite::parse(SUITES[0].1, "suites/default.toml")?,
             };
-            run_suite(suite, shard, &results, report)
+            run_suite(suite, shard, &results, !no_report)
         }
         Command::Report { suite, results, out } => write_report(&suite, &results, out),
         Command::Methods { model } => methods(model),

@@ -9,6 +9,8 @@ use tokenizers::{EncodeInput, Tokenizer};
 /// A loaded tokenizer with the padding id and length cap the harness uses.
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// The same tokenizer with longest-first truncation to `max_len`, for over-long inputs.
+    truncating: Tokenizer,
     path: PathBuf,
     /// Id written at padding positions.
     pub pad_id: u32,
@@ -39,8 +41,10 @@ impl TextTokenizer {
         inner
             .with_truncation(None)
             .map_err(|e| err(e.to_string()))?;
+        let truncating = truncating(&inner, max_len).map_err(err)?;
         Ok(Self {
             inner,
+            truncating,
             path: path.to_path_buf(),
             pad_id,
             max_len,
@@ -48,13 +52,18 @@ impl TextTokenizer {
     }
 
     /// Wraps a tokenizer built in memory (e.g. one just trained).
-    pub fn from_tokenizer(inner: Tokenizer, path: &Path, pad_id: u32, max_len: usize) -> Self {
-        Self {
+    pub fn from_tokenizer(inner: Tokenizer, path: &Path, pad_id: u32, max_len: usize) -> Result<Self> {
+        let truncating = truncating(&inner, max_len).map_err(|message| BackboneError::Tokenizer {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(Self {
             inner,
+            truncating,
             path: path.to_path_buf(),
             pad_id,
             max_len,
-        }
+        })
     }
 
     /// The underlying tokenizer.
@@ -88,6 +97,31 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// The end-of-sequence id, where the vocabulary has one.
+    pub fn eos_id(&self) -> Option<u32> {
+        ["</s>", "<|endoftext|>", "<eos>", "[SEP]"]
+            .iter()
+            .find_map(|t| self.inner.token_to_id(t))
+    }
+
+    /// Encodes texts or pairs with special tokens, truncated to `max_len`, as id and segment
+    /// rows (unpadded).
+    pub fn encode_pairs(&self, rows: &[(&str, Option<&str>)]) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+        rows.iter()
+            .map(|(a, b)| {
+                let input: EncodeInput = match b {
+                    Some(b) => (*a, *b).into(),
+                    None => (*a).into(),
+                };
+                let mut enc = self.inner.encode(input, true).map_err(|e| self.err(e))?;
+                if enc.len() > self.max_len {
+                    enc = self.truncate(a, *b)?;
+                }
+                Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec()))
+            })
+            .collect()
+    }
+
     /// Decodes ids back to text.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| self.err(e))
@@ -96,38 +130,28 @@ impl TextTokenizer {
     /// Encodes single texts or `(text_a, text_b)` pairs with special tokens, truncated to
     /// `max_len` (longest-first) and right-padded to the longest row.
     pub fn encode_batch(&self, rows: &[(&str, Option<&str>)], device: &Device) -> Result<Inputs> {
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut types = Vec::with_capacity(rows.len());
-        for (a, b) in rows {
-            let input: EncodeInput = match b {
-                Some(b) => (*a, *b).into(),
-                None => (*a).into(),
-            };
-            let mut enc = self.inner.encode(input, true).map_err(|e| self.err(e))?;
-            if enc.len() > self.max_len {
-                // Truncate the body, keeping the closing special token(s) of the template.
-                enc = self.truncate(a, *b)?;
-            }
-            ids.push(enc.get_ids().to_vec());
-            types.push(enc.get_type_ids().to_vec());
-        }
+        let (ids, types): (Vec<_>, Vec<_>) = self.encode_pairs(rows)?.into_iter().unzip();
         pad_rows(&ids, Some(&types), self.pad_id, device)
     }
 
     fn truncate(&self, a: &str, b: Option<&str>) -> Result<tokenizers::Encoding> {
-        let mut t = self.inner.clone();
-        t.with_truncation(Some(tokenizers::TruncationParams {
-            max_length: self.max_len,
-            strategy: tokenizers::TruncationStrategy::LongestFirst,
-            ..Default::default()
-        }))
-        .map_err(|e| self.err(e))?;
         let input: EncodeInput = match b {
             Some(b) => (a, b).into(),
             None => a.into(),
         };
-        t.encode(input, true).map_err(|e| self.err(e))
+        self.truncating.encode(input, true).map_err(|e| self.err(e))
     }
+}
+
+fn truncating(inner: &Tokenizer, max_len: usize) -> std::result::Result<Tokenizer, String> {
+    let mut t = inner.clone();
+    t.with_truncation(Some(tokenizers::TruncationParams {
+        max_length: max_len,
+        strategy: tokenizers::TruncationStrategy::LongestFirst,
+        ..Default::default()
+    }))
+    .map_err(|e| e.to_string())?;
+    Ok(t)
 }
 
 /// Right-pads id rows into a batch with its attention mask (and segment ids when given).

@@ -8,7 +8,9 @@ pub mod grid;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
+pub mod pretrain;
 pub mod suite;
+pub mod synthetic;
 pub mod task;
 pub mod train;
 

@@ -35,6 +35,9 @@ pub struct Suite {
     pub tasks: Vec<TaskConfig>,
     /// Data root for relative task paths.
     pub data_root: Option<PathBuf>,
+    /// Methods also run on the same architecture from random initialisation, as a control
+    /// showing what pretraining contributes.
+    pub random_init_controls: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -53,6 +56,8 @@ struct Raw {
     data_root: Option<PathBuf>,
     methods: toml::Table,
     tasks: Vec<TaskConfig>,
+    #[serde(default)]
+    random_init_controls: Vec<String>,
 }
 
 fn d_seeds() -> Vec<u64> {
@@ -115,6 +120,11 @@ impl Suite {
             let method: MethodConfig = serde_json::from_value(json).map_err(|e| err(line, format!("methods.{name}: {e}")))?;
             methods.push((method, optim));
         }
+        for m in &raw.random_init_controls {
+            if !methods.iter().any(|(c, _)| c.name() == m) {
+                return Err(err(line_of(text, "random_init_controls"), format!("random_init_controls names `{m}`, which is not among the methods")));
+            }
+        }
         if methods.is_empty() {
             return Err(err(None, "no [methods.*] tables".into()));
         }
@@ -134,6 +144,7 @@ impl Suite {
             methods,
             tasks: raw.tasks,
             data_root: raw.data_root,
+            random_init_controls: raw.random_init_controls,
         })
     }
 
@@ -150,8 +161,14 @@ impl Suite {
                 };
                 for label in &budgets {
                     let budget = if label == "full" { Budget::Default } else { Budget::parse(label).expect("checked at parse") };
-                    for &seed in &self.seeds {
+                    let control = self.random_init_controls.iter().any(|m| m == method.name());
+                    for (&seed, random_init) in self
+                        .seeds
+                        .iter()
+                        .flat_map(|s| std::iter::once((s, false)).chain(control.then_some((s, true))))
+                    {
                         out.push(RunSpec {
+                            random_init,
                             suite: self.name.clone(),
                             task: task.name.clone(),
                             method: method.clone(),

@@ -60,6 +60,8 @@ pub struct RunSpec {
     pub seed: u64,
     /// Training length and batches.
     pub train: TrainConfig,
+    /// Train on the same architecture from random initialisation instead of the base.
+    pub random_init: bool,
 }
 
 impl RunSpec {
@@ -70,7 +72,16 @@ impl RunSpec {
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else if c == '%' { 'p' } else { '_' })
             .collect();
-        format!("{}__{}__{}__s{}", self.task, self.method.name(), b, self.seed)
+        format!("{}__{}__{}__s{}", self.task, self.method_label(), b, self.seed)
+    }
+
+    /// The method's name in records: `lora`, or `lora-random-init` for a random-init control.
+    pub fn method_label(&self) -> String {
+        if self.random_init {
+            format!("{}-random-init", self.method.name())
+        } else {
+            self.method.name().to_string()
+        }
     }
 }
 
@@ -117,7 +128,7 @@ fn record_base(spec: &RunSpec, base_params: usize, task: &TaskData) -> RunRecord
         run_id: spec.run_id(),
         suite: spec.suite.clone(),
         task: spec.task.clone(),
-        method: spec.method.name().into(),
+        method: spec.method_label(),
         budget: spec.budget_label.clone(),
         budget_target: spec.budget.target(base_params),
         seed: spec.seed,
@@ -161,7 +172,11 @@ pub fn run(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path) ->
 
 fn run_inner(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path, rec: &mut RunRecord) -> Result<(), HarnessError> {
     let device = Device::Cpu;
-    let mut model = base.model.clone();
+    let mut model = if spec.random_init {
+        Transformer::random(base.model.config.clone(), spec.seed ^ 0x7a4d, &device)?
+    } else {
+        base.model.clone()
+    };
     let target = spec.budget.target(rec.base_params);
     let matched = match match_budget(&spec.method, &model, target, spec.max_budget_deviation) {
         Ok(m) => m,

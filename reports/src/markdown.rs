@@ -113,6 +113,33 @@ fn embed(out: &mut String, plots: &[&Plot]) {
     }
 }
 
+/// Suffix the harness gives a method run on the same architecture from random initialisation.
+pub const RANDOM_INIT_SUFFIX: &str = "-random-init";
+
+/// For each (method, budget) that also ran from random initialisation on `task`, a sentence
+/// comparing the two: what pretraining contributes.
+pub fn pretraining_sentences(rows: &[SummaryRow], task: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for control in rows.iter().filter(|r| r.task == task && r.method.ends_with(RANDOM_INIT_SUFFIX)) {
+        let method = control.method.trim_end_matches(RANDOM_INIT_SUFFIX);
+        let Some(pre) = rows
+            .iter()
+            .find(|r| r.task == task && r.method == method && r.budget == control.budget)
+        else {
+            continue;
+        };
+        let (Some(a), Some(b)) = (pre.primary_mean, control.primary_mean) else {
+            continue;
+        };
+        let verdict = if a > b { "beats" } else { "does not beat" };
+        out.push(format!(
+            "Pretrained base {verdict} random initialisation under {method} ({}): {} {:.4} vs {:.4}.",
+            pre.budget, pre.primary_metric, a, b
+        ));
+    }
+    out
+}
+
 /// Renders the whole report. `rows` must be [`crate::summary::summarize`] of `records`, and
 /// `plots` the images written next to the report (linked by file name).
 pub fn render_report(records: &[RunRecord], rows: &[SummaryRow], plots: &[Plot]) -> String {
@@ -149,6 +176,9 @@ pub fn render_report(records: &[RunRecord], rows: &[SummaryRow], plots: &[Plot])
             let _ = writeln!(out);
         }
         let _ = writeln!(out, "{}\n", comparison_sentence(rows, &task));
+        for line in pretraining_sentences(rows, &task) {
+            let _ = writeln!(out, "{line}\n");
+        }
         let task_plots: Vec<&Plot> = plots
             .iter()
             .filter(|p| p.task.as_deref() == Some(&task))

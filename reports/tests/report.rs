@@ -521,3 +521,29 @@ fn statistics_helpers() {
     let full = ok("t", "full_finetune", "full", 0, 0.1);
     assert_eq!(budget_order(&[full, big, small]), ["2000", "10000", "full"]);
 }
+
+#[test]
+fn pretraining_control_is_compared_with_the_pretrained_run() {
+    use peftbench_reports::markdown::pretraining_sentences;
+    use peftbench_reports::summary::SummaryRow;
+    let row = |method: &str, mean: f64| SummaryRow {
+        task: "t".into(),
+        method: method.into(),
+        budget: "3%".into(),
+        budget_target: Some(100),
+        primary_metric: "accuracy".into(),
+        n_seeds: 1,
+        primary_mean: Some(mean),
+        primary_std: Some(0.0),
+        trainable_params: 100.0,
+        trainable_percent: 3.0,
+        train_seconds: 1.0,
+        peak_memory_mb: 1.0,
+        latency_unmerged_ms: None,
+        latency_merged_ms: None,
+    };
+    let s = pretraining_sentences(&[row("lora", 0.9), row("lora-random-init", 0.5)], "t");
+    assert_eq!(s, vec!["Pretrained base beats random initialisation under lora (3%): accuracy 0.9000 vs 0.5000.".to_string()]);
+    let s = pretraining_sentences(&[row("lora", 0.4), row("lora-random-init", 0.5)], "t");
+    assert!(s[0].contains("does not beat"));
+}
