@@ -116,8 +116,18 @@ impl Suite {
                 .try_into()
                 .map_err(|e: toml::de::Error| err(line, format!("methods.{name}: {}", e.message())))?;
             cfg.insert("method".into(), toml::Value::String(name.clone()));
-            let json = serde_json::to_value(&cfg).map_err(|e| err(line, format!("methods.{name}: {e}")))?;
-            let method: MethodConfig = serde_json::from_value(json).map_err(|e| err(line, format!("methods.{name}: {e}")))?;
+            let method: MethodConfig = toml::Value::Table(cfg.clone()).try_into().map_err(|e: toml::de::Error| {
+                // Name the offending key: re-check each one alone against the method's defaults.
+                let key = cfg.keys().find(|k| {
+                    let mut one = toml::Table::new();
+                    one.insert("method".into(), toml::Value::String(name.clone()));
+                    one.insert((*k).clone(), cfg[*k].clone());
+                    k.as_str() != "method" && toml::Value::Table(one).try_into::<MethodConfig>().is_err()
+                });
+                let at = key.map_or(String::new(), |k| format!(" key `{k}`:"));
+                let line = key.and_then(|k| line_of(&text[text.find(&header).unwrap_or(0)..], &format!("{k} =")).map(|l| l + line.unwrap_or(1) - 1)).or(line);
+                err(line, format!("methods.{name}:{at} {}", e.message()))
+            })?;
             methods.push((method, optim));
         }
         for m in &raw.random_init_controls {

@@ -1,0 +1,166 @@
+//! The harness end to end on the embedded synthetic language: suites parse (and fail with the
+//! key and line), budgets are matched or refused, the grid resumes and shards.
+
+use candle_core::Device;
+use peftbench_backbone::{TextTokenizer, Transformer};
+use peftbench_harness::synthetic;
+use peftbench_harness::{match_budget, run_grid, Base, Shard, Suite, TaskData};
+use peftbench_methods::{MethodConfig, PromptTuningConfig};
+use std::collections::HashMap;
+
+const SUITE: &str = r#"
+name = "tiny"
+model = "synthetic"
+seeds = [0, 1]
+budgets = ["3%"]
+max_budget_deviation = 0.3
+random_init_controls = ["lora"]
+
+[train]
+steps = 6
+batch_size = 8
+eval_every = 3
+eval_batch_size = 32
+
+[methods.lora]
+lr = 5e-3
+
+[methods.adapter]
+lr = 5e-3
+
+[methods.full_finetune]
+lr = 1e-3
+
+[[tasks]]
+name = "polarity"
+kind = "synthetic"
+objective = "classification"
+
+[[tasks]]
+name = "agreement"
+kind = "synthetic"
+objective = "reward"
+"#;
+
+fn base(dir: &std::path::Path) -> Base {
+    let tok_path = dir.join("tokenizer.json");
+    std::fs::write(&tok_path, synthetic::tokenizer_json()).unwrap();
+    Base {
+        model: Transformer::random(synthetic::base_config(), 3, &Device::Cpu).unwrap(),
+        tokenizer: TextTokenizer::from_file(&tok_path, 64).unwrap(),
+    }
+}
+
+fn tasks(suite: &Suite, base: &Base) -> HashMap<String, TaskData> {
+    suite
+        .tasks
+        .iter()
+        .map(|t| {
+            let peftbench_harness::task::TaskSource::Synthetic { objective } = &t.source else { panic!() };
+            let mut d = synthetic::task(objective, &base.tokenizer, 32, 16, 1).unwrap();
+            d.name = t.name.clone();
+            (t.name.clone(), d)
+        })
+        .collect()
+}
+
+#[test]
+fn suite_expands_to_tasks_methods_budgets_seeds_and_controls() {
+    let suite = Suite::parse(SUITE, "tiny.toml").unwrap();
+    let runs = suite.runs();
+    // 2 tasks × (lora + lora control + adapter + full fine-tuning) × 2 seeds.
+    assert_eq!(runs.len(), 2 * 4 * 2);
+    let ids: std::collections::HashSet<String> = runs.iter().map(|r| r.run_id()).collect();
+    assert_eq!(ids.len(), runs.len(), "run ids are unique");
+    assert!(ids.contains("polarity__lora-random-init__3p__s1"));
+    assert!(ids.contains("agreement__full_finetune__full__s0"));
+}
+
+#[test]
+fn suite_errors_name_the_file_line_and_key() {
+    let bad = SUITE.replace("[methods.adapter]\nlr = 5e-3", "[methods.adapter]\nlr = 5e-3\nbottleneck = \"wide\"");
+    let e = Suite::parse(&bad, "tiny.toml").unwrap_err().to_string();
+    assert!(e.starts_with("tiny.toml:"), "{e}");
+    assert!(e.contains("methods.adapter") && e.contains("bottleneck"), "{e}");
+    let line: usize = e.split(':').nth(1).unwrap().trim().parse().unwrap();
+    assert_eq!(bad.lines().nth(line - 1).unwrap(), "bottleneck = \"wide\"");
+
+    let e = Suite::parse(&SUITE.replace("lr = 1e-3", "rate = 1e-3"), "tiny.toml").unwrap_err().to_string();
+    assert!(e.contains("missing key `lr`"), "{e}");
+    let e = Suite::parse(&SUITE.replace("\"3%\"", "\"lots\""), "tiny.toml").unwrap_err().to_string();
+    assert!(e.contains("budget `lots`"), "{e}");
+    let e = Suite::parse(&SUITE.replace("steps = 6", "steps = 6\nstepz = 1"), "tiny.toml").unwrap_err().to_string();
+    assert!(e.contains("stepz") && e.starts_with("tiny.toml:"), "{e}");
+}
+
+#[test]
+fn budget_matching_picks_the_closest_size_or_refuses() {
+    let m = Transformer::random(synthetic::base_config(), 1, &Device::Cpu).unwrap();
+    let lora = MethodConfig::Lora(Default::default());
+    let got = match_budget(&lora, &m, Some(2000), 0.25).unwrap();
+    // LoRA on query and value of this model: r · 2 layers · ((64+64) + (64+32)) = 448 r.
+    assert_eq!(got.achieved, 448 * 4);
+    assert_eq!(got.knob.unwrap().value, 4);
+    for r in [3usize, 5] {
+        assert!((448usize * r).abs_diff(2000) >= got.achieved.abs_diff(2000));
+    }
+    // Prompt tuning moves in steps of 64: 100 parameters is unreachable within 10%.
+    let prompt = MethodConfig::PromptTuning(PromptTuningConfig::default());
+    let e = match_budget(&prompt, &m, Some(100), 0.1).unwrap_err();
+    assert!(e.contains("cannot reach 100"), "{e}");
+}
+
+#[test]
+fn grid_skips_recorded_runs_and_shards_split_the_grid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base(tmp.path());
+    let suite = Suite::parse(SUITE, "tiny.toml").unwrap();
+    let tasks = tasks(&suite, &base);
+    let results = tmp.path().join("results");
+    let total = suite.runs().len();
+
+    let a = run_grid(&suite, &base, &tasks, &results, Shard::parse("1/2").unwrap()).unwrap();
+    assert_eq!((a.ran, a.skipped, a.other_shards), (total / 2, 0, total / 2));
+    let b = run_grid(&suite, &base, &tasks, &results, Shard::parse("2/2").unwrap()).unwrap();
+    assert_eq!(b.ran, total / 2);
+    // Everything is recorded now: a full run does nothing.
+    let c = run_grid(&suite, &base, &tasks, &results, Shard { index: 0, count: 1 }).unwrap();
+    assert_eq!((c.ran, c.skipped), (0, total));
+
+    // A lost record (a run killed mid-way) is the only one redone.
+    let dir = results.join("tiny/runs");
+    std::fs::remove_file(dir.join("polarity__adapter__3p__s1.json")).unwrap();
+    let d = run_grid(&suite, &base, &tasks, &results, Shard { index: 0, count: 1 }).unwrap();
+    assert_eq!((d.ran, d.skipped), (1, total - 1));
+
+    let records = peftbench_reports::load::load_records(&dir).unwrap();
+    assert_eq!(records.len(), total);
+    for r in &records {
+        assert_eq!(r.status, peftbench_reports::RunStatus::Ok, "{}: {:?}", r.run_id, r.status);
+        assert_eq!(r.steps, 6);
+        assert_eq!(r.curve.len(), 2);
+        assert!(r.metrics_best.contains_key(&r.primary_metric));
+        assert!(r.trainable_params > 0 && r.head_params > 0);
+        if r.method == "lora" {
+            assert!(r.latency_ms.contains_key("merged"), "LoRA records merged latency");
+        }
+    }
+    let report = peftbench_reports::write_report(&dir, &tmp.path().join("report")).unwrap();
+    assert_eq!(report.records, total);
+}
+
+#[test]
+fn nan_loss_marks_the_run_diverged_and_the_grid_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base(tmp.path());
+    let text = SUITE.replace("[methods.lora]\nlr = 5e-3", "[methods.lora]\nlr = 1e30\nmax_grad_norm = 0.0");
+    let suite = Suite::parse(&text, "tiny.toml").unwrap();
+    let tasks = tasks(&suite, &base);
+    let results = tmp.path().join("results");
+    let s = run_grid(&suite, &base, &tasks, &results, Shard { index: 0, count: 1 }).unwrap();
+    assert_eq!(s.ran, suite.runs().len());
+    let records = peftbench_reports::load::load_records(&results.join("tiny/runs")).unwrap();
+    let lora: Vec<_> = records.iter().filter(|r| r.method == "lora").collect();
+    assert!(lora.iter().all(|r| matches!(r.status, peftbench_reports::RunStatus::Diverged { .. })), "{:?}", lora.iter().map(|r| &r.status).collect::<Vec<_>>());
+    assert!(records.iter().filter(|r| r.method == "adapter").all(|r| r.status == peftbench_reports::RunStatus::Ok));
+}
