@@ -103,7 +103,8 @@ pub fn train_bpe(text: &str, vocab_size: usize) -> Result<tokenizers::Tokenizer,
     use tokenizers::{AddedToken, Tokenizer};
     let err = |e: tokenizers::Error| HarnessError::Config(format!("tokenizer training: {e}"));
     let mut tok = Tokenizer::new(BPE::default());
-    tok.with_pre_tokenizer(Some(ByteLevel::default()));
+    // No prefix space, as GPT-2: decoding gives back exactly the text.
+    tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tok.with_decoder(Some(ByteLevel::default()));
     let mut trainer = tokenizers::models::TrainerWrapper::BpeTrainer(
         BpeTrainerBuilder::new()
