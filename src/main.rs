@@ -99,8 +99,10 @@ enum Command {
 }
 
 /// The committed suites, embedded so the binary works from any folder.
-const SUITES: [(&str, &str); 3] = [
+const SUITES: [(&str, &str); 5] = [
     ("default", include_str!("../suites/default.toml")),
+    ("objectives-minilm-quick", include_str!("../suites/objectives-minilm-quick.toml")),
+    ("alpaca-sft-quick", include_str!("../suites/alpaca-sft-quick.toml")),
     ("glue-minilm-quick", include_str!("../suites/glue-minilm-quick.toml")),
     ("glue-minilm", include_str!("../suites/glue-minilm.toml")),
 ];
@@ -113,10 +115,10 @@ fn minilm_dir() -> PathBuf {
 }
 
 fn model_dir(name: &str) -> PathBuf {
-    if name == "minilm" {
-        minilm_dir()
-    } else {
-        PathBuf::from(name)
+    match (name, name.strip_prefix("~/")) {
+        ("minilm", _) => minilm_dir(),
+        (_, Some(rest)) => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(rest),
+        _ => PathBuf::from(name),
     }
 }
 

@@ -367,6 +367,8 @@ proptest! {
             prop_assert!(b <= prev, "budget rose at step {}", step);
             if step <= tinit { prop_assert_eq!(b, init_r * matrices); }
             if step > cfg.total_step - tfinal { prop_assert_eq!(b, cfg.target_r * matrices); }
+            // The cubic reaches the target exactly where the final phase begins.
+            if step == cfg.total_step - tfinal && step > tinit { prop_assert_eq!(b, cfg.target_r * matrices); }
             prev = b;
         }
     }

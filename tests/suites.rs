@@ -1,0 +1,28 @@
+//! Every committed suite parses and expands into the runs it promises.
+
+use peftbench_harness::Suite;
+
+fn suite(name: &str) -> Suite {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("suites").join(format!("{name}.toml"));
+    Suite::from_file(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn committed_suites_parse_and_cover_all_eight_methods() {
+    for name in ["default", "glue-minilm-quick", "glue-minilm", "objectives-minilm-quick", "alpaca-sft-quick"] {
+        let s = suite(name);
+        assert_eq!(s.name, name);
+        let methods: std::collections::BTreeSet<&str> = s.methods.iter().map(|(m, _)| m.name()).collect();
+        assert_eq!(methods.len(), 8, "{name}: {methods:?}");
+    }
+}
+
+#[test]
+fn glue_suites_have_the_promised_grid() {
+    // glue-minilm: 4 tasks × (7 PEFT methods × 2 budgets + full fine-tuning) × 3 seeds.
+    assert_eq!(suite("glue-minilm").runs().len(), 4 * (7 * 2 + 1) * 3);
+    // glue-minilm-quick: 2 tasks × (7 × 1 + 1) × 2 seeds.
+    assert_eq!(suite("glue-minilm-quick").runs().len(), 2 * 8 * 2);
+    // default: 3 tasks × (8 methods + the LoRA random-init control), one seed.
+    assert_eq!(suite("default").runs().len(), 3 * 9);
+}
