@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod error;
+mod frozen_matmul;
 pub mod heads;
 pub mod init;
 pub mod intervention;

@@ -33,12 +33,49 @@ impl Linear {
         let (lead, inp) = dims.split_at(dims.len() - 1);
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, inp[0]))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let frozen = !self.weight.is_variable()
+            && self.weight.device().is_cpu()
+            && self.weight.dtype() == candle_core::DType::F32
+            && self.weight.is_contiguous();
+        let mut y = if frozen {
+            crate::frozen_matmul::frozen_matmul(&x2, &self.weight)?
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
         let mut out = lead.to_vec();
         out.push(self.out_features());
         y.reshape(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::Initializer;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn frozen_weight_matches_plain_matmul_forward_and_input_gradient() {
+        let dev = Device::Cpu;
+        let mut init = Initializer::new(3);
+        let w = init.normal((7, 5), 1.0, &dev).unwrap();
+        let b = init.normal(7, 1.0, &dev).unwrap();
+        let x = Var::from_tensor(&init.normal((2, 3, 5), 1.0, &dev).unwrap()).unwrap();
+        let probe = init.normal((2, 3, 7), 1.0, &dev).unwrap();
+
+        let frozen = Linear::new(w.clone(), Some(b.clone()));
+        let y1 = frozen.forward(x.as_tensor()).unwrap();
+        let g1 = (&y1 * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+
+        let y2 = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+        let g2 = (&y2 * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+
+        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff(&y1, &y2) < 1e-5);
+        assert!(diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()) < 1e-5);
+        assert!(g1.get(&w).is_none(), "the frozen weight got a gradient");
     }
 }
