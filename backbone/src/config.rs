@@ -122,7 +122,11 @@ impl ModelConfig {
         })?;
         let value: Value = serde_json::from_str(&text).map_err(|e| BackboneError::Config {
             path: path.to_path_buf(),
-            message: format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()),
+            message: format!(
+                "invalid JSON at line {} column {}: {e}",
+                e.line(),
+                e.column()
+            ),
         })?;
         Self::from_json(&value, path)
     }
@@ -233,20 +237,23 @@ impl ModelConfig {
         if self.hidden_size == 0 || self.num_heads == 0 || self.num_layers == 0 {
             return bad("hidden size, heads and layers must be positive".into());
         }
-        if self.hidden_size % self.num_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
             return bad(format!(
                 "hidden size {} is not divisible by {} heads",
                 self.hidden_size, self.num_heads
             ));
         }
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "{} heads are not divisible into {} key/value heads",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.family == Family::Llama && self.head_dim() % 2 != 0 {
-            return bad(format!("RoPE needs an even head size, got {}", self.head_dim()));
+        if self.family == Family::Llama && !self.head_dim().is_multiple_of(2) {
+            return bad(format!(
+                "RoPE needs an even head size, got {}",
+                self.head_dim()
+            ));
         }
         Ok(())
     }
@@ -318,10 +325,11 @@ impl Reader<'_> {
     fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| self.err(format!("key `{key}` should be a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+                self.err(format!(
+                    "key `{key}` should be a non-negative integer, found {v}"
+                ))
+            }),
         }
     }
 
@@ -364,6 +372,7 @@ impl Reader<'_> {
             None => default.to_string(),
             Some(_) => self.str(key)?,
         };
-        Activation::parse(&name).ok_or_else(|| self.err(format!("unsupported activation `{name}` in key `{key}`")))
+        Activation::parse(&name)
+            .ok_or_else(|| self.err(format!("unsupported activation `{name}` in key `{key}`")))
     }
 }

@@ -21,7 +21,10 @@ impl CustomOp1 for FrozenMatmul {
         let (rows, inp) = layout.shape().dims2()?;
         let (out, w_in) = self.weight.dims2()?;
         if w_in != inp {
-            candle_core::bail!("frozen-matmul: input width {inp}, weight {:?}", self.weight.dims());
+            candle_core::bail!(
+                "frozen-matmul: input width {inp}, weight {:?}",
+                self.weight.dims()
+            );
         }
         let Some((x_start, x_end)) = layout.contiguous_offsets() else {
             candle_core::bail!("frozen-matmul: input must be contiguous");
@@ -37,7 +40,11 @@ impl CustomOp1 for FrozenMatmul {
         let w = &w_cpu.as_slice::<f32>()?[w_start..w_end];
         let mut dst = vec![0f32; rows * out];
         let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
+        let parallelism = if threads > 1 {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        };
         // dst[rows, out] = x[rows, in] · Wᵀ, reading W `[out, in]` through transposed strides.
         unsafe {
             gemm(
@@ -73,5 +80,7 @@ impl CustomOp1 for FrozenMatmul {
 
 /// `x [rows, in] · Wᵀ` for a frozen, contiguous f32 CPU weight.
 pub(crate) fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(FrozenMatmul { weight: weight.clone() })
+    x.contiguous()?.apply_op1(FrozenMatmul {
+        weight: weight.clone(),
+    })
 }

@@ -27,7 +27,11 @@ pub fn pool(enc: &Encoded, pooling: Pooling) -> Result<Tensor> {
         Pooling::First => enc.hidden.narrow(1, 0, 1)?.squeeze(1)?,
         Pooling::LastToken => {
             let idx = last_token_index(&enc.mask)?;
-            let flat: Vec<u32> = idx.iter().enumerate().map(|(i, &j)| (i * s + j) as u32).collect();
+            let flat: Vec<u32> = idx
+                .iter()
+                .enumerate()
+                .map(|(i, &j)| (i * s + j) as u32)
+                .collect();
             let flat = Tensor::from_vec(flat, b, enc.hidden.device())?;
             enc.hidden.reshape((b * s, h))?.index_select(&flat, 0)?
         }

@@ -25,7 +25,12 @@ impl Initializer {
     }
 
     /// Values drawn from N(0, std²).
-    pub fn normal<S: Into<Shape>>(&mut self, shape: S, std: f64, device: &Device) -> Result<Tensor> {
+    pub fn normal<S: Into<Shape>>(
+        &mut self,
+        shape: S,
+        std: f64,
+        device: &Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         let n = shape.elem_count();
         let mut v = Vec::with_capacity(n);
@@ -44,7 +49,12 @@ impl Initializer {
     }
 
     /// Values drawn uniformly from `[-bound, bound)`.
-    pub fn uniform<S: Into<Shape>>(&mut self, shape: S, bound: f64, device: &Device) -> Result<Tensor> {
+    pub fn uniform<S: Into<Shape>>(
+        &mut self,
+        shape: S,
+        bound: f64,
+        device: &Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         let v: Vec<f32> = (0..shape.elem_count())
             .map(|_| ((self.rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)

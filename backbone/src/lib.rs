@@ -4,6 +4,7 @@
 pub mod config;
 pub mod error;
 mod frozen_matmul;
+mod fused;
 pub mod heads;
 pub mod init;
 pub mod intervention;

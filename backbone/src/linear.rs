@@ -68,14 +68,45 @@ mod tests {
 
         let frozen = Linear::new(w.clone(), Some(b.clone()));
         let y1 = frozen.forward(x.as_tensor()).unwrap();
-        let g1 = (&y1 * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g1 = (&y1 * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
 
-        let y2 = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
-        let g2 = (&y2 * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let y2 = x
+            .as_tensor()
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        let g2 = (&y2 * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
 
-        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
         assert!(diff(&y1, &y2) < 1e-5);
-        assert!(diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()) < 1e-5);
+        assert!(
+            diff(
+                g1.get(x.as_tensor()).unwrap(),
+                g2.get(x.as_tensor()).unwrap()
+            ) < 1e-5
+        );
         assert!(g1.get(&w).is_none(), "the frozen weight got a gradient");
     }
 }

@@ -69,7 +69,12 @@ fn load_bert(cfg: ModelConfig, w: &mut WeightFile) -> Result<Transformer> {
             key: linear(w, &format!("{p}.attention.self.key"), h, h, true)?,
             value: linear(w, &format!("{p}.attention.self.value"), h, h, true)?,
             attn_out: linear(w, &format!("{p}.attention.output.dense"), h, h, true)?,
-            attn_norm: layer_norm(w, &format!("{p}.attention.output.LayerNorm"), h, cfg.norm_eps)?,
+            attn_norm: layer_norm(
+                w,
+                &format!("{p}.attention.output.LayerNorm"),
+                h,
+                cfg.norm_eps,
+            )?,
             up: linear(w, &format!("{p}.intermediate.dense"), f, h, true)?,
             gate: None,
             down: linear(w, &format!("{p}.output.dense"), h, f, true)?,
@@ -81,13 +86,24 @@ fn load_bert(cfg: ModelConfig, w: &mut WeightFile) -> Result<Transformer> {
     } else {
         None
     };
-    Ok(Transformer::from_parts(cfg, embeddings, layers, None, pooler, None))
+    Ok(Transformer::from_parts(
+        cfg, embeddings, layers, None, pooler, None,
+    ))
 }
 
 /// Reads a GPT-2 Conv1D (`[in, out]`) or BigCode Linear (`[out, in]`) as a `[out, in]` Linear.
-fn gpt2_linear(w: &mut WeightFile, cfg: &ModelConfig, name: &str, out: usize, inp: usize) -> Result<Linear> {
+fn gpt2_linear(
+    w: &mut WeightFile,
+    cfg: &ModelConfig,
+    name: &str,
+    out: usize,
+    inp: usize,
+) -> Result<Linear> {
     let weight = match cfg.qkv_layout {
-        QkvLayout::Gpt2Conv1d => w.take(&format!("{name}.weight"), &[inp, out])?.t()?.contiguous()?,
+        QkvLayout::Gpt2Conv1d => w
+            .take(&format!("{name}.weight"), &[inp, out])?
+            .t()?
+            .contiguous()?,
         QkvLayout::BigCodeLinear => w.take(&format!("{name}.weight"), &[out, inp])?,
     };
     let bias = w.take(&format!("{name}.bias"), &[out])?;
@@ -101,8 +117,15 @@ fn split_qkv(cfg: &ModelConfig, fused: Linear) -> Result<(Linear, Linear, Linear
     let bias = fused.bias.expect("c_attn has a bias");
     let (w, b) = if cfg.qkv_layout == QkvLayout::BigCodeLinear && nkv == cfg.num_heads {
         // Multi-head BigCode interleaves q, k, v per head: regroup rows to [q | k | v].
-        let w = fused.weight.reshape((cfg.num_heads, 3, d, h))?.transpose(0, 1)?.reshape((3 * h, h))?;
-        let b = bias.reshape((cfg.num_heads, 3, d))?.transpose(0, 1)?.reshape(3 * h)?;
+        let w = fused
+            .weight
+            .reshape((cfg.num_heads, 3, d, h))?
+            .transpose(0, 1)?
+            .reshape((3 * h, h))?;
+        let b = bias
+            .reshape((cfg.num_heads, 3, d))?
+            .transpose(0, 1)?
+            .reshape(3 * h)?;
         (w.contiguous()?, b.contiguous()?)
     } else {
         (fused.weight, bias)
@@ -145,7 +168,9 @@ fn load_gpt2(cfg: ModelConfig, w: &mut WeightFile) -> Result<Transformer> {
     }
     let final_norm = Some(layer_norm(w, "ln_f", h, cfg.norm_eps)?);
     let lm_head = untied_head(&cfg, w)?;
-    Ok(Transformer::from_parts(cfg, embeddings, layers, final_norm, None, lm_head))
+    Ok(Transformer::from_parts(
+        cfg, embeddings, layers, final_norm, None, lm_head,
+    ))
 }
 
 fn untied_head(cfg: &ModelConfig, w: &mut WeightFile) -> Result<Option<Tensor>> {
@@ -204,7 +229,9 @@ fn load_llama(cfg: ModelConfig, w: &mut WeightFile) -> Result<Transformer> {
     }
     let final_norm = Some(rms(w, "norm")?);
     let lm_head = untied_head(&cfg, w)?;
-    Ok(Transformer::from_parts(cfg, embeddings, layers, final_norm, None, lm_head))
+    Ok(Transformer::from_parts(
+        cfg, embeddings, layers, final_norm, None, lm_head,
+    ))
 }
 
 /// The model's tensors under Hugging Face names, ready for `model.safetensors`.
@@ -215,36 +242,58 @@ pub fn to_hf_tensors(m: &Transformer) -> Result<HashMap<String, Tensor>> {
         out.insert(k, t.detach().contiguous()?);
         Ok(())
     };
-    let lin = |put: &mut dyn FnMut(String, &Tensor) -> Result<()>, name: &str, l: &Linear| -> Result<()> {
+    let lin = |put: &mut dyn FnMut(String, &Tensor) -> Result<()>,
+               name: &str,
+               l: &Linear|
+     -> Result<()> {
         put(format!("{name}.weight"), &l.weight)?;
         if let Some(b) = &l.bias {
             put(format!("{name}.bias"), b)?;
         }
         Ok(())
     };
-    let norm = |put: &mut dyn FnMut(String, &Tensor) -> Result<()>, name: &str, n: &Norm| -> Result<()> {
-        match n {
-            Norm::Layer { weight, bias, .. } => {
-                put(format!("{name}.weight"), weight)?;
-                put(format!("{name}.bias"), bias)
+    let norm =
+        |put: &mut dyn FnMut(String, &Tensor) -> Result<()>, name: &str, n: &Norm| -> Result<()> {
+            match n {
+                Norm::Layer { weight, bias, .. } => {
+                    put(format!("{name}.weight"), weight)?;
+                    put(format!("{name}.bias"), bias)
+                }
+                Norm::Rms { weight, .. } => put(format!("{name}.weight"), weight),
             }
-            Norm::Rms { weight, .. } => put(format!("{name}.weight"), weight),
-        }
-    };
+        };
     let e = &m.embeddings;
     match cfg.family {
         Family::Bert => {
             put("embeddings.word_embeddings.weight".into(), &e.word)?;
-            put("embeddings.position_embeddings.weight".into(), e.position.as_ref().expect("bert positions"))?;
-            put("embeddings.token_type_embeddings.weight".into(), e.token_type.as_ref().expect("bert types"))?;
-            norm(&mut put, "embeddings.LayerNorm", e.norm.as_ref().expect("bert embedding norm"))?;
+            put(
+                "embeddings.position_embeddings.weight".into(),
+                e.position.as_ref().expect("bert positions"),
+            )?;
+            put(
+                "embeddings.token_type_embeddings.weight".into(),
+                e.token_type.as_ref().expect("bert types"),
+            )?;
+            norm(
+                &mut put,
+                "embeddings.LayerNorm",
+                e.norm.as_ref().expect("bert embedding norm"),
+            )?;
             for (i, l) in m.layers.iter().enumerate() {
                 let p = format!("encoder.layer.{i}");
                 lin(&mut put, &format!("{p}.attention.self.query"), &l.query)?;
                 lin(&mut put, &format!("{p}.attention.self.key"), &l.key)?;
                 lin(&mut put, &format!("{p}.attention.self.value"), &l.value)?;
-                lin(&mut put, &format!("{p}.attention.output.dense"), &l.attn_out)?;
-                norm(&mut put, &format!("{p}.attention.output.LayerNorm"), &l.attn_norm)?;
+                lin(
+                    &mut put,
+                    &format!("{p}.attention.output.dense"),
+                    &l.attn_out,
+                )?;
+                norm(
+                    &mut put,
+                    &format!("{p}.attention.output.LayerNorm"),
+                    &l.attn_norm,
+                )?;
                 lin(&mut put, &format!("{p}.intermediate.dense"), &l.up)?;
                 lin(&mut put, &format!("{p}.output.dense"), &l.down)?;
                 norm(&mut put, &format!("{p}.output.LayerNorm"), &l.ffn_norm)?;
@@ -255,11 +304,20 @@ pub fn to_hf_tensors(m: &Transformer) -> Result<HashMap<String, Tensor>> {
         }
         Family::Gpt2 => {
             if cfg.qkv_layout != QkvLayout::Gpt2Conv1d {
-                return Err(BackboneError::Input("only GPT-2 (Conv1D) layout is written".into()));
+                return Err(BackboneError::Input(
+                    "only GPT-2 (Conv1D) layout is written".into(),
+                ));
             }
             put("wte.weight".into(), &e.word)?;
-            put("wpe.weight".into(), e.position.as_ref().expect("gpt2 positions"))?;
-            let conv = |put: &mut dyn FnMut(String, &Tensor) -> Result<()>, name: &str, w: &Tensor, b: &Tensor| -> Result<()> {
+            put(
+                "wpe.weight".into(),
+                e.position.as_ref().expect("gpt2 positions"),
+            )?;
+            let conv = |put: &mut dyn FnMut(String, &Tensor) -> Result<()>,
+                        name: &str,
+                        w: &Tensor,
+                        b: &Tensor|
+             -> Result<()> {
                 put(format!("{name}.weight"), &w.t()?.contiguous()?)?;
                 put(format!("{name}.bias"), b)
             };
@@ -269,10 +327,25 @@ pub fn to_hf_tensors(m: &Transformer) -> Result<HashMap<String, Tensor>> {
                 let bias = |l: &Linear| l.bias.clone().expect("gpt2 bias");
                 let b = Tensor::cat(&[&bias(&l.query), &bias(&l.key), &bias(&l.value)], 0)?;
                 conv(&mut put, &format!("{p}.attn.c_attn"), &w, &b)?;
-                conv(&mut put, &format!("{p}.attn.c_proj"), &l.attn_out.weight, &bias(&l.attn_out))?;
+                conv(
+                    &mut put,
+                    &format!("{p}.attn.c_proj"),
+                    &l.attn_out.weight,
+                    &bias(&l.attn_out),
+                )?;
                 norm(&mut put, &format!("{p}.ln_1"), &l.attn_norm)?;
-                conv(&mut put, &format!("{p}.mlp.c_fc"), &l.up.weight, &bias(&l.up))?;
-                conv(&mut put, &format!("{p}.mlp.c_proj"), &l.down.weight, &bias(&l.down))?;
+                conv(
+                    &mut put,
+                    &format!("{p}.mlp.c_fc"),
+                    &l.up.weight,
+                    &bias(&l.up),
+                )?;
+                conv(
+                    &mut put,
+                    &format!("{p}.mlp.c_proj"),
+                    &l.down.weight,
+                    &bias(&l.down),
+                )?;
                 norm(&mut put, &format!("{p}.ln_2"), &l.ffn_norm)?;
             }
             norm(&mut put, "ln_f", m.final_norm.as_ref().expect("gpt2 ln_f"))?;
@@ -291,9 +364,17 @@ pub fn to_hf_tensors(m: &Transformer) -> Result<HashMap<String, Tensor>> {
                 lin(&mut put, &format!("{p}.mlp.up_proj"), &l.up)?;
                 lin(&mut put, &format!("{p}.mlp.down_proj"), &l.down)?;
                 norm(&mut put, &format!("{p}.input_layernorm"), &l.attn_norm)?;
-                norm(&mut put, &format!("{p}.post_attention_layernorm"), &l.ffn_norm)?;
+                norm(
+                    &mut put,
+                    &format!("{p}.post_attention_layernorm"),
+                    &l.ffn_norm,
+                )?;
             }
-            norm(&mut put, "model.norm", m.final_norm.as_ref().expect("llama norm"))?;
+            norm(
+                &mut put,
+                "model.norm",
+                m.final_norm.as_ref().expect("llama norm"),
+            )?;
         }
     }
     if let Some(head) = &m.lm_head {

@@ -197,7 +197,9 @@ impl Transformer {
 
     /// The projection at `site`, mutably (LoRA merges into it).
     pub fn linear_mut(&mut self, site: Site) -> Option<&mut Linear> {
-        self.layers.get_mut(site.layer).and_then(|l| l.proj_mut(site.proj))
+        self.layers
+            .get_mut(site.layer)
+            .and_then(|l| l.proj_mut(site.proj))
     }
 
     /// The LM head matrix `[vocab, hidden]` (tied or not).
@@ -287,7 +289,9 @@ impl Transformer {
                 )));
             }
         }
-        let kv_len = kv.as_ref().map_or(0, |k| k.first().map_or(0, KvPrefix::len));
+        let kv_len = kv
+            .as_ref()
+            .map_or(0, |k| k.first().map_or(0, KvPrefix::len));
         let prefix = iv.input_prefix()?;
         let p_in = prefix.as_ref().map_or(0, |p| p.dims()[p.rank() - 2]);
         let seq = p_in + t;
@@ -302,7 +306,13 @@ impl Transformer {
         // Token mask over the extended sequence: input-prefix vectors are always visible.
         let token_mask = inputs.attention_mask.to_dtype(DType::F32)?;
         let mask = if p_in > 0 {
-            Tensor::cat(&[&Tensor::ones((b, p_in), DType::F32, &self.device)?, &token_mask], 1)?
+            Tensor::cat(
+                &[
+                    &Tensor::ones((b, p_in), DType::F32, &self.device)?,
+                    &token_mask,
+                ],
+                1,
+            )?
         } else {
             token_mask
         };
@@ -310,7 +320,13 @@ impl Transformer {
         let mut h = self.embed(inputs, prefix.as_ref(), kv_len)?;
         let bias = attention_bias(&mask, kv_len, cfg.is_causal())?;
         let rope = if cfg.family == Family::Llama {
-            Some(ops::rope_tables(kv_len, seq, cfg.head_dim(), cfg.rope_theta, &self.device)?)
+            Some(ops::rope_tables(
+                kv_len,
+                seq,
+                cfg.head_dim(),
+                cfg.rope_theta,
+                &self.device,
+            )?)
         } else {
             None
         };
@@ -340,7 +356,10 @@ impl Transformer {
                 cfg.vocab_size
             )));
         }
-        let mut x = e.word.index_select(&ids, 0)?.reshape((b, t, cfg.hidden_size))?;
+        let mut x = e
+            .word
+            .index_select(&ids, 0)?
+            .reshape((b, t, cfg.hidden_size))?;
         let mut p_in = 0;
         if let Some(p) = prefix {
             p_in = p.dims()[p.rank() - 2];
@@ -362,13 +381,16 @@ impl Transformer {
                 None => Tensor::zeros((b, t), DType::U32, &self.device)?,
             };
             let types = if p_in > 0 {
-                Tensor::cat(&[&Tensor::zeros((b, p_in), DType::U32, &self.device)?, &types], 1)?
+                Tensor::cat(
+                    &[&Tensor::zeros((b, p_in), DType::U32, &self.device)?, &types],
+                    1,
+                )?
             } else {
                 types
             };
-            let te = tt
-                .index_select(&types.flatten_all()?, 0)?
-                .reshape((b, seq, cfg.hidden_size))?;
+            let te =
+                tt.index_select(&types.flatten_all()?, 0)?
+                    .reshape((b, seq, cfg.hidden_size))?;
             x = (x + te)?;
         }
         if let Some(n) = &e.norm {

@@ -1,15 +1,25 @@
 //! Differentiable building blocks.
 //!
 //! candle_nn's fused layer_norm, rms_norm, softmax_last_dim and sdpa record no backward op,
-//! so a model built from them trains nothing. Everything here is composed from candle
-//! primitives that do carry a backward.
+//! so a model built from them trains nothing. For f32 on the CPU the ops here run fused
+//! kernels that carry their own backward ([`crate::fused`]); other dtypes and devices use
+//! compositions of candle primitives that do carry a backward.
 
 use crate::config::Activation;
+use crate::fused;
 use candle_core::{DType, Result, Tensor, D};
 
-/// Softmax over the last dimension. The max is detached: softmax is shift-invariant, so the
-/// gradient is unchanged and the backward graph is smaller.
+/// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if fused::eligible(&[x]) {
+        return fused::softmax(x);
+    }
+    softmax_composite(x)
+}
+
+/// Softmax from candle primitives. The max is detached: softmax is shift-invariant, so the
+/// gradient is unchanged and the backward graph is smaller.
+fn softmax_composite(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
@@ -18,6 +28,14 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// Log-softmax over the last dimension, stable for large logits.
 pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if fused::eligible(&[x]) {
+        return fused::log_softmax(x);
+    }
+    log_softmax_composite(x)
+}
+
+/// Log-softmax from candle primitives (max-shifted, as the fused kernel).
+fn log_softmax_composite(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let shifted = x.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
@@ -26,6 +44,17 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// LayerNorm over the last dimension.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused::eligible(&[x, weight, bias])
+        && fused::is_row_vector(weight, x)
+        && fused::is_row_vector(bias, x)
+    {
+        return fused::layer_norm(x, weight, bias, eps);
+    }
+    layer_norm_composite(x, weight, bias, eps)
+}
+
+/// LayerNorm from candle primitives.
+fn layer_norm_composite(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -35,6 +64,14 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// RMSNorm over the last dimension (Llama).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused::eligible(&[x, weight]) && fused::is_row_vector(weight, x) {
+        return fused::rms_norm(x, weight, eps);
+    }
+    rms_norm_composite(x, weight, eps)
+}
+
+/// RMSNorm from candle primitives.
+fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
     normed.broadcast_mul(weight)
@@ -42,6 +79,21 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// Applies an (ungated) activation.
 pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    let fused_act = match act {
+        Activation::GeluErf => Some(fused::Act::GeluErf),
+        Activation::GeluTanh => Some(fused::Act::GeluTanh),
+        Activation::Silu => Some(fused::Act::Silu),
+        // candle's relu backward is already a single mask-multiply.
+        Activation::Relu => None,
+    };
+    match fused_act {
+        Some(a) if fused::eligible(&[x]) => fused::activate(x, a),
+        _ => activate_composite(x, act),
+    }
+}
+
+/// The activation as candle's unary ops (whose backward is composed of primitives).
+fn activate_composite(x: &Tensor, act: Activation) -> Result<Tensor> {
     match act {
         Activation::GeluErf => x.gelu_erf(),
         Activation::GeluTanh => x.gelu(),
@@ -52,7 +104,11 @@ pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
 
 /// Mean cross-entropy of `logits [n, classes]` against `targets [n]` (u32), skipping rows
 /// whose `weights [n]` are 0 (weights are 1 for counted rows).
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
+pub fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
     let logp = log_softmax_last_dim(logits)?;
     let picked = logp
         .gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?
@@ -99,4 +155,415 @@ pub fn rope_tables(
     }
     let a = Tensor::from_vec(angles, (len, head_dim), device)?;
     Ok((a.cos()?, a.sin()?))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fused kernels against the composites they replace: forward values and the
+    //! gradients of `sum(out ⊙ probe)` with respect to every input.
+
+    use super::*;
+    use crate::init::Initializer;
+    use candle_core::{Device, Var};
+
+    /// Shapes with rows of length 1, odd widths, 3-D and 4-D inputs, and enough elements to
+    /// split across several rayon tasks.
+    const SHAPES: &[&[usize]] = &[
+        &[1, 1],
+        &[3, 1],
+        &[5, 7],
+        &[2, 3, 17],
+        &[4, 33],
+        &[2, 3, 5, 64],
+        &[64, 385],
+        &[40, 1000],
+        &[3, 70_000],
+    ];
+
+    fn randn(init: &mut Initializer, shape: &[usize], std: f64) -> Tensor {
+        init.normal(shape, std, &Device::Cpu).unwrap()
+    }
+
+    /// max |a − b| over the reference's largest magnitude.
+    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max).max(1e-6);
+        assert!(diff.is_finite(), "non-finite difference");
+        diff / scale
+    }
+
+    /// Runs `fused` and `composite` on fresh variables holding `inputs` (the first through
+    /// `view`, e.g. a transpose), and checks the outputs and every input's gradient.
+    ///
+    /// Gradients must agree to 1e-4 of the reference's scale. Where f32 itself cannot resolve
+    /// the gradient that finely (a length-1 RMS row, whose gradient is a cancellation
+    /// `1 − x²/(x²+ε)`; near-one-hot softmax rows), both are compared with the composite run
+    /// in f64 instead, and the fused kernel must be within 1e-4 of that or no less accurate
+    /// than the composite.
+    fn check(
+        what: &str,
+        inputs: &[Tensor],
+        view: impl Fn(&Tensor) -> Tensor,
+        fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+        composite: impl Fn(&[Tensor]) -> Result<Tensor>,
+        probe_seed: u64,
+    ) {
+        let run = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>, dtype: DType| {
+            let vars: Vec<Var> = inputs
+                .iter()
+                .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap())
+                .collect();
+            let mut args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            args[0] = view(&args[0]);
+            let out = f(&args).unwrap();
+            let probe = randn(&mut Initializer::new(probe_seed), out.dims(), 1.0);
+            let probe = probe.to_dtype(dtype).unwrap();
+            let grads = (&out * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g: Vec<Tensor> = vars
+                .iter()
+                .map(|v| {
+                    let g = grads.get(v.as_tensor()).expect("missing gradient");
+                    g.to_dtype(DType::F32).unwrap()
+                })
+                .collect();
+            (out.to_dtype(DType::F32).unwrap(), g)
+        };
+        let (out_f, grads_f) = run(&fused, DType::F32);
+        let (out_c, grads_c) = run(&composite, DType::F32);
+        let mut exact = None;
+        let e = rel_err(&out_f, &out_c);
+        if e > 1e-5 {
+            let (out_r, _) = exact.get_or_insert_with(|| run(&composite, DType::F64));
+            let (ef, ec) = (rel_err(&out_f, out_r), rel_err(&out_c, out_r));
+            assert!(
+                ef <= ec.max(1e-5),
+                "{what}: forward error {e} vs composite; vs f64 fused {ef}, composite {ec}"
+            );
+        }
+        for (i, (gf, gc)) in grads_f.iter().zip(&grads_c).enumerate() {
+            let e = rel_err(gf, gc);
+            if e <= 1e-4 {
+                continue;
+            }
+            // f64 inputs take the composite path, which is then the ground truth.
+            let (_, grads_r) = exact.get_or_insert_with(|| run(&composite, DType::F64));
+            let (ef, ec) = (rel_err(gf, &grads_r[i]), rel_err(gc, &grads_r[i]));
+            assert!(
+                ef <= ec.max(1e-4),
+                "{what}: gradient of input {i}: error {e} vs composite; vs f64 fused {ef}, composite {ec}"
+            );
+        }
+    }
+
+    /// Whether `t` came from a single op on its variables (a fused kernel leaves just the
+    /// variables and itself in the graph; a composite leaves one node per primitive), so the
+    /// tests are not comparing the composite with itself.
+    fn is_fused(t: &Tensor) -> bool {
+        t.sorted_nodes().iter().filter(|n| !n.is_variable()).count() == 1
+    }
+
+    #[test]
+    fn fused_paths_are_taken() {
+        let x = Var::from_tensor(&Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let x = x.as_tensor();
+        let w = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+        assert!(is_fused(&softmax_last_dim(x).unwrap()));
+        assert!(is_fused(&log_softmax_last_dim(x).unwrap()));
+        assert!(is_fused(&layer_norm(x, &w, &w, 1e-5).unwrap()));
+        assert!(is_fused(&rms_norm(x, &w, 1e-5).unwrap()));
+        for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Silu] {
+            assert!(is_fused(&activate(x, act).unwrap()));
+        }
+        // f64 falls back to the composite.
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        assert!(!is_fused(&softmax_last_dim(&x64).unwrap()));
+    }
+
+    #[test]
+    fn softmax_matches_composite() {
+        let mut init = Initializer::new(1);
+        for (k, shape) in SHAPES.iter().enumerate() {
+            for std in [1.0, 1e3] {
+                let x = randn(&mut init, shape, std);
+                let what = format!("softmax {shape:?} std {std}");
+                check(
+                    &what,
+                    std::slice::from_ref(&x),
+                    |t| t.clone(),
+                    |a| softmax_last_dim(&a[0]),
+                    |a| softmax_composite(&a[0]),
+                    k as u64,
+                );
+                let what = format!("log_softmax {shape:?} std {std}");
+                check(
+                    &what,
+                    &[x],
+                    |t| t.clone(),
+                    |a| log_softmax_last_dim(&a[0]),
+                    |a| log_softmax_composite(&a[0]),
+                    k as u64,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn norms_match_composite() {
+        let mut init = Initializer::new(2);
+        for (k, shape) in SHAPES.iter().enumerate() {
+            let d = *shape.last().unwrap();
+            let x = (randn(&mut init, shape, 2.0) + 0.5).unwrap();
+            let w = (randn(&mut init, &[d], 0.3) + 1.0).unwrap();
+            let b = randn(&mut init, &[d], 0.3);
+            for eps in [1e-12, 1e-5] {
+                let what = format!("layer_norm {shape:?} eps {eps}");
+                let inputs = [x.clone(), w.clone(), b.clone()];
+                check(
+                    &what,
+                    &inputs,
+                    |t| t.clone(),
+                    |a| layer_norm(&a[0], &a[1], &a[2], eps),
+                    |a| layer_norm_composite(&a[0], &a[1], &a[2], eps),
+                    k as u64,
+                );
+                let what = format!("rms_norm {shape:?} eps {eps}");
+                check(
+                    &what,
+                    &inputs[..2],
+                    |t| t.clone(),
+                    |a| rms_norm(&a[0], &a[1], eps),
+                    |a| rms_norm_composite(&a[0], &a[1], eps),
+                    k as u64,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn activations_match_composite() {
+        let mut init = Initializer::new(3);
+        for (k, shape) in SHAPES.iter().enumerate() {
+            let x = randn(&mut init, shape, 3.0);
+            for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Silu] {
+                let what = format!("{act:?} {shape:?}");
+                check(
+                    &what,
+                    std::slice::from_ref(&x),
+                    |t| t.clone(),
+                    |a| activate(&a[0], act),
+                    |a| activate_composite(&a[0], act),
+                    k as u64,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn activations_forward_match_candle_closely() {
+        // A dense sweep where the activations bend, then a coarse one out to where they are
+        // linear or zero; the kernels' exp/erf/tanh are our own, so check them against
+        // candle's (libm) everywhere, in absolute terms (≤ 1e-6).
+        let mut v: Vec<f32> = (0..200_001).map(|i| -10.0 + i as f32 * 1e-4).collect();
+        v.extend((0..=2000).map(|i| -100.0 + i as f32 * 0.1));
+        v.extend([
+            -1e30, -1e4, -88.5, 88.5, 1e4, 1e30, 0.0, -0.0, 1e-30, -1e-30,
+        ]);
+        let n = v.len();
+        let x = Tensor::from_vec(v, n, &Device::Cpu).unwrap();
+        for (act, reference) in [
+            (Activation::GeluErf, x.gelu_erf().unwrap()),
+            (Activation::GeluTanh, x.gelu().unwrap()),
+            (Activation::Silu, x.silu().unwrap()),
+        ] {
+            let y: Vec<f32> = activate(&x, act).unwrap().to_vec1().unwrap();
+            let r: Vec<f32> = reference.to_vec1().unwrap();
+            for (i, (a, b)) in y.iter().zip(&r).enumerate() {
+                // Beyond ±1e3 only the relative error is meaningful (an ulp of 1e30 is huge).
+                let tol = 1e-6f32.max(b.abs() * 1e-7);
+                assert!(
+                    (a - b).abs() <= tol,
+                    "{act:?}({}): {a} vs candle {b}",
+                    x.get(i).unwrap()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn non_contiguous_inputs() {
+        let mut init = Initializer::new(4);
+        let x = randn(&mut init, &[3, 9, 5], 1.5);
+        let w = (randn(&mut init, &[9], 0.3) + 1.0).unwrap();
+        let b = randn(&mut init, &[9], 0.3);
+        let tr = |t: &Tensor| t.transpose(1, 2).unwrap();
+        check(
+            "softmax transposed",
+            std::slice::from_ref(&x),
+            tr,
+            |a| softmax_last_dim(&a[0]),
+            |a| softmax_composite(&a[0]),
+            5,
+        );
+        check(
+            "log_softmax transposed",
+            std::slice::from_ref(&x),
+            tr,
+            |a| log_softmax_last_dim(&a[0]),
+            |a| log_softmax_composite(&a[0]),
+            5,
+        );
+        check(
+            "layer_norm transposed",
+            &[x.clone(), w.clone(), b],
+            tr,
+            |a| layer_norm(&a[0], &a[1], &a[2], 1e-5),
+            |a| layer_norm_composite(&a[0], &a[1], &a[2], 1e-5),
+            5,
+        );
+        check(
+            "rms_norm transposed",
+            &[x.clone(), w],
+            tr,
+            |a| rms_norm(&a[0], &a[1], 1e-6),
+            |a| rms_norm_composite(&a[0], &a[1], 1e-6),
+            5,
+        );
+        check(
+            "gelu transposed",
+            &[x],
+            tr,
+            |a| activate(&a[0], Activation::GeluErf),
+            |a| activate_composite(&a[0], Activation::GeluErf),
+            5,
+        );
+    }
+
+    #[test]
+    fn frozen_arguments_get_no_gradient() {
+        // Plain-tensor weights stay out of the gradient store, as with the composites.
+        let mut init = Initializer::new(6);
+        let x = Var::from_tensor(&randn(&mut init, &[4, 8], 1.0)).unwrap();
+        let w = randn(&mut init, &[8], 1.0);
+        let b = randn(&mut init, &[8], 1.0);
+        for out in [
+            layer_norm(x.as_tensor(), &w, &b, 1e-5).unwrap(),
+            rms_norm(x.as_tensor(), &w, 1e-5).unwrap(),
+        ] {
+            let grads = out.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(grads.get(x.as_tensor()).is_some());
+            assert!(grads.get(&w).is_none() && grads.get(&b).is_none());
+        }
+        // Trainable weights with a constant input: the input gets none.
+        let xc = randn(&mut init, &[4, 8], 1.0);
+        let wv = Var::from_tensor(&w).unwrap();
+        let out = rms_norm(&xc, wv.as_tensor(), 1e-5).unwrap();
+        let grads = out.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(wv.as_tensor()).is_some() && grads.get(&xc).is_none());
+    }
+
+    /// Median milliseconds of `f` over 10 runs after 2 warm-ups.
+    fn median_ms(mut f: impl FnMut()) -> f64 {
+        for _ in 0..2 {
+            f();
+        }
+        let mut t: Vec<f64> = (0..10)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                f();
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        (t[4] + t[5]) / 2.0
+    }
+
+    /// Composite vs fused, forward and forward+backward of `sum(out ⊙ probe)`, every input a
+    /// variable. Run with `cargo test --release -p peftbench-backbone -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing report, not a check"]
+    fn time_fused_vs_composite() {
+        type Op = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
+        let mut init = Initializer::new(7);
+        let cases: Vec<(&str, Vec<usize>, Op, Op)> = vec![
+            (
+                "gelu_erf [16,64,1536]",
+                vec![16, 64, 1536],
+                Box::new(|a| activate(&a[0], Activation::GeluErf)),
+                Box::new(|a| activate_composite(&a[0], Activation::GeluErf)),
+            ),
+            (
+                "gelu_tanh [16,64,1536]",
+                vec![16, 64, 1536],
+                Box::new(|a| activate(&a[0], Activation::GeluTanh)),
+                Box::new(|a| activate_composite(&a[0], Activation::GeluTanh)),
+            ),
+            (
+                "softmax [16,12,64,64]",
+                vec![16, 12, 64, 64],
+                Box::new(|a| softmax_last_dim(&a[0])),
+                Box::new(|a| softmax_composite(&a[0])),
+            ),
+            (
+                "layer_norm [16,64,384]",
+                vec![16, 64, 384],
+                Box::new(|a| layer_norm(&a[0], &a[1], &a[2], 1e-12)),
+                Box::new(|a| layer_norm_composite(&a[0], &a[1], &a[2], 1e-12)),
+            ),
+            (
+                "rms_norm [16,64,384]",
+                vec![16, 64, 384],
+                Box::new(|a| rms_norm(&a[0], &a[1], 1e-6)),
+                Box::new(|a| rms_norm_composite(&a[0], &a[1], 1e-6)),
+            ),
+        ];
+        for (name, shape, fused, composite) in cases {
+            let d = *shape.last().unwrap();
+            let vars = [
+                randn(&mut init, &shape, 1.0),
+                randn(&mut init, &[d], 1.0),
+                randn(&mut init, &[d], 1.0),
+            ]
+            .map(|t| Var::from_tensor(&t).unwrap());
+            let args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let probe = randn(&mut init, &shape, 1.0);
+            let mut row = format!("{name:24}");
+            for (label, f) in [("composite", &composite), ("fused", &fused)] {
+                let fwd = median_ms(|| {
+                    f(&args).unwrap();
+                });
+                let both = median_ms(|| {
+                    (f(&args).unwrap() * &probe)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                });
+                row += &format!("  {label}: fwd {fwd:7.2} ms, fwd+bwd {both:7.2} ms");
+            }
+            // The probe product, sum and their backward, included in every fwd+bwd above.
+            let harness = median_ms(|| {
+                (&args[0] * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+            });
+            row += &format!("  (probe harness alone {harness:6.2} ms)");
+            println!("{row}");
+        }
+    }
 }

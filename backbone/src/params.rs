@@ -21,7 +21,9 @@ impl TrainableParams {
     pub fn add(&mut self, name: impl Into<String>, init: Tensor) -> Result<Tensor> {
         let name = name.into();
         if self.entries.iter().any(|(n, _)| *n == name) {
-            return Err(BackboneError::Input(format!("parameter `{name}` defined twice")));
+            return Err(BackboneError::Input(format!(
+                "parameter `{name}` defined twice"
+            )));
         }
         let var = Var::from_tensor(&init.detach().contiguous()?)?;
         let t = var.as_tensor().clone();
@@ -34,7 +36,9 @@ impl TrainableParams {
         for (n, v) in other.entries {
             let name = format!("{prefix}{n}");
             if self.entries.iter().any(|(m, _)| *m == name) {
-                return Err(BackboneError::Input(format!("parameter `{name}` defined twice")));
+                return Err(BackboneError::Input(format!(
+                    "parameter `{name}` defined twice"
+                )));
             }
             self.entries.push((name, v));
         }

@@ -81,6 +81,8 @@ impl Transformer {
             token_type,
             norm: emb_norm,
         };
-        Ok(Transformer::from_parts(config, embeddings, layers, final_norm, None, lm_head))
+        Ok(Transformer::from_parts(
+            config, embeddings, layers, final_norm, None, lm_head,
+        ))
     }
 }

@@ -52,11 +52,17 @@ impl TextTokenizer {
     }
 
     /// Wraps a tokenizer built in memory (e.g. one just trained).
-    pub fn from_tokenizer(inner: Tokenizer, path: &Path, pad_id: u32, max_len: usize) -> Result<Self> {
-        let truncating = truncating(&inner, max_len).map_err(|message| BackboneError::Tokenizer {
-            path: path.to_path_buf(),
-            message,
-        })?;
+    pub fn from_tokenizer(
+        inner: Tokenizer,
+        path: &Path,
+        pad_id: u32,
+        max_len: usize,
+    ) -> Result<Self> {
+        let truncating =
+            truncating(&inner, max_len).map_err(|message| BackboneError::Tokenizer {
+                path: path.to_path_buf(),
+                message,
+            })?;
         Ok(Self {
             inner,
             truncating,
