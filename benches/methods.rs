@@ -16,7 +16,9 @@ fn per_method(c: &mut Criterion) {
     let b = batch(16, 64);
     for (group, what) in [("forward", 0), ("forward_backward", 1), ("train_step", 2)] {
         let mut g = c.benchmark_group(group);
-        g.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(10));
+        g.sample_size(10)
+            .warm_up_time(Duration::from_secs(2))
+            .measurement_time(Duration::from_secs(10));
         for m in matched_methods(&base, target) {
             let mut s = setup(&base, &m);
             g.bench_function(BenchmarkId::from_parameter(m.name()), |bench| match what {
@@ -36,12 +38,16 @@ fn inference(c: &mut Criterion) {
     for (b, t) in [(1usize, 128usize), (16, 64)] {
         let x = batch(b, t);
         let mut g = c.benchmark_group(format!("inference_{b}x{t}"));
-        g.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+        g.sample_size(20)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(5));
         let inputs = match &x {
             peftbench_harness::data::Batch::Text { inputs, .. } => inputs.clone(),
             _ => unreachable!(),
         };
-        g.bench_function("base", |bench| bench.iter(|| base.forward(&inputs, &NoIntervention).unwrap()));
+        g.bench_function("base", |bench| {
+            bench.iter(|| base.forward(&inputs, &NoIntervention).unwrap())
+        });
         let mut s = setup(&base, &lora);
         // Non-zero B so the unmerged path does real work.
         for (n, v) in s.method.params().entries() {
@@ -49,11 +55,17 @@ fn inference(c: &mut Criterion) {
                 v.set(&v.ones_like().unwrap()).unwrap();
             }
         }
-        g.bench_function("lora_unmerged", |bench| bench.iter(|| s.model.forward(&inputs, s.method.as_ref()).unwrap()));
+        g.bench_function("lora_unmerged", |bench| {
+            bench.iter(|| s.model.forward(&inputs, s.method.as_ref()).unwrap())
+        });
         s.method.merge_into(&mut s.model).unwrap();
-        g.bench_function("lora_merged", |bench| bench.iter(|| s.model.forward(&inputs, s.method.as_ref()).unwrap()));
+        g.bench_function("lora_merged", |bench| {
+            bench.iter(|| s.model.forward(&inputs, s.method.as_ref()).unwrap())
+        });
         let a = setup(&base, &adapter);
-        g.bench_function("adapter", |bench| bench.iter(|| a.model.forward(&inputs, a.method.as_ref()).unwrap()));
+        g.bench_function("adapter", |bench| {
+            bench.iter(|| a.model.forward(&inputs, a.method.as_ref()).unwrap())
+        });
         g.finish();
     }
 }
@@ -63,14 +75,18 @@ fn steps_vs_budget(c: &mut Criterion) {
     let b = batch(16, 64);
     let reference = reference_budget(&base);
     let mut g = c.benchmark_group("train_step_vs_budget");
-    g.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(10));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(10));
     for mult in [1usize, 4, 16] {
         for m in matched_methods(&base, reference * mult) {
             if matches!(m, MethodConfig::FullFinetune) {
                 continue;
             }
             let mut s = setup(&base, &m);
-            g.bench_function(BenchmarkId::new(m.name(), s.trainable), |bench| bench.iter(|| s.step(&b)));
+            g.bench_function(BenchmarkId::new(m.name(), s.trainable), |bench| {
+                bench.iter(|| s.step(&b))
+            });
         }
     }
     g.finish();

@@ -25,7 +25,15 @@ const PYTORCH_MS: [(&str, f64); 6] = [
 fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:")).map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0)))
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmHWM:")).map(|v| {
+                v.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+        })
         .unwrap_or(0)
         * 1024
 }
@@ -78,11 +86,28 @@ fn main() {
         let tps = 16.0 * 64.0 / (med / 1e3);
         let mb = peaks[i] as f64 / 1e6;
         let rel = full_peak.map_or(f64::NAN, |f| peaks[i] as f64 / f);
-        let py = PYTORCH_MS.iter().find(|(n, _)| *n == m.name()).map(|(_, v)| *v);
+        let py = PYTORCH_MS
+            .iter()
+            .find(|(n, _)| *n == m.name())
+            .map(|(_, v)| *v);
         let ratio = py.map(|p| med / p);
         let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.2}"));
-        let _ = writeln!(md, "| {} | {} | {med:.0} | {tps:.0} | {mb:.0} | {rel:.2} | {} | {} |", m.name(), setups[i].trainable, fmt(py), fmt(ratio));
-        let _ = writeln!(csv, "{},{},{med:.1},{tps:.0},{mb:.1},{rel:.3},{},{}", m.name(), setups[i].trainable, py.map_or(String::new(), |p| p.to_string()), ratio.map_or(String::new(), |r| format!("{r:.3}")));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {med:.0} | {tps:.0} | {mb:.0} | {rel:.2} | {} | {} |",
+            m.name(),
+            setups[i].trainable,
+            fmt(py),
+            fmt(ratio)
+        );
+        let _ = writeln!(
+            csv,
+            "{},{},{med:.1},{tps:.0},{mb:.1},{rel:.3},{},{}",
+            m.name(),
+            setups[i].trainable,
+            py.map_or(String::new(), |p| p.to_string()),
+            ratio.map_or(String::new(), |r| format!("{r:.3}"))
+        );
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("reports");
     std::fs::create_dir_all(&dir).unwrap();

@@ -11,7 +11,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "peftbench", version, about = "A benchmark and reproducibility harness for parameter-efficient fine-tuning")]
+#[command(
+    name = "peftbench",
+    version,
+    about = "A benchmark and reproducibility harness for parameter-efficient fine-tuning"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -101,17 +105,30 @@ enum Command {
 /// The committed suites, embedded so the binary works from any folder.
 const SUITES: [(&str, &str); 5] = [
     ("default", include_str!("../suites/default.toml")),
-    ("objectives-minilm-quick", include_str!("../suites/objectives-minilm-quick.toml")),
-    ("alpaca-sft-quick", include_str!("../suites/alpaca-sft-quick.toml")),
-    ("glue-minilm-quick", include_str!("../suites/glue-minilm-quick.toml")),
+    (
+        "objectives-minilm-quick",
+        include_str!("../suites/objectives-minilm-quick.toml"),
+    ),
+    (
+        "alpaca-sft-quick",
+        include_str!("../suites/alpaca-sft-quick.toml"),
+    ),
+    (
+        "glue-minilm-quick",
+        include_str!("../suites/glue-minilm-quick.toml"),
+    ),
     ("glue-minilm", include_str!("../suites/glue-minilm.toml")),
 ];
 
 fn minilm_dir() -> PathBuf {
-    std::env::var_os("PEFTBENCH_MINILM").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-        home.join(".cache/peftbench/all-MiniLM-L6-v2")
-    })
+    std::env::var_os("PEFTBENCH_MINILM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            home.join(".cache/peftbench/all-MiniLM-L6-v2")
+        })
 }
 
 fn model_dir(name: &str) -> PathBuf {
@@ -123,8 +140,12 @@ fn model_dir(name: &str) -> PathBuf {
 }
 
 fn load_base(dir: &Path, max_len: usize) -> Result<Base> {
-    let model = load_model_dir(dir, &candle_core::Device::Cpu)
-        .with_context(|| format!("loading the base model from {} (for `minilm`, run scripts/fetch-minilm.sh)", dir.display()))?;
+    let model = load_model_dir(dir, &candle_core::Device::Cpu).with_context(|| {
+        format!(
+            "loading the base model from {} (for `minilm`, run scripts/fetch-minilm.sh)",
+            dir.display()
+        )
+    })?;
     let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), max_len)?;
     Ok(Base { model, tokenizer })
 }
@@ -138,13 +159,26 @@ fn run_suite(suite: Suite, shard: Option<String>, results: &Path, report: bool) 
     let base = if suite.model == "synthetic" {
         let (base, trained) = synthetic::pretrained_base(&synthetic::cache_dir())?;
         if let Some((first, last)) = trained {
-            eprintln!("pretrained the synthetic base: loss {first:.3} -> {last:.3} (cached in {})", synthetic::cache_dir().display());
+            eprintln!(
+                "pretrained the synthetic base: loss {first:.3} -> {last:.3} (cached in {})",
+                synthetic::cache_dir().display()
+            );
         }
         for t in &suite.tasks {
             let TaskSource::Synthetic { objective } = &t.source else {
-                bail!("suite {}: task `{}` is not synthetic but the model is", suite.name, t.name);
+                bail!(
+                    "suite {}: task `{}` is not synthetic but the model is",
+                    suite.name,
+                    t.name
+                );
             };
-            let mut data = synthetic::task(objective, &base.tokenizer, t.train_limit.unwrap_or(256), t.dev_limit.unwrap_or(200), 11)?;
+            let mut data = synthetic::task(
+                objective,
+                &base.tokenizer,
+                t.train_limit.unwrap_or(256),
+                t.dev_limit.unwrap_or(200),
+                11,
+            )?;
             data.name = t.name.clone();
             tasks.insert(t.name.clone(), data);
         }
@@ -158,16 +192,29 @@ fn run_suite(suite: Suite, shard: Option<String>, results: &Path, report: bool) 
         let max_len = suite.tasks.iter().map(|t| t.max_len).max().unwrap_or(128);
         let base = load_base(&model_dir(&suite.model), max_len)?;
         for t in &suite.tasks {
-            let mut tok = TextTokenizer::from_file(&model_dir(&suite.model).join("tokenizer.json"), t.max_len)?;
+            let mut tok = TextTokenizer::from_file(
+                &model_dir(&suite.model).join("tokenizer.json"),
+                t.max_len,
+            )?;
             tok.pad_id = base.tokenizer.pad_id;
-            let data = load_task(t, &tok, &data_root).with_context(|| format!("loading task `{}`", t.name))?;
-            eprintln!("task {}: {} train / {} dev examples ({} bad rows skipped)", t.name, data.train.len(), data.dev.len(), data.skipped_rows);
+            let data = load_task(t, &tok, &data_root)
+                .with_context(|| format!("loading task `{}`", t.name))?;
+            eprintln!(
+                "task {}: {} train / {} dev examples ({} bad rows skipped)",
+                t.name,
+                data.train.len(),
+                data.dev.len(),
+                data.skipped_rows
+            );
             tasks.insert(t.name.clone(), data);
         }
         base
     };
     let summary = run_grid(&suite, &base, &tasks, results, shard)?;
-    eprintln!("ran {}, skipped {} already recorded", summary.ran, summary.skipped);
+    eprintln!(
+        "ran {}, skipped {} already recorded",
+        summary.ran, summary.skipped
+    );
     if report {
         write_report(&suite.name, results, None)?;
     }
@@ -187,14 +234,27 @@ fn methods(model: Option<PathBuf>) -> Result<()> {
         Some(dir) => Some(load_model_dir(&dir, &candle_core::Device::Cpu)?),
         None => None,
     };
-    println!("{:<14} {:<20} {:>10}  trainable parameters", "method", "size knob", "count");
+    println!(
+        "{:<14} {:<20} {:>10}  trainable parameters",
+        "method", "size knob", "count"
+    );
     for m in MethodConfig::defaults() {
-        let knob = m.knob().map_or("-".to_string(), |k| format!("{}={}", k.name, k.value));
+        let knob = m
+            .knob()
+            .map_or("-".to_string(), |k| format!("{}={}", k.name, k.value));
         let count = match &model {
-            Some(t) => m.num_trainable(t).map_or_else(|e| e.to_string(), |n| n.to_string()),
+            Some(t) => m
+                .num_trainable(t)
+                .map_or_else(|e| e.to_string(), |n| n.to_string()),
             None => "-".into(),
         };
-        println!("{:<14} {:<20} {:>10}  {}", m.name(), knob, count, m.formula());
+        println!(
+            "{:<14} {:<20} {:>10}  {}",
+            m.name(),
+            knob,
+            count,
+            m.formula()
+        );
     }
     Ok(())
 }
@@ -202,23 +262,48 @@ fn methods(model: Option<PathBuf>) -> Result<()> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { suite, config, shard, results, no_report } => {
+        Command::Run {
+            suite,
+            config,
+            shard,
+            results,
+            no_report,
+        } => {
             let suite = match (suite, config) {
                 (_, Some(path)) => Suite::from_file(&path)?,
                 (Some(name), None) => {
-                    let (_, text) = SUITES
-                        .iter()
-                        .find(|(n, _)| *n == name)
-                        .with_context(|| format!("no suite `{name}` (committed: {})", SUITES.map(|s| s.0).join(", ")))?;
+                    let (_, text) = SUITES.iter().find(|(n, _)| *n == name).with_context(|| {
+                        format!(
+                            "no suite `{name}` (committed: {})",
+                            SUITES.map(|s| s.0).join(", ")
+                        )
+                    })?;
                     Suite::parse(text, &format!("suites/{name}.toml"))?
                 }
                 (None, None) => Suite::parse(SUITES[0].1, "suites/default.toml")?,
             };
             run_suite(suite, shard, &results, !no_report)
         }
-        Command::Report { suite, results, out } => write_report(&suite, &results, out),
+        Command::Report {
+            suite,
+            results,
+            out,
+        } => write_report(&suite, &results, out),
         Command::Methods { model } => methods(model),
-        Command::Pretrain { corpus, out, family, vocab_size, hidden_size, layers, heads, max_len, steps, batch_size, lr, seed } => {
+        Command::Pretrain {
+            corpus,
+            out,
+            family,
+            vocab_size,
+            hidden_size,
+            layers,
+            heads,
+            max_len,
+            steps,
+            batch_size,
+            lr,
+            seed,
+        } => {
             use peftbench_harness::pretrain::{pretrain_corpus, CorpusPretrain, PretrainConfig};
             let text = peftbench_datasets::load_text(&corpus)?;
             let cfg = CorpusPretrain {
@@ -231,7 +316,12 @@ fn main() -> Result<()> {
                 train: PretrainConfig {
                     steps,
                     batch_size,
-                    optim: peftbench_harness::optim::OptimConfig { lr, weight_decay: 0.01, decay: peftbench_harness::optim::Decay::Cosine, ..Default::default() },
+                    optim: peftbench_harness::optim::OptimConfig {
+                        lr,
+                        weight_decay: 0.01,
+                        decay: peftbench_harness::optim::Decay::Cosine,
+                        ..Default::default()
+                    },
                     seed,
                 },
             };

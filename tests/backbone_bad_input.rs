@@ -31,32 +31,51 @@ fn missing_config_names_the_file() {
 #[test]
 fn garbled_config_names_file_and_position() {
     let dir = saved("bert");
-    std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"bert\",\n  \"hidden_size\": }").unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        "{\"model_type\": \"bert\",\n  \"hidden_size\": }",
+    )
+    .unwrap();
     let (e, msg) = load_err(dir.path());
     assert!(matches!(e, BackboneError::Config { .. }), "{msg}");
-    assert!(msg.contains("config.json") && msg.contains("line 2"), "{msg}");
+    assert!(
+        msg.contains("config.json") && msg.contains("line 2"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn config_missing_a_key_names_the_key() {
     let dir = saved("llama");
     let path = dir.path().join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     v.as_object_mut().unwrap().remove("num_attention_heads");
     std::fs::write(&path, v.to_string()).unwrap();
     let (_, msg) = load_err(dir.path());
-    assert!(msg.contains("config.json") && msg.contains("num_attention_heads"), "{msg}");
+    assert!(
+        msg.contains("config.json") && msg.contains("num_attention_heads"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn unknown_architecture_is_named() {
     let dir = saved("gpt2");
     let path = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&path).unwrap().replace("\"gpt2\"", "\"mamba\"");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"gpt2\"", "\"mamba\"");
     std::fs::write(&path, text).unwrap();
     let (e, msg) = load_err(dir.path());
-    assert!(matches!(e, BackboneError::UnknownArchitecture { .. }), "{msg}");
-    assert!(msg.contains("mamba") && msg.contains("config.json"), "{msg}");
+    assert!(
+        matches!(e, BackboneError::UnknownArchitecture { .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("mamba") && msg.contains("config.json"),
+        "{msg}"
+    );
 }
 
 fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut std::collections::HashMap<String, Tensor>)) {
@@ -74,7 +93,10 @@ fn missing_tensor_names_file_and_tensor() {
     });
     let (e, msg) = load_err(dir.path());
     assert!(matches!(e, BackboneError::MissingTensor { .. }), "{msg}");
-    assert!(msg.contains("model.safetensors") && msg.contains("model.layers.1.self_attn.k_proj.weight"), "{msg}");
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("model.layers.1.self_attn.k_proj.weight"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -88,7 +110,12 @@ fn wrong_shape_names_tensor_and_both_shapes() {
     });
     let (e, msg) = load_err(dir.path());
     assert!(matches!(e, BackboneError::ShapeMismatch { .. }), "{msg}");
-    assert!(msg.contains("encoder.layer.0.attention.self.query.weight") && msg.contains("[16, 15]") && msg.contains("[16, 16]"), "{msg}");
+    assert!(
+        msg.contains("encoder.layer.0.attention.self.query.weight")
+            && msg.contains("[16, 15]")
+            && msg.contains("[16, 16]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -115,6 +142,8 @@ fn missing_tokenizer_names_the_file() {
 fn out_of_vocabulary_ids_are_rejected() {
     let model = tiny_model("bert", 1);
     let inputs = peftbench_backbone::pad_rows(&[vec![1, 2, 999]], None, 0, &Device::Cpu).unwrap();
-    let err = model.forward(&inputs, &peftbench_backbone::NoIntervention).unwrap_err();
+    let err = model
+        .forward(&inputs, &peftbench_backbone::NoIntervention)
+        .unwrap_err();
     assert!(err.to_string().contains("999"), "{err}");
 }

@@ -7,9 +7,15 @@ use common::tiny_model;
 use peftbench_backbone::{lm_logits, Initializer, Inputs, NoIntervention, Transformer};
 
 fn batch() -> Inputs {
-    let ids = Tensor::from_vec(vec![1u32, 7, 3, 9, 22, 4, 5, 8, 2, 0], (2, 5), &Device::Cpu).unwrap();
-    let mask = Tensor::from_vec(vec![1u32, 1, 1, 1, 1, 1, 1, 1, 0, 0], (2, 5), &Device::Cpu).unwrap();
-    Inputs { input_ids: ids, attention_mask: mask, token_type_ids: None }
+    let ids =
+        Tensor::from_vec(vec![1u32, 7, 3, 9, 22, 4, 5, 8, 2, 0], (2, 5), &Device::Cpu).unwrap();
+    let mask =
+        Tensor::from_vec(vec![1u32, 1, 1, 1, 1, 1, 1, 1, 0, 0], (2, 5), &Device::Cpu).unwrap();
+    Inputs {
+        input_ids: ids,
+        attention_mask: mask,
+        token_type_ids: None,
+    }
 }
 
 /// A scalar loss: logits weighted by a fixed random tensor (every logit matters).
@@ -20,7 +26,10 @@ fn loss(model: &Transformer, probe: &Tensor) -> Tensor {
 }
 
 fn scalar(t: &Tensor) -> f64 {
-    t.to_dtype(candle_core::DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    t.to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 /// Turns every weight into a variable and checks d(loss)/d(w) at a few entries of each
@@ -34,13 +43,17 @@ fn check_family(model_type: &str) {
         vars.push((name.to_string(), v));
     });
     let vocab = model.config.vocab_size;
-    let probe = Initializer::new(9).normal((2, 5, vocab), 1.0, &Device::Cpu).unwrap();
+    let probe = Initializer::new(9)
+        .normal((2, 5, vocab), 1.0, &Device::Cpu)
+        .unwrap();
     let grads = loss(&model, &probe).backward().unwrap();
     let mut init = Initializer::new(17);
     let eps = 1e-2f32;
     let mut checked = 0;
     for (name, var) in &vars {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
         let n = var.elem_count();
         let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
         let base: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
@@ -48,13 +61,16 @@ fn check_family(model_type: &str) {
             let i = init.index(n);
             let mut plus = base.clone();
             plus[i] += eps;
-            var.set(&Tensor::from_vec(plus, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(plus, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let lp = scalar(&loss(&model, &probe));
             let mut minus = base.clone();
             minus[i] -= eps;
-            var.set(&Tensor::from_vec(minus, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(minus, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let lm = scalar(&loss(&model, &probe));
-            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let numeric = (lp - lm) / (2.0 * eps as f64);
             let analytic = g[i] as f64;
             let tol = 2e-3 + 2e-2 * numeric.abs().max(analytic.abs());
@@ -65,7 +81,10 @@ fn check_family(model_type: &str) {
             checked += 1;
         }
     }
-    assert!(checked >= 20, "{model_type}: only {checked} entries checked");
+    assert!(
+        checked >= 20,
+        "{model_type}: only {checked} entries checked"
+    );
 }
 
 #[test]
@@ -90,12 +109,19 @@ fn frozen_weights_receive_no_gradient() {
     let model = tiny_model("llama", 1);
     struct Nudge(Tensor);
     impl peftbench_backbone::Intervention for Nudge {
-        fn after_block(&self, _l: usize, _b: peftbench_backbone::Block, out: Tensor) -> candle_core::Result<Tensor> {
+        fn after_block(
+            &self,
+            _l: usize,
+            _b: peftbench_backbone::Block,
+            out: Tensor,
+        ) -> candle_core::Result<Tensor> {
             out.broadcast_add(&self.0)
         }
     }
     let v = Var::zeros(16, candle_core::DType::F32, &Device::Cpu).unwrap();
-    let enc = model.forward(&batch(), &Nudge(v.as_tensor().clone())).unwrap();
+    let enc = model
+        .forward(&batch(), &Nudge(v.as_tensor().clone()))
+        .unwrap();
     let grads = enc.hidden.sum_all().unwrap().backward().unwrap();
     assert!(grads.get(v.as_tensor()).is_some());
     model.for_each_weight(&mut |name, t| {

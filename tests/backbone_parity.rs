@@ -35,7 +35,10 @@ fn minilm_hidden_states_match_candle_bert() {
         .encode_batch(
             &[
                 ("A man is eating food.", None),
-                ("The girl is carrying a baby, and it is a long sentence.", None),
+                (
+                    "The girl is carrying a baby, and it is a long sentence.",
+                    None,
+                ),
                 ("Is this a pair?", Some("Yes, it is a pair.")),
             ],
             &dev,
@@ -72,9 +75,30 @@ fn mean_pooled(model: &peftbench_backbone::Transformer, tok: &TextTokenizer, tex
 }
 
 fn cosine(a: &Tensor, b: &Tensor) -> f32 {
-    let dot = (a * b).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-    let na = a.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
-    let nb = b.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+    let dot = (a * b)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let na = a
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let nb = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     dot / (na * nb)
 }
 
@@ -97,9 +121,17 @@ fn padding_does_not_change_minilm_outputs_at_real_tokens() {
     let Some(dir) = minilm_dir() else { return };
     let model = load_model_dir(&dir, &Device::Cpu).unwrap();
     let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"), 128).unwrap();
-    let alone = tok.encode_batch(&[("short one", None)], &Device::Cpu).unwrap();
+    let alone = tok
+        .encode_batch(&[("short one", None)], &Device::Cpu)
+        .unwrap();
     let padded = tok
-        .encode_batch(&[("short one", None), ("a much longer sentence that forces padding", None)], &Device::Cpu)
+        .encode_batch(
+            &[
+                ("short one", None),
+                ("a much longer sentence that forces padding", None),
+            ],
+            &Device::Cpu,
+        )
         .unwrap();
     let h1 = model.forward(&alone, &NoIntervention).unwrap().hidden;
     let h2 = model.forward(&padded, &NoIntervention).unwrap().hidden;
@@ -121,8 +153,12 @@ fn llama_logits_match_candle_llama() {
             .unwrap();
     let cfg = cfg.into_config(false);
     let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(&[dir.path().join("model.safetensors")], DType::F32, &dev)
-            .unwrap()
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.path().join("model.safetensors")],
+            DType::F32,
+            &dev,
+        )
+        .unwrap()
     };
     let reference = llama::Llama::load(vb, &cfg).unwrap();
     let input = ids(&[&[1, 5, 9, 3, 44, 2, 17], &[8, 8, 30, 12, 1, 0, 49]]);
@@ -146,19 +182,29 @@ fn bigcode_tensors(m: &peftbench_backbone::Transformer) -> HashMap<String, Tenso
     put("wte.weight".into(), &e.word);
     put("wpe.weight".into(), e.position.as_ref().unwrap());
     let norm = |n: &peftbench_backbone::model::Norm| match n {
-        peftbench_backbone::model::Norm::Layer { weight, bias, .. } => (weight.clone(), bias.clone()),
+        peftbench_backbone::model::Norm::Layer { weight, bias, .. } => {
+            (weight.clone(), bias.clone())
+        }
         _ => unreachable!(),
     };
     for (i, l) in m.layers.iter().enumerate() {
         let w = Tensor::cat(&[&l.query.weight, &l.key.weight, &l.value.weight], 0).unwrap();
         let b = Tensor::cat(
-            &[l.query.bias.as_ref().unwrap(), l.key.bias.as_ref().unwrap(), l.value.bias.as_ref().unwrap()],
+            &[
+                l.query.bias.as_ref().unwrap(),
+                l.key.bias.as_ref().unwrap(),
+                l.value.bias.as_ref().unwrap(),
+            ],
             0,
         )
         .unwrap();
         put(format!("h.{i}.attn.c_attn.weight"), &w);
         put(format!("h.{i}.attn.c_attn.bias"), &b);
-        for (name, lin) in [("attn.c_proj", &l.attn_out), ("mlp.c_fc", &l.up), ("mlp.c_proj", &l.down)] {
+        for (name, lin) in [
+            ("attn.c_proj", &l.attn_out),
+            ("mlp.c_fc", &l.up),
+            ("mlp.c_proj", &l.down),
+        ] {
             put(format!("h.{i}.{name}.weight"), &lin.weight);
             put(format!("h.{i}.{name}.bias"), lin.bias.as_ref().unwrap());
         }
@@ -221,8 +267,14 @@ fn gpt2_conv1d_checkpoint_round_trips() {
     save_model_dir(&model, dir.path()).unwrap();
     let back = load_model_dir(dir.path(), &dev).unwrap();
     let input = ids(&[&[1, 2, 3, 4, 5, 6], &[7, 8, 9, 10, 11, 12]]);
-    let a = model.forward(&full_mask(&input), &NoIntervention).unwrap().hidden;
-    let b = back.forward(&full_mask(&input), &NoIntervention).unwrap().hidden;
+    let a = model
+        .forward(&full_mask(&input), &NoIntervention)
+        .unwrap()
+        .hidden;
+    let b = back
+        .forward(&full_mask(&input), &NoIntervention)
+        .unwrap()
+        .hidden;
     assert_eq!(max_abs_diff(&a, &b), 0.0);
     // The fused c_attn is stored [in, 3·hidden], as GPT-2 checkpoints are.
     let raw = candle_core::safetensors::load(dir.path().join("model.safetensors"), &dev).unwrap();

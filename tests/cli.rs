@@ -3,8 +3,16 @@
 use std::process::Command;
 
 fn peftbench(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_peftbench")).args(args).env("RUST_BACKTRACE", "0").output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_peftbench"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
@@ -13,7 +21,10 @@ fn help_lists_the_subcommands() {
     let (ok, text) = peftbench(&["--help"]);
     assert!(ok, "{text}");
     for sub in ["run", "report", "methods", "pretrain"] {
-        assert!(text.lines().any(|l| l.trim_start().starts_with(sub)), "missing `{sub}` in:\n{text}");
+        assert!(
+            text.lines().any(|l| l.trim_start().starts_with(sub)),
+            "missing `{sub}` in:\n{text}"
+        );
     }
 }
 
@@ -31,7 +42,10 @@ fn methods_lists_all_eight_with_knobs_and_formulas() {
         ("p_tuning_v2", "num_virtual_tokens="),
         ("full_finetune", "every backbone weight"),
     ] {
-        let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no `{name}` in:\n{text}"));
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no `{name}` in:\n{text}"));
         assert!(line.contains(knob), "{line}");
     }
 }
@@ -41,7 +55,13 @@ fn a_bad_suite_file_names_the_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, "name = \"x\"\nmodel = \"minilm\"\nseeds = [0\n").unwrap();
-    let (ok, text) = peftbench(&["run", "--config", path.to_str().unwrap(), "--results", dir.path().to_str().unwrap()]);
+    let (ok, text) = peftbench(&[
+        "run",
+        "--config",
+        path.to_str().unwrap(),
+        "--results",
+        dir.path().to_str().unwrap(),
+    ]);
     assert!(!ok);
     assert!(text.contains("bad.toml:"), "{text}");
 }

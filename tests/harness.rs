@@ -56,7 +56,9 @@ fn tasks(suite: &Suite, base: &Base) -> HashMap<String, TaskData> {
         .tasks
         .iter()
         .map(|t| {
-            let peftbench_harness::task::TaskSource::Synthetic { objective } = &t.source else { panic!() };
+            let peftbench_harness::task::TaskSource::Synthetic { objective } = &t.source else {
+                panic!()
+            };
             let mut d = synthetic::task(objective, &base.tokenizer, 32, 16, 1).unwrap();
             d.name = t.name.clone();
             (t.name.clone(), d)
@@ -78,18 +80,33 @@ fn suite_expands_to_tasks_methods_budgets_seeds_and_controls() {
 
 #[test]
 fn suite_errors_name_the_file_line_and_key() {
-    let bad = SUITE.replace("[methods.adapter]\nlr = 5e-3", "[methods.adapter]\nlr = 5e-3\nbottleneck = \"wide\"");
+    let bad = SUITE.replace(
+        "[methods.adapter]\nlr = 5e-3",
+        "[methods.adapter]\nlr = 5e-3\nbottleneck = \"wide\"",
+    );
     let e = Suite::parse(&bad, "tiny.toml").unwrap_err().to_string();
     assert!(e.starts_with("tiny.toml:"), "{e}");
-    assert!(e.contains("methods.adapter") && e.contains("bottleneck"), "{e}");
+    assert!(
+        e.contains("methods.adapter") && e.contains("bottleneck"),
+        "{e}"
+    );
     let line: usize = e.split(':').nth(1).unwrap().trim().parse().unwrap();
     assert_eq!(bad.lines().nth(line - 1).unwrap(), "bottleneck = \"wide\"");
 
-    let e = Suite::parse(&SUITE.replace("lr = 1e-3", "rate = 1e-3"), "tiny.toml").unwrap_err().to_string();
+    let e = Suite::parse(&SUITE.replace("lr = 1e-3", "rate = 1e-3"), "tiny.toml")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("missing key `lr`"), "{e}");
-    let e = Suite::parse(&SUITE.replace("\"3%\"", "\"lots\""), "tiny.toml").unwrap_err().to_string();
+    let e = Suite::parse(&SUITE.replace("\"3%\"", "\"lots\""), "tiny.toml")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("budget `lots`"), "{e}");
-    let e = Suite::parse(&SUITE.replace("steps = 6", "steps = 6\nstepz = 1"), "tiny.toml").unwrap_err().to_string();
+    let e = Suite::parse(
+        &SUITE.replace("steps = 6", "steps = 6\nstepz = 1"),
+        "tiny.toml",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("stepz") && e.starts_with("tiny.toml:"), "{e}");
 }
 
@@ -119,30 +136,70 @@ fn grid_skips_recorded_runs_and_shards_split_the_grid() {
     let results = tmp.path().join("results");
     let total = suite.runs().len();
 
-    let a = run_grid(&suite, &base, &tasks, &results, Shard::parse("1/2").unwrap()).unwrap();
-    assert_eq!((a.ran, a.skipped, a.other_shards), (total / 2, 0, total / 2));
-    let b = run_grid(&suite, &base, &tasks, &results, Shard::parse("2/2").unwrap()).unwrap();
+    let a = run_grid(
+        &suite,
+        &base,
+        &tasks,
+        &results,
+        Shard::parse("1/2").unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (a.ran, a.skipped, a.other_shards),
+        (total / 2, 0, total / 2)
+    );
+    let b = run_grid(
+        &suite,
+        &base,
+        &tasks,
+        &results,
+        Shard::parse("2/2").unwrap(),
+    )
+    .unwrap();
     assert_eq!(b.ran, total / 2);
     // Everything is recorded now: a full run does nothing.
-    let c = run_grid(&suite, &base, &tasks, &results, Shard { index: 0, count: 1 }).unwrap();
+    let c = run_grid(
+        &suite,
+        &base,
+        &tasks,
+        &results,
+        Shard { index: 0, count: 1 },
+    )
+    .unwrap();
     assert_eq!((c.ran, c.skipped), (0, total));
 
     // A lost record (a run killed mid-way) is the only one redone.
     let dir = results.join("tiny/runs");
     std::fs::remove_file(dir.join("polarity__adapter__3p__s1.json")).unwrap();
-    let d = run_grid(&suite, &base, &tasks, &results, Shard { index: 0, count: 1 }).unwrap();
+    let d = run_grid(
+        &suite,
+        &base,
+        &tasks,
+        &results,
+        Shard { index: 0, count: 1 },
+    )
+    .unwrap();
     assert_eq!((d.ran, d.skipped), (1, total - 1));
 
     let records = peftbench_reports::load::load_records(&dir).unwrap();
     assert_eq!(records.len(), total);
     for r in &records {
-        assert_eq!(r.status, peftbench_reports::RunStatus::Ok, "{}: {:?}", r.run_id, r.status);
+        assert_eq!(
+            r.status,
+            peftbench_reports::RunStatus::Ok,
+            "{}: {:?}",
+            r.run_id,
+            r.status
+        );
         assert_eq!(r.steps, 6);
         assert_eq!(r.curve.len(), 2);
         assert!(r.metrics_best.contains_key(&r.primary_metric));
         assert!(r.trainable_params > 0 && r.head_params > 0);
         if r.method == "lora" {
-            assert!(r.latency_ms.contains_key("merged"), "LoRA records merged latency");
+            assert!(
+                r.latency_ms.contains_key("merged"),
+                "LoRA records merged latency"
+            );
         }
     }
     let report = peftbench_reports::write_report(&dir, &tmp.path().join("report")).unwrap();
@@ -153,14 +210,32 @@ fn grid_skips_recorded_runs_and_shards_split_the_grid() {
 fn nan_loss_marks_the_run_diverged_and_the_grid_goes_on() {
     let tmp = tempfile::tempdir().unwrap();
     let base = base(tmp.path());
-    let text = SUITE.replace("[methods.lora]\nlr = 5e-3", "[methods.lora]\nlr = 1e38\nmax_grad_norm = 0.0");
+    let text = SUITE.replace(
+        "[methods.lora]\nlr = 5e-3",
+        "[methods.lora]\nlr = 1e38\nmax_grad_norm = 0.0",
+    );
     let suite = Suite::parse(&text, "tiny.toml").unwrap();
     let tasks = tasks(&suite, &base);
     let results = tmp.path().join("results");
-    let s = run_grid(&suite, &base, &tasks, &results, Shard { index: 0, count: 1 }).unwrap();
+    let s = run_grid(
+        &suite,
+        &base,
+        &tasks,
+        &results,
+        Shard { index: 0, count: 1 },
+    )
+    .unwrap();
     assert_eq!(s.ran, suite.runs().len());
     let records = peftbench_reports::load::load_records(&results.join("tiny/runs")).unwrap();
     let lora: Vec<_> = records.iter().filter(|r| r.method == "lora").collect();
-    assert!(lora.iter().all(|r| matches!(r.status, peftbench_reports::RunStatus::Diverged { .. })), "{:?}", lora.iter().map(|r| &r.status).collect::<Vec<_>>());
-    assert!(records.iter().filter(|r| r.method == "adapter").all(|r| r.status == peftbench_reports::RunStatus::Ok));
+    assert!(
+        lora.iter()
+            .all(|r| matches!(r.status, peftbench_reports::RunStatus::Diverged { .. })),
+        "{:?}",
+        lora.iter().map(|r| &r.status).collect::<Vec<_>>()
+    );
+    assert!(records
+        .iter()
+        .filter(|r| r.method == "adapter")
+        .all(|r| r.status == peftbench_reports::RunStatus::Ok));
 }

@@ -3,16 +3,25 @@
 use peftbench_harness::Suite;
 
 fn suite(name: &str) -> Suite {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("suites").join(format!("{name}.toml"));
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("suites")
+        .join(format!("{name}.toml"));
     Suite::from_file(&path).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
 fn committed_suites_parse_and_cover_all_eight_methods() {
-    for name in ["default", "glue-minilm-quick", "glue-minilm", "objectives-minilm-quick", "alpaca-sft-quick"] {
+    for name in [
+        "default",
+        "glue-minilm-quick",
+        "glue-minilm",
+        "objectives-minilm-quick",
+        "alpaca-sft-quick",
+    ] {
         let s = suite(name);
         assert_eq!(s.name, name);
-        let methods: std::collections::BTreeSet<&str> = s.methods.iter().map(|(m, _)| m.name()).collect();
+        let methods: std::collections::BTreeSet<&str> =
+            s.methods.iter().map(|(m, _)| m.name()).collect();
         assert_eq!(methods.len(), 8, "{name}: {methods:?}");
     }
 }

@@ -4,7 +4,8 @@
 
 use candle_core::Device;
 use peftbench_backbone::{
-    load_model_dir, pad_rows, HeadKind, Initializer, ModelConfig, SequenceHead, TrainableParams, Transformer,
+    load_model_dir, pad_rows, HeadKind, Initializer, ModelConfig, SequenceHead, TrainableParams,
+    Transformer,
 };
 use peftbench_harness::data::{Batch, Target};
 use peftbench_harness::objective::{loss, Objective, Scorer};
@@ -15,9 +16,12 @@ use std::path::{Path, PathBuf};
 
 /// all-MiniLM-L6-v2: the real checkpoint when fetched, else a random model of its shape.
 pub fn minilm() -> Transformer {
-    let dir = std::env::var_os("PEFTBENCH_MINILM").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/peftbench/all-MiniLM-L6-v2")
-    });
+    let dir = std::env::var_os("PEFTBENCH_MINILM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/peftbench/all-MiniLM-L6-v2")
+        });
     if let Ok(m) = load_model_dir(&dir, &Device::Cpu) {
         return m;
     }
@@ -31,7 +35,9 @@ pub fn minilm() -> Transformer {
 /// A batch of `b` rows of `t` random tokens with binary labels.
 pub fn batch(b: usize, t: usize) -> Batch {
     let mut init = Initializer::new(1);
-    let rows: Vec<Vec<u32>> = (0..b).map(|_| (0..t).map(|_| 1000 + init.index(20000) as u32).collect()).collect();
+    let rows: Vec<Vec<u32>> = (0..b)
+        .map(|_| (0..t).map(|_| 1000 + init.index(20000) as u32).collect())
+        .collect();
     let inputs = pad_rows(&rows, None, 0, &Device::Cpu).unwrap();
     let targets = (0..b).map(|i| Target::Class(i % 2)).collect();
     Batch::Text { inputs, targets }
@@ -39,14 +45,20 @@ pub fn batch(b: usize, t: usize) -> Batch {
 
 /// The budget every PEFT method is matched to: LoRA r = 8 on query and value.
 pub fn reference_budget(model: &Transformer) -> usize {
-    MethodConfig::Lora(LoraConfig::default()).num_trainable(model).unwrap()
+    MethodConfig::Lora(LoraConfig::default())
+        .num_trainable(model)
+        .unwrap()
 }
 
 /// Every method's default configuration sized to `target` parameters (full fine-tuning as is).
 pub fn matched_methods(model: &Transformer, target: usize) -> Vec<MethodConfig> {
     MethodConfig::defaults()
         .into_iter()
-        .filter_map(|m| match_budget(&m, model, Some(target).filter(|_| m.knob().is_some()), 0.5).ok().map(|x| x.config))
+        .filter_map(|m| {
+            match_budget(&m, model, Some(target).filter(|_| m.knob().is_some()), 0.5)
+                .ok()
+                .map(|x| x.config)
+        })
         .collect()
 }
 
@@ -67,28 +79,60 @@ pub struct Setup {
 /// Attaches `method` to a copy of `base`.
 pub fn setup(base: &Transformer, method: &MethodConfig) -> Setup {
     let mut model = base.clone();
-    let method = method.attach(&mut AttachContext::new(&mut model, 0)).unwrap();
+    let method = method
+        .attach(&mut AttachContext::new(&mut model, 0))
+        .unwrap();
     let mut hp = TrainableParams::new();
-    let head = SequenceHead::new(&model, HeadKind::Classifier { num_labels: 2 }, &mut hp, &mut Initializer::new(2)).unwrap();
+    let head = SequenceHead::new(
+        &model,
+        HeadKind::Classifier { num_labels: 2 },
+        &mut hp,
+        &mut Initializer::new(2),
+    )
+    .unwrap();
     let mut vars = method.params().vars();
     vars.extend(hp.vars());
     let trainable = method.params().count() + hp.count();
-    let opt = AdamW::new(vars, OptimConfig { lr: 1e-4, ..Default::default() }).unwrap();
-    Setup { model, method, head, opt, trainable }
+    let opt = AdamW::new(
+        vars,
+        OptimConfig {
+            lr: 1e-4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    Setup {
+        model,
+        method,
+        head,
+        opt,
+        trainable,
+    }
 }
 
-const OBJ: Objective = Objective::Classification { num_labels: 2, metric: peftbench_datasets::GlueMetric::Accuracy };
+const OBJ: Objective = Objective::Classification {
+    num_labels: 2,
+    metric: peftbench_datasets::GlueMetric::Accuracy,
+};
 
 impl Setup {
     /// Forward pass and loss, no gradient.
     pub fn forward(&self, b: &Batch) -> f32 {
-        let s = Scorer { model: &self.model, method: self.method.as_ref(), head: Some(&self.head) };
+        let s = Scorer {
+            model: &self.model,
+            method: self.method.as_ref(),
+            head: Some(&self.head),
+        };
         loss(&OBJ, &s, b).unwrap().to_scalar::<f32>().unwrap()
     }
 
     /// Forward and backward.
     pub fn forward_backward(&self, b: &Batch) -> candle_core::backprop::GradStore {
-        let s = Scorer { model: &self.model, method: self.method.as_ref(), head: Some(&self.head) };
+        let s = Scorer {
+            model: &self.model,
+            method: self.method.as_ref(),
+            head: Some(&self.head),
+        };
         loss(&OBJ, &s, b).unwrap().backward().unwrap()
     }
 
@@ -103,7 +147,10 @@ impl Setup {
 /// The budget label used in tables.
 pub fn budget_label(model: &Transformer) -> String {
     let t = reference_budget(model);
-    format!("{t} ({:.2}%)", 100.0 * t as f64 / model.num_parameters() as f64)
+    format!(
+        "{t} ({:.2}%)",
+        100.0 * t as f64 / model.num_parameters() as f64
+    )
 }
 
 /// Unused budget helper kept for parity with the harness's parser.

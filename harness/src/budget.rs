@@ -1,8 +1,8 @@
 //! Matched parameter budgets: pick each method's size knob so its trainable count is the
 //! closest achievable to a target, or say it cannot get close enough.
 
-use peftbench_methods::{Knob, MethodConfig};
 use peftbench_backbone::Transformer;
+use peftbench_methods::{Knob, MethodConfig};
 use serde::{Deserialize, Serialize};
 
 /// A target number of trainable parameters.
@@ -24,7 +24,10 @@ impl Budget {
             return Ok(Budget::Default);
         }
         if let Some(p) = t.strip_suffix('%') {
-            let v: f64 = p.trim().parse().map_err(|_| format!("budget `{s}`: not a percentage"))?;
+            let v: f64 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("budget `{s}`: not a percentage"))?;
             if !(v > 0.0 && v <= 100.0) {
                 return Err(format!("budget `{s}`: percentage must be in (0, 100]"));
             }
@@ -35,7 +38,10 @@ impl Budget {
             Some('m') | Some('M') => (&t[..t.len() - 1], 1e6),
             _ => (t, 1.0),
         };
-        let v: f64 = num.trim().parse().map_err(|_| format!("budget `{s}`: expected a count, a percentage or `default`"))?;
+        let v: f64 = num
+            .trim()
+            .parse()
+            .map_err(|_| format!("budget `{s}`: expected a count, a percentage or `default`"))?;
         if v < 1.0 {
             return Err(format!("budget `{s}`: must be at least one parameter"));
         }
@@ -45,7 +51,9 @@ impl Budget {
     /// The target count for a base model of `base_params`, if any.
     pub fn target(&self, base_params: usize) -> Option<usize> {
         match self {
-            Budget::Percent(p) => Some(((p / 100.0) * base_params as f64).round().max(1.0) as usize),
+            Budget::Percent(p) => {
+                Some(((p / 100.0) * base_params as f64).round().max(1.0) as usize)
+            }
             Budget::Params(n) => Some(*n),
             Budget::Default => None,
         }
@@ -70,7 +78,12 @@ const MAX_KNOB: usize = 4096;
 
 /// Sizes `method` to `target` on `model`. A method whose closest count deviates by more than
 /// `max_deviation` (relative) is unreachable: the error says why, and nothing is resized.
-pub fn match_budget(method: &MethodConfig, model: &Transformer, target: Option<usize>, max_deviation: f64) -> Result<Matched, String> {
+pub fn match_budget(
+    method: &MethodConfig,
+    model: &Transformer,
+    target: Option<usize>,
+    max_deviation: f64,
+) -> Result<Matched, String> {
     let count = |c: &MethodConfig| c.num_trainable(model).map_err(|e| e.to_string());
     let (Some(target), Some(_)) = (target, method.knob()) else {
         let achieved = count(method)?;
@@ -110,7 +123,12 @@ pub fn match_budget(method: &MethodConfig, model: &Transformer, target: Option<u
             max_deviation * 100.0
         ));
     }
-    Ok(Matched { knob: config.knob(), config, achieved, deviation: Some(deviation) })
+    Ok(Matched {
+        knob: config.knob(),
+        config,
+        achieved,
+        deviation: Some(deviation),
+    })
 }
 
 #[cfg(test)]

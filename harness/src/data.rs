@@ -84,7 +84,11 @@ pub fn clip_left(ids: &[u32], max_len: usize) -> Vec<u32> {
 }
 
 /// Batches examples of one kind (mixing kinds is a programming error).
-pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> candle_core::Result<Batch> {
+pub fn make_batch(
+    examples: &[&Example],
+    pad_id: u32,
+    device: &Device,
+) -> candle_core::Result<Batch> {
     let err = || candle_core::Error::Msg("a batch mixes example kinds".into());
     match examples[0] {
         Example::Text { .. } => {
@@ -92,19 +96,33 @@ pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> candle
             let mut types = Vec::new();
             let mut targets = Vec::new();
             for e in examples {
-                let Example::Text { ids: i, types: t, target } = e else { return Err(err()) };
+                let Example::Text {
+                    ids: i,
+                    types: t,
+                    target,
+                } = e
+                else {
+                    return Err(err());
+                };
                 ids.push(i.clone());
                 types.push(t.clone());
                 targets.push(*target);
             }
-            let inputs = pad_rows(&ids, Some(&types), pad_id, device).map_err(candle_core::Error::wrap)?;
+            let inputs =
+                pad_rows(&ids, Some(&types), pad_id, device).map_err(candle_core::Error::wrap)?;
             Ok(Batch::Text { inputs, targets })
         }
         Example::Lm { .. } => {
             let mut rows = Vec::new();
             let mut starts = Vec::new();
             for e in examples {
-                let Example::Lm { ids, response_start } = e else { return Err(err()) };
+                let Example::Lm {
+                    ids,
+                    response_start,
+                } = e
+                else {
+                    return Err(err());
+                };
                 rows.push(ids.clone());
                 starts.push(*response_start);
             }
@@ -130,7 +148,9 @@ pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> candle
             let mut c = Vec::new();
             let mut r = Vec::new();
             for e in examples {
-                let Example::Pair { chosen, rejected } = e else { return Err(err()) };
+                let Example::Pair { chosen, rejected } = e else {
+                    return Err(err());
+                };
                 c.push(chosen.clone());
                 r.push(rejected.clone());
             }
@@ -145,7 +165,10 @@ pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> candle
 /// Number of non-padding tokens in a batch's inputs.
 pub fn batch_tokens(b: &Batch) -> candle_core::Result<usize> {
     let count = |i: &Inputs| -> candle_core::Result<usize> {
-        Ok(i.attention_mask.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize)
+        Ok(i.attention_mask
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()? as usize)
     };
     match b {
         Batch::Text { inputs, .. } | Batch::Lm { inputs, .. } => count(inputs),

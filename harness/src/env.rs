@@ -9,7 +9,9 @@ pub fn reset_peak_memory() {
 
 /// Peak resident memory of this process in bytes since the last reset (0 where unknown).
 pub fn peak_memory_bytes() -> u64 {
-    let Ok(s) = std::fs::read_to_string("/proc/self/status") else { return 0 };
+    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
+        return 0;
+    };
     s.lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
@@ -19,13 +21,23 @@ pub fn peak_memory_bytes() -> u64 {
 fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
 fn git_revision() -> Option<String> {
-    let out = std::process::Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// The current environment.

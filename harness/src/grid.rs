@@ -23,13 +23,24 @@ impl Shard {
     /// Parses `i/n` (1-based i, as Slurm array ids usually are: `1/4` … `4/4`; `0/4` is also
     /// accepted as the first).
     pub fn parse(s: &str) -> Result<Self, String> {
-        let (a, b) = s.split_once('/').ok_or_else(|| format!("shard `{s}`: expected i/n"))?;
-        let i: usize = a.trim().parse().map_err(|_| format!("shard `{s}`: bad index"))?;
-        let n: usize = b.trim().parse().map_err(|_| format!("shard `{s}`: bad count"))?;
+        let (a, b) = s
+            .split_once('/')
+            .ok_or_else(|| format!("shard `{s}`: expected i/n"))?;
+        let i: usize = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("shard `{s}`: bad index"))?;
+        let n: usize = b
+            .trim()
+            .parse()
+            .map_err(|_| format!("shard `{s}`: bad count"))?;
         if n == 0 || i > n {
             return Err(format!("shard `{s}`: index must be in 1..={n}"));
         }
-        Ok(Self { index: if i == 0 { 0 } else { i - 1 }, count: n })
+        Ok(Self {
+            index: if i == 0 { 0 } else { i - 1 },
+            count: n,
+        })
     }
 
     /// Whether run number `k` of the grid belongs to this shard.
@@ -57,9 +68,18 @@ pub struct GridSummary {
 /// Runs every pending run of `suite` in this shard. `tasks` maps task names to loaded data;
 /// each record is written atomically as soon as its run ends, so killing the process loses at
 /// most the run in flight.
-pub fn run_grid(suite: &Suite, base: &Base, tasks: &HashMap<String, TaskData>, results: &Path, shard: Shard) -> Result<GridSummary, HarnessError> {
+pub fn run_grid(
+    suite: &Suite,
+    base: &Base,
+    tasks: &HashMap<String, TaskData>,
+    results: &Path,
+    shard: Shard,
+) -> Result<GridSummary, HarnessError> {
     let dir = runs_dir(results, &suite.name);
-    std::fs::create_dir_all(&dir).map_err(|source| HarnessError::Io { path: dir.clone(), source })?;
+    std::fs::create_dir_all(&dir).map_err(|source| HarnessError::Io {
+        path: dir.clone(),
+        source,
+    })?;
     let all = suite.runs();
     let mut summary = GridSummary::default();
     let mut pending: Vec<RunSpec> = Vec::new();
@@ -90,13 +110,29 @@ pub fn run_grid(suite: &Suite, base: &Base, tasks: &HashMap<String, TaskData>, r
             let per = started.elapsed().as_secs_f64() / i as f64;
             format_duration(per * (pending.len() - i) as f64)
         };
-        eprint!("[{}/{}] {} (ETA {eta}) ... ", i + 1, pending.len(), spec.run_id());
+        eprint!(
+            "[{}/{}] {} (ETA {eta}) ... ",
+            i + 1,
+            pending.len(),
+            spec.run_id()
+        );
         let _ = std::io::stderr().flush();
         let rec: RunRecord = run(spec, base, task, &dir.join("adapters"));
         let path = dir.join(format!("{}.json", spec.run_id()));
-        rec.write_atomic(&path).map_err(|source| HarnessError::Io { path: path.clone(), source })?;
-        let score = rec.metrics_best.get(&rec.primary_metric).map_or("-".to_string(), |v| format!("{v:.4}"));
-        eprintln!("{} {}={score} in {:.1}s", rec.status.label(), rec.primary_metric, rec.train_seconds);
+        rec.write_atomic(&path).map_err(|source| HarnessError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let score = rec
+            .metrics_best
+            .get(&rec.primary_metric)
+            .map_or("-".to_string(), |v| format!("{v:.4}"));
+        eprintln!(
+            "{} {}={score} in {:.1}s",
+            rec.status.label(),
+            rec.primary_metric,
+            rec.train_seconds
+        );
         summary.ran += 1;
     }
     Ok(summary)

@@ -10,9 +10,21 @@ pub fn accuracy(pred: &[usize], gold: &[usize]) -> f64 {
 
 /// Binary F1 of the positive class 1.
 pub fn f1_binary(pred: &[usize], gold: &[usize]) -> f64 {
-    let tp = pred.iter().zip(gold).filter(|(p, g)| **p == 1 && **g == 1).count() as f64;
-    let fp = pred.iter().zip(gold).filter(|(p, g)| **p == 1 && **g != 1).count() as f64;
-    let fn_ = pred.iter().zip(gold).filter(|(p, g)| **p != 1 && **g == 1).count() as f64;
+    let tp = pred
+        .iter()
+        .zip(gold)
+        .filter(|(p, g)| **p == 1 && **g == 1)
+        .count() as f64;
+    let fp = pred
+        .iter()
+        .zip(gold)
+        .filter(|(p, g)| **p == 1 && **g != 1)
+        .count() as f64;
+    let fn_ = pred
+        .iter()
+        .zip(gold)
+        .filter(|(p, g)| **p != 1 && **g == 1)
+        .count() as f64;
     if tp == 0.0 {
         return 0.0;
     }

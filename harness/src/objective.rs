@@ -51,7 +51,9 @@ impl Objective {
     pub fn head_kind(&self) -> Option<peftbench_backbone::HeadKind> {
         use peftbench_backbone::HeadKind;
         match self {
-            Objective::Classification { num_labels, .. } => Some(HeadKind::Classifier { num_labels: *num_labels }),
+            Objective::Classification { num_labels, .. } => Some(HeadKind::Classifier {
+                num_labels: *num_labels,
+            }),
             Objective::Regression => Some(HeadKind::Regression),
             Objective::CausalLm => None,
             Objective::Reward => Some(HeadKind::Reward),
@@ -70,8 +72,16 @@ pub struct Scorer<'a> {
 }
 
 /// Per-example LM statistics: summed NLL, counted tokens, whether every argmax was right.
-fn lm_stats(s: &Scorer, inputs: &peftbench_backbone::Inputs, mask: &Tensor, next: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let enc = s.model.forward(inputs, s.method).map_err(candle_core::Error::wrap)?;
+fn lm_stats(
+    s: &Scorer,
+    inputs: &peftbench_backbone::Inputs,
+    mask: &Tensor,
+    next: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let enc = s
+        .model
+        .forward(inputs, s.method)
+        .map_err(candle_core::Error::wrap)?;
     let (_, t) = inputs.input_ids.dims2()?;
     let logits = lm_logits(s.model, &enc).map_err(candle_core::Error::wrap)?;
     // Positions of real tokens sit after any input prefix.
@@ -85,9 +95,15 @@ fn lm_stats(s: &Scorer, inputs: &peftbench_backbone::Inputs, mask: &Tensor, next
 }
 
 fn scores(s: &Scorer, inputs: &peftbench_backbone::Inputs) -> candle_core::Result<Tensor> {
-    let enc = s.model.forward(inputs, s.method).map_err(candle_core::Error::wrap)?;
-    let head = s.head.ok_or_else(|| candle_core::Error::Msg("objective needs a head".into()))?;
-    head.forward(s.model, &enc).map_err(candle_core::Error::wrap)
+    let enc = s
+        .model
+        .forward(inputs, s.method)
+        .map_err(candle_core::Error::wrap)?;
+    let head = s
+        .head
+        .ok_or_else(|| candle_core::Error::Msg("objective needs a head".into()))?;
+    head.forward(s.model, &enc)
+        .map_err(candle_core::Error::wrap)
 }
 
 fn softplus(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -100,17 +116,36 @@ pub fn loss(obj: &Objective, s: &Scorer, batch: &Batch) -> candle_core::Result<T
     match (obj, batch) {
         (Objective::Classification { .. }, Batch::Text { inputs, targets }) => {
             let logits = scores(s, inputs)?;
-            let y: Vec<u32> = targets.iter().map(|t| match t { Target::Class(c) => *c as u32, Target::Score(v) => *v as u32 }).collect();
+            let y: Vec<u32> = targets
+                .iter()
+                .map(|t| match t {
+                    Target::Class(c) => *c as u32,
+                    Target::Score(v) => *v as u32,
+                })
+                .collect();
             let y = Tensor::from_vec(y, targets.len(), logits.device())?;
             cross_entropy(&logits, &y, None)
         }
         (Objective::Regression, Batch::Text { inputs, targets }) => {
             let pred = scores(s, inputs)?.squeeze(1)?;
-            let y: Vec<f32> = targets.iter().map(|t| match t { Target::Score(v) => *v, Target::Class(c) => *c as f32 }).collect();
+            let y: Vec<f32> = targets
+                .iter()
+                .map(|t| match t {
+                    Target::Score(v) => *v,
+                    Target::Class(c) => *c as f32,
+                })
+                .collect();
             let y = Tensor::from_vec(y, targets.len(), pred.device())?;
             (pred - y)?.sqr()?.mean_all()
         }
-        (Objective::CausalLm, Batch::Lm { inputs, loss_mask, next }) => {
+        (
+            Objective::CausalLm,
+            Batch::Lm {
+                inputs,
+                loss_mask,
+                next,
+            },
+        ) => {
             let (nll, mask, _) = lm_stats(s, inputs, loss_mask, next)?;
             nll.sum_all()? / (mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64)
         }
@@ -119,12 +154,21 @@ pub fn loss(obj: &Objective, s: &Scorer, batch: &Batch) -> candle_core::Result<T
             let rr = scores(s, rejected)?.squeeze(1)?;
             softplus(&(rr - rc)?)?.mean_all()
         }
-        _ => Err(candle_core::Error::Msg("batch does not fit the objective".into())),
+        _ => Err(candle_core::Error::Msg(
+            "batch does not fit the objective".into(),
+        )),
     }
 }
 
 /// Dev metrics over `examples`, in batches of `batch_size`.
-pub fn evaluate(obj: &Objective, s: &Scorer, examples: &[Example], batch_size: usize, pad_id: u32, device: &Device) -> candle_core::Result<BTreeMap<String, f64>> {
+pub fn evaluate(
+    obj: &Objective,
+    s: &Scorer,
+    examples: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+    device: &Device,
+) -> candle_core::Result<BTreeMap<String, f64>> {
     let mut out = BTreeMap::new();
     let mut pred_cls = Vec::new();
     let mut gold_cls = Vec::new();
@@ -139,14 +183,27 @@ pub fn evaluate(obj: &Objective, s: &Scorer, examples: &[Example], batch_size: u
             (Objective::Classification { .. }, Batch::Text { inputs, targets }) => {
                 let p: Vec<u32> = scores(s, inputs)?.argmax(D::Minus1)?.to_vec1()?;
                 pred_cls.extend(p.iter().map(|x| *x as usize));
-                gold_cls.extend(targets.iter().map(|t| match t { Target::Class(c) => *c, Target::Score(v) => *v as usize }));
+                gold_cls.extend(targets.iter().map(|t| match t {
+                    Target::Class(c) => *c,
+                    Target::Score(v) => *v as usize,
+                }));
             }
             (Objective::Regression, Batch::Text { inputs, targets }) => {
                 let p: Vec<f32> = scores(s, inputs)?.squeeze(1)?.to_vec1()?;
                 pred_val.extend(p.iter().map(|x| *x as f64));
-                gold_val.extend(targets.iter().map(|t| match t { Target::Score(v) => *v as f64, Target::Class(c) => *c as f64 }));
+                gold_val.extend(targets.iter().map(|t| match t {
+                    Target::Score(v) => *v as f64,
+                    Target::Class(c) => *c as f64,
+                }));
             }
-            (Objective::CausalLm, Batch::Lm { inputs, loss_mask, next }) => {
+            (
+                Objective::CausalLm,
+                Batch::Lm {
+                    inputs,
+                    loss_mask,
+                    next,
+                },
+            ) => {
                 let (nll, mask, wrong) = lm_stats(s, inputs, loss_mask, next)?;
                 nll_sum += nll.sum_all()?.to_scalar::<f32>()? as f64;
                 tok += mask.sum_all()?.to_scalar::<f32>()? as f64;
@@ -159,7 +216,11 @@ pub fn evaluate(obj: &Objective, s: &Scorer, examples: &[Example], batch_size: u
                 let rr: Vec<f32> = scores(s, rejected)?.squeeze(1)?.to_vec1()?;
                 margins.extend(rc.iter().zip(&rr).map(|(a, b)| (*a - *b) as f64));
             }
-            _ => return Err(candle_core::Error::Msg("dev example does not fit the objective".into())),
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "dev example does not fit the objective".into(),
+                ))
+            }
         }
     }
     match obj {
@@ -193,7 +254,10 @@ pub fn evaluate(obj: &Objective, s: &Scorer, examples: &[Example], batch_size: u
         }
         Objective::Reward => {
             let k = margins.len().max(1) as f64;
-            out.insert("pair_accuracy".into(), margins.iter().filter(|m| **m > 0.0).count() as f64 / k);
+            out.insert(
+                "pair_accuracy".into(),
+                margins.iter().filter(|m| **m > 0.0).count() as f64 / k,
+            );
             out.insert("mean_margin".into(), margins.iter().sum::<f64>() / k);
         }
     }

@@ -208,11 +208,18 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays_to_zero() {
-        let c = OptimConfig { lr: 1.0, warmup_ratio: 0.1, ..Default::default() };
+        let c = OptimConfig {
+            lr: 1.0,
+            warmup_ratio: 0.1,
+            ..Default::default()
+        };
         assert!((c.lr_at(5, 100) - 0.5).abs() < 1e-12);
         assert!((c.lr_at(10, 100) - 1.0).abs() < 1e-12);
         assert!(c.lr_at(100, 100).abs() < 1e-12);
-        let cos = OptimConfig { decay: Decay::Cosine, ..c.clone() };
+        let cos = OptimConfig {
+            decay: Decay::Cosine,
+            ..c.clone()
+        };
         assert!((cos.lr_at(55, 100) - 0.5).abs() < 1e-9);
     }
 
@@ -220,7 +227,16 @@ mod tests {
     fn adamw_minimises_a_quadratic_and_clips() {
         let dev = candle_core::Device::Cpu;
         let x = Var::new(&[3.0f32, -2.0], &dev).unwrap();
-        let mut opt = AdamW::new(vec![x.clone()], OptimConfig { lr: 0.1, max_grad_norm: 1.0, warmup_ratio: 0.0, ..Default::default() }).unwrap();
+        let mut opt = AdamW::new(
+            vec![x.clone()],
+            OptimConfig {
+                lr: 0.1,
+                max_grad_norm: 1.0,
+                warmup_ratio: 0.0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         for _ in 0..300 {
             let loss = x.as_tensor().sqr().unwrap().sum_all().unwrap();
             let g = loss.backward().unwrap();

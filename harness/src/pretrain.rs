@@ -24,7 +24,12 @@ pub struct PretrainConfig {
 
 /// Trains every weight of `model` on next-token prediction over `sequences` and returns the
 /// mean loss of the first and last tenth of the steps.
-pub fn pretrain(model: &mut Transformer, sequences: &[Vec<u32>], pad_id: u32, cfg: &PretrainConfig) -> Result<(f64, f64), HarnessError> {
+pub fn pretrain(
+    model: &mut Transformer,
+    sequences: &[Vec<u32>],
+    pad_id: u32,
+    cfg: &PretrainConfig,
+) -> Result<(f64, f64), HarnessError> {
     if sequences.is_empty() {
         return Err(HarnessError::Config("pretraining corpus is empty".into()));
     }
@@ -32,19 +37,30 @@ pub fn pretrain(model: &mut Transformer, sequences: &[Vec<u32>], pad_id: u32, cf
     let mut opt = AdamW::new(method.params().vars(), cfg.optim.clone())?;
     let examples: Vec<Example> = sequences
         .iter()
-        .map(|ids| Example::Lm { ids: ids.clone(), response_start: 1 })
+        .map(|ids| Example::Lm {
+            ids: ids.clone(),
+            response_start: 1,
+        })
         .collect();
     let mut rng = Initializer::new(cfg.seed ^ 0x9e7);
     let tenth = (cfg.steps / 10).max(1);
     let (mut first, mut last) = (Vec::new(), Vec::new());
     for step in 1..=cfg.steps {
-        let batch: Vec<&Example> = (0..cfg.batch_size).map(|_| &examples[rng.index(examples.len())]).collect();
+        let batch: Vec<&Example> = (0..cfg.batch_size)
+            .map(|_| &examples[rng.index(examples.len())])
+            .collect();
         let b = make_batch(&batch, pad_id, &Device::Cpu)?;
-        let s = Scorer { model, method: method.as_ref(), head: None };
+        let s = Scorer {
+            model,
+            method: method.as_ref(),
+            head: None,
+        };
         let l = loss(&Objective::CausalLm, &s, &b)?;
         let v = l.to_scalar::<f32>()? as f64;
         if !v.is_finite() {
-            return Err(HarnessError::Config(format!("pretraining diverged at step {step}: loss {v}")));
+            return Err(HarnessError::Config(format!(
+                "pretraining diverged at step {step}: loss {v}"
+            )));
         }
         if step <= tenth {
             first.push(v);
@@ -122,21 +138,44 @@ pub fn train_bpe(text: &str, vocab_size: usize) -> Result<tokenizers::Tokenizer,
 }
 
 fn perplexity(model: &Transformer, seqs: &[Vec<u32>], pad: u32) -> Result<f64, HarnessError> {
-    let examples: Vec<Example> = seqs.iter().map(|ids| Example::Lm { ids: ids.clone(), response_start: 1 }).collect();
-    let s = Scorer { model, method: &peftbench_backbone::NoIntervention, head: None };
+    let examples: Vec<Example> = seqs
+        .iter()
+        .map(|ids| Example::Lm {
+            ids: ids.clone(),
+            response_start: 1,
+        })
+        .collect();
+    let s = Scorer {
+        model,
+        method: &peftbench_backbone::NoIntervention,
+        head: None,
+    };
     let m = crate::objective::evaluate(&Objective::CausalLm, &s, &examples, 16, pad, &Device::Cpu)?;
     Ok(m["perplexity"])
 }
 
 /// Trains a tokenizer and a decoder on `text` and writes a Hugging Face-style directory
 /// (config.json, model.safetensors, tokenizer.json) to `out`.
-pub fn pretrain_corpus(text: &str, cfg: &CorpusPretrain, out: &std::path::Path) -> Result<PretrainReport, HarnessError> {
+pub fn pretrain_corpus(
+    text: &str,
+    cfg: &CorpusPretrain,
+    out: &std::path::Path,
+) -> Result<PretrainReport, HarnessError> {
     let (train_text, val_text) = peftbench_datasets::split_train_val(text, 0.1);
     let tok = train_bpe(train_text, cfg.vocab_size)?;
-    let eos = tok.token_to_id(EOS).ok_or_else(|| HarnessError::Config("tokenizer lacks <|endoftext|>".into()))?;
+    let eos = tok
+        .token_to_id(EOS)
+        .ok_or_else(|| HarnessError::Config("tokenizer lacks <|endoftext|>".into()))?;
     let chunk = |t: &str| -> Result<Vec<Vec<u32>>, HarnessError> {
-        let ids = tok.encode(t, false).map_err(|e| HarnessError::Config(format!("tokenizing the corpus: {e}")))?;
-        Ok(ids.get_ids().chunks(cfg.max_len).filter(|c| c.len() > 1).map(<[u32]>::to_vec).collect())
+        let ids = tok
+            .encode(t, false)
+            .map_err(|e| HarnessError::Config(format!("tokenizing the corpus: {e}")))?;
+        Ok(ids
+            .get_ids()
+            .chunks(cfg.max_len)
+            .filter(|c| c.len() > 1)
+            .map(<[u32]>::to_vec)
+            .collect())
     };
     let train = chunk(train_text)?;
     let mut val = chunk(val_text)?;
@@ -144,7 +183,11 @@ pub fn pretrain_corpus(text: &str, cfg: &CorpusPretrain, out: &std::path::Path) 
     let vocab = tok.get_vocab_size(true);
     let model_type = match cfg.family.as_str() {
         "gpt2" | "llama" => cfg.family.clone(),
-        other => return Err(HarnessError::Config(format!("pretrain: unknown family `{other}` (gpt2, llama)"))),
+        other => {
+            return Err(HarnessError::Config(format!(
+                "pretrain: unknown family `{other}` (gpt2, llama)"
+            )))
+        }
     };
     let v = if model_type == "gpt2" {
         serde_json::json!({"model_type": "gpt2", "vocab_size": vocab, "n_embd": cfg.hidden_size,
@@ -156,7 +199,10 @@ pub fn pretrain_corpus(text: &str, cfg: &CorpusPretrain, out: &std::path::Path) 
             "intermediate_size": 4 * cfg.hidden_size, "max_position_embeddings": cfg.max_len,
             "tie_word_embeddings": true, "pad_token_id": eos})
     };
-    let config = peftbench_backbone::ModelConfig::from_json(&v, std::path::Path::new("pretrain/config.json"))?;
+    let config = peftbench_backbone::ModelConfig::from_json(
+        &v,
+        std::path::Path::new("pretrain/config.json"),
+    )?;
     let mut model = Transformer::random(config, cfg.train.seed, &Device::Cpu)?;
     let untrained = perplexity(&model, &val, eos)?;
     let (first, last) = pretrain(&mut model, &train, eos, &cfg.train)?;

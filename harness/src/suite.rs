@@ -11,7 +11,15 @@ use std::path::{Path, PathBuf};
 
 /// Optimiser keys allowed in a method's table beside its own configuration.
 const OPTIM_KEYS: [&str; 9] = [
-    "lr", "weight_decay", "warmup_ratio", "decay", "max_grad_norm", "grad_accumulation", "beta1", "beta2", "eps",
+    "lr",
+    "weight_decay",
+    "warmup_ratio",
+    "decay",
+    "max_grad_norm",
+    "grad_accumulation",
+    "beta1",
+    "beta2",
+    "eps",
 ];
 
 /// A parsed suite.
@@ -72,13 +80,17 @@ fn d_dev() -> f64 {
 
 /// 1-based line of the first occurrence of `needle` in `text`.
 fn line_of(text: &str, needle: &str) -> Option<usize> {
-    text.find(needle).map(|i| text[..i].matches('\n').count() + 1)
+    text.find(needle)
+        .map(|i| text[..i].matches('\n').count() + 1)
 }
 
 impl Suite {
     /// Reads a suite file.
     pub fn from_file(path: &Path) -> Result<Self, HarnessError> {
-        let text = std::fs::read_to_string(path).map_err(|source| HarnessError::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| HarnessError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -110,29 +122,49 @@ impl Suite {
                 }
             }
             if !optim.contains_key("lr") {
-                return Err(err(line, format!("methods.{name}: missing key `lr` (each method sets its own learning rate)")));
+                return Err(err(
+                    line,
+                    format!(
+                        "methods.{name}: missing key `lr` (each method sets its own learning rate)"
+                    ),
+                ));
             }
-            let optim: OptimConfig = toml::Value::Table(optim)
-                .try_into()
-                .map_err(|e: toml::de::Error| err(line, format!("methods.{name}: {}", e.message())))?;
+            let optim: OptimConfig =
+                toml::Value::Table(optim)
+                    .try_into()
+                    .map_err(|e: toml::de::Error| {
+                        err(line, format!("methods.{name}: {}", e.message()))
+                    })?;
             cfg.insert("method".into(), toml::Value::String(name.clone()));
-            let method: MethodConfig = toml::Value::Table(cfg.clone()).try_into().map_err(|e: toml::de::Error| {
-                // Name the offending key: re-check each one alone against the method's defaults.
-                let key = cfg.keys().find(|k| {
-                    let mut one = toml::Table::new();
-                    one.insert("method".into(), toml::Value::String(name.clone()));
-                    one.insert((*k).clone(), cfg[*k].clone());
-                    k.as_str() != "method" && toml::Value::Table(one).try_into::<MethodConfig>().is_err()
-                });
-                let at = key.map_or(String::new(), |k| format!(" key `{k}`:"));
-                let line = key.and_then(|k| line_of(&text[text.find(&header).unwrap_or(0)..], &format!("{k} =")).map(|l| l + line.unwrap_or(1) - 1)).or(line);
-                err(line, format!("methods.{name}:{at} {}", e.message()))
-            })?;
+            let method: MethodConfig =
+                toml::Value::Table(cfg.clone())
+                    .try_into()
+                    .map_err(|e: toml::de::Error| {
+                        // Name the offending key: re-check each one alone against the method's defaults.
+                        let key = cfg.keys().find(|k| {
+                            let mut one = toml::Table::new();
+                            one.insert("method".into(), toml::Value::String(name.clone()));
+                            one.insert((*k).clone(), cfg[*k].clone());
+                            k.as_str() != "method"
+                                && toml::Value::Table(one).try_into::<MethodConfig>().is_err()
+                        });
+                        let at = key.map_or(String::new(), |k| format!(" key `{k}`:"));
+                        let line = key
+                            .and_then(|k| {
+                                line_of(&text[text.find(&header).unwrap_or(0)..], &format!("{k} ="))
+                                    .map(|l| l + line.unwrap_or(1) - 1)
+                            })
+                            .or(line);
+                        err(line, format!("methods.{name}:{at} {}", e.message()))
+                    })?;
             methods.push((method, optim));
         }
         for m in &raw.random_init_controls {
             if !methods.iter().any(|(c, _)| c.name() == m) {
-                return Err(err(line_of(text, "random_init_controls"), format!("random_init_controls names `{m}`, which is not among the methods")));
+                return Err(err(
+                    line_of(text, "random_init_controls"),
+                    format!("random_init_controls names `{m}`, which is not among the methods"),
+                ));
             }
         }
         if methods.is_empty() {
@@ -142,7 +174,10 @@ impl Suite {
             Budget::parse(b).map_err(|m| err(line_of(text, "budgets"), m))?;
         }
         if raw.seeds.is_empty() || raw.tasks.is_empty() || raw.train.steps == 0 {
-            return Err(err(None, "a suite needs seeds, tasks and train.steps > 0".into()));
+            return Err(err(
+                None,
+                "a suite needs seeds, tasks and train.steps > 0".into(),
+            ));
         }
         Ok(Self {
             name: raw.name,
@@ -170,13 +205,15 @@ impl Suite {
                     self.budgets.clone()
                 };
                 for label in &budgets {
-                    let budget = if label == "full" { Budget::Default } else { Budget::parse(label).expect("checked at parse") };
+                    let budget = if label == "full" {
+                        Budget::Default
+                    } else {
+                        Budget::parse(label).expect("checked at parse")
+                    };
                     let control = self.random_init_controls.iter().any(|m| m == method.name());
-                    for (&seed, random_init) in self
-                        .seeds
-                        .iter()
-                        .flat_map(|s| std::iter::once((s, false)).chain(control.then_some((s, true))))
-                    {
+                    for (&seed, random_init) in self.seeds.iter().flat_map(|s| {
+                        std::iter::once((s, false)).chain(control.then_some((s, true)))
+                    }) {
                         out.push(RunSpec {
                             random_init,
                             suite: self.name.clone(),

@@ -111,7 +111,8 @@ fn resolve(path: &Path, root: &Path) -> PathBuf {
 
 fn split_dev<T: Clone>(all: Vec<T>, fraction: f64) -> (Vec<T>, Vec<T>) {
     let shuffled = subset(&all, all.len(), SUBSET_SEED);
-    let n_dev = ((shuffled.len() as f64 * fraction).round() as usize).clamp(1, shuffled.len().saturating_sub(1).max(1));
+    let n_dev = ((shuffled.len() as f64 * fraction).round() as usize)
+        .clamp(1, shuffled.len().saturating_sub(1).max(1));
     let (dev, train) = shuffled.split_at(n_dev.min(shuffled.len()));
     (train.to_vec(), dev.to_vec())
 }
@@ -126,26 +127,52 @@ fn with_eos(tok: &TextTokenizer, text: &str) -> Result<Vec<u32>, HarnessError> {
 }
 
 /// Loads and tokenises a real-data task (synthetic tasks are built by [`crate::synthetic`]).
-pub fn load_task(cfg: &TaskConfig, tok: &TextTokenizer, data_root: &Path) -> Result<TaskData, HarnessError> {
-    let opts = LoadOptions { skip_bad_rows: cfg.skip_bad_rows, limit: None };
+pub fn load_task(
+    cfg: &TaskConfig,
+    tok: &TextTokenizer,
+    data_root: &Path,
+) -> Result<TaskData, HarnessError> {
+    let opts = LoadOptions {
+        skip_bad_rows: cfg.skip_bad_rows,
+        limit: None,
+    };
     match &cfg.source {
         TaskSource::Glue { .. } | TaskSource::Tsv(_) => {
             let spec = match &cfg.source {
-                TaskSource::Glue { glue_task } => TextTaskSpec::glue(glue_task, &data_root.join("glue"))
-                    .ok_or_else(|| HarnessError::Config(format!("task `{}`: unknown GLUE task `{glue_task}` (sst2, rte, cola, stsb)", cfg.name)))?,
+                TaskSource::Glue { glue_task } => {
+                    TextTaskSpec::glue(glue_task, &data_root.join("glue")).ok_or_else(|| {
+                        HarnessError::Config(format!(
+                            "task `{}`: unknown GLUE task `{glue_task}` (sst2, rte, cola, stsb)",
+                            cfg.name
+                        ))
+                    })?
+                }
                 TaskSource::Tsv(spec) => spec.clone().with_root(data_root),
                 _ => unreachable!(),
             };
             let objective = match spec.num_classes() {
-                Some(n) => Objective::Classification { num_labels: n, metric: spec.metric() },
+                Some(n) => Objective::Classification {
+                    num_labels: n,
+                    metric: spec.metric(),
+                },
                 None => Objective::Regression,
             };
             let encode = |split| -> Result<(Vec<Example>, usize), HarnessError> {
                 let loaded = load_text_task(&spec, split, &opts)?;
-                let rows = limit(loaded.examples, if split == Split::Train { cfg.train_limit } else { cfg.dev_limit });
+                let rows = limit(
+                    loaded.examples,
+                    if split == Split::Train {
+                        cfg.train_limit
+                    } else {
+                        cfg.dev_limit
+                    },
+                );
                 let mut out = Vec::with_capacity(rows.len());
                 for chunk in rows.chunks(256) {
-                    let pairs: Vec<(&str, Option<&str>)> = chunk.iter().map(|e| (e.text_a.as_str(), e.text_b.as_deref())).collect();
+                    let pairs: Vec<(&str, Option<&str>)> = chunk
+                        .iter()
+                        .map(|e| (e.text_a.as_str(), e.text_b.as_deref()))
+                        .collect();
                     let enc = tok.encode_pairs(&pairs)?;
                     for (e, (ids, types)) in chunk.iter().zip(enc) {
                         let target = match e.label {
@@ -159,7 +186,13 @@ pub fn load_task(cfg: &TaskConfig, tok: &TextTokenizer, data_root: &Path) -> Res
             };
             let (train, s1) = encode(Split::Train)?;
             let (dev, s2) = encode(Split::Dev)?;
-            Ok(TaskData { name: cfg.name.clone(), objective, train, dev, skipped_rows: s1 + s2 })
+            Ok(TaskData {
+                name: cfg.name.clone(),
+                objective,
+                train,
+                dev,
+                skipped_rows: s1 + s2,
+            })
         }
         TaskSource::Alpaca { path, dev_fraction } => {
             let loaded = load_alpaca(&resolve(path, data_root), &opts)?;

@@ -70,9 +70,23 @@ impl RunSpec {
         let b: String = self
             .budget_label
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else if c == '%' { 'p' } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' {
+                    c
+                } else if c == '%' {
+                    'p'
+                } else {
+                    '_'
+                }
+            })
             .collect();
-        format!("{}__{}__{}__s{}", self.task, self.method_label(), b, self.seed)
+        format!(
+            "{}__{}__{}__s{}",
+            self.task,
+            self.method_label(),
+            b,
+            self.seed
+        )
     }
 
     /// The method's name in records: `lora`, or `lora-random-init` for a random-init control.
@@ -103,7 +117,12 @@ struct Order {
 
 impl Order {
     fn new(n: usize, seed: u64) -> Self {
-        Self { rng: Initializer::new(seed ^ 0xda7a), n, perm: Vec::new(), pos: 0 }
+        Self {
+            rng: Initializer::new(seed ^ 0xda7a),
+            n,
+            perm: Vec::new(),
+            pos: 0,
+        }
     }
     fn next_batch(&mut self, size: usize) -> Vec<usize> {
         let mut out = Vec::with_capacity(size);
@@ -163,14 +182,22 @@ pub fn run(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path) ->
     let mut rec = record_base(spec, base_params, task);
     env::reset_peak_memory();
     if let Err(e) = run_inner(spec, base, task, adapters_dir, &mut rec) {
-        rec.status = RunStatus::Error { message: e.to_string() };
+        rec.status = RunStatus::Error {
+            message: e.to_string(),
+        };
     }
     rec.peak_memory_bytes = env::peak_memory_bytes();
     rec.env = env::environment();
     rec
 }
 
-fn run_inner(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path, rec: &mut RunRecord) -> Result<(), HarnessError> {
+fn run_inner(
+    spec: &RunSpec,
+    base: &Base,
+    task: &TaskData,
+    adapters_dir: &Path,
+    rec: &mut RunRecord,
+) -> Result<(), HarnessError> {
     let device = Device::Cpu;
     let mut model = if spec.random_init {
         Transformer::random(base.model.config.clone(), spec.seed ^ 0x7a4d, &device)?
@@ -207,7 +234,12 @@ fn run_inner(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path, 
     let mut method = config.attach(&mut ctx)?;
     let mut head_params = TrainableParams::new();
     let head = match task.objective.head_kind() {
-        Some(kind) => Some(SequenceHead::new(&model, kind, &mut head_params, &mut Initializer::new(spec.seed ^ 0x4ead))?),
+        Some(kind) => Some(SequenceHead::new(
+            &model,
+            kind,
+            &mut head_params,
+            &mut Initializer::new(spec.seed ^ 0x4ead),
+        )?),
         None => None,
     };
     rec.head_params = head_params.count();
@@ -224,7 +256,10 @@ fn run_inner(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path, 
     let mut opt = AdamW::new(vars, spec.optim.clone())?;
 
     if task.train.is_empty() || task.dev.is_empty() {
-        return Err(HarnessError::Config(format!("task `{}` has no training or dev examples", task.name)));
+        return Err(HarnessError::Config(format!(
+            "task `{}` has no training or dev examples",
+            task.name
+        )));
     }
     let pad = base.tokenizer.pad_id;
     let mut order = Order::new(task.train.len(), spec.seed);
@@ -242,11 +277,18 @@ fn run_inner(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path, 
             let examples: Vec<&Example> = idx.iter().map(|&i| &task.train[i]).collect();
             let batch = make_batch(&examples, pad, &device)?;
             tokens += batch_tokens(&batch)?;
-            let scorer = Scorer { model: &model, method: method.as_ref(), head: head.as_ref() };
+            let scorer = Scorer {
+                model: &model,
+                method: method.as_ref(),
+                head: head.as_ref(),
+            };
             let mut l = loss(&task.objective, &scorer, &batch)?;
             let value = l.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
-                rec.status = RunStatus::Diverged { step, message: format!("training loss is {value}") };
+                rec.status = RunStatus::Diverged {
+                    step,
+                    message: format!("training loss is {value}"),
+                };
                 rec.steps = step;
                 rec.train_seconds = started.elapsed().as_secs_f64() - eval_seconds;
                 return Ok(());
@@ -262,12 +304,24 @@ fn run_inner(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path, 
                 method.after_step(step, &grads)?;
             }
         }
-        let eval_now = step == total || (spec.train.eval_every > 0 && step % spec.train.eval_every == 0);
+        let eval_now =
+            step == total || (spec.train.eval_every > 0 && step % spec.train.eval_every == 0);
         if eval_now {
             let t0 = Instant::now();
             method.set_training(false);
-            let scorer = Scorer { model: &model, method: method.as_ref(), head: head.as_ref() };
-            let mut m = evaluate(&task.objective, &scorer, &task.dev, spec.train.eval_batch_size, pad, &device)?;
+            let scorer = Scorer {
+                model: &model,
+                method: method.as_ref(),
+                head: head.as_ref(),
+            };
+            let mut m = evaluate(
+                &task.objective,
+                &scorer,
+                &task.dev,
+                spec.train.eval_batch_size,
+                pad,
+                &device,
+            )?;
             // An undefined metric (e.g. Pearson of constant predictions) is left out, not NaN.
             m.retain(|_, v| v.is_finite());
             for (k, v) in &m {
@@ -280,7 +334,11 @@ fn run_inner(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path, 
                 }
             }
             rec.metrics_final = m.clone();
-            rec.curve.push(CurvePoint { step, train_loss: loss_sum / loss_n.max(1) as f64, metrics: m });
+            rec.curve.push(CurvePoint {
+                step,
+                train_loss: loss_sum / loss_n.max(1) as f64,
+                metrics: m,
+            });
             loss_sum = 0.0;
             loss_n = 0;
             eval_seconds += t0.elapsed().as_secs_f64();
@@ -293,8 +351,18 @@ fn run_inner(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path, 
     rec.extra = method.summary()?;
 
     method.set_training(false);
-    rec.latency_ms = latency(&mut model, method.as_ref(), head.as_ref(), task, spec.train.batch_size, pad)?;
-    std::fs::create_dir_all(adapters_dir).map_err(|source| HarnessError::Io { path: adapters_dir.to_path_buf(), source })?;
+    rec.latency_ms = latency(
+        &mut model,
+        method.as_ref(),
+        head.as_ref(),
+        task,
+        spec.train.batch_size,
+        pad,
+    )?;
+    std::fs::create_dir_all(adapters_dir).map_err(|source| HarnessError::Io {
+        path: adapters_dir.to_path_buf(),
+        source,
+    })?;
     let path = adapters_dir.join(format!("{}.safetensors", spec.run_id()));
     method.save(&path)?;
     rec.adapter_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -307,14 +375,25 @@ fn run_inner(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path, 
 
 /// Median milliseconds of a forward pass on one training-sized dev batch, unmerged and (for
 /// methods that can fold into the weights) merged.
-fn latency(model: &mut Transformer, method: &dyn Method, head: Option<&SequenceHead>, task: &TaskData, batch: usize, pad: u32) -> Result<BTreeMap<String, f64>, HarnessError> {
+fn latency(
+    model: &mut Transformer,
+    method: &dyn Method,
+    head: Option<&SequenceHead>,
+    task: &TaskData,
+    batch: usize,
+    pad: u32,
+) -> Result<BTreeMap<String, f64>, HarnessError> {
     let examples: Vec<&Example> = task.dev.iter().take(batch).collect();
     let b = make_batch(&examples, pad, &Device::Cpu)?;
     let obj = task.objective;
     let time = |model: &Transformer| -> Result<f64, HarnessError> {
         let mut t = Vec::new();
         for _ in 0..3 {
-            let s = Scorer { model, method, head };
+            let s = Scorer {
+                model,
+                method,
+                head,
+            };
             let t0 = Instant::now();
             let _ = loss(&obj, &s, &b)?;
             t.push(t0.elapsed().as_secs_f64() * 1e3);

@@ -103,7 +103,10 @@ impl AdaLoraConfig {
         if self.target_r == 0 || self.init_r < self.target_r {
             return Err(invalid(
                 "adalora",
-                format!("need 1 ≤ target_r ≤ init_r, got target_r {} and init_r {}", self.target_r, self.init_r),
+                format!(
+                    "need 1 ≤ target_r ≤ init_r, got target_r {} and init_r {}",
+                    self.target_r, self.init_r
+                ),
             ));
         }
         if self.tinit + self.tfinal >= self.total_step {
@@ -148,7 +151,7 @@ impl AdaLoraConfig {
             let span = (self.total_step - self.tfinal - self.tinit) as f64;
             let mul = 1.0 - (step - self.tinit) as f64 / span;
             let budget = ((init - target) as f64 * mul.powi(3) + target as f64) as usize;
-            (budget, step % self.delta_t == 0)
+            (budget, step.is_multiple_of(self.delta_t))
         }
     }
 }
@@ -193,10 +196,24 @@ impl AdaLora {
         let mut triplets = BTreeMap::new();
         for site in config.target_modules.sites(&ctx.model.config, "adalora")? {
             let (inp, out) = crate::site_shape(&ctx.model.config, site.proj);
-            params.add(format!("{site}.lora_A"), ctx.init.normal((r, inp), 0.02, &dev)?)?;
-            params.add(format!("{site}.lora_E"), Tensor::zeros(r, DType::F32, &dev)?)?;
-            params.add(format!("{site}.lora_B"), ctx.init.normal((out, r), 0.02, &dev)?)?;
-            let get = |k: &str| params.get(&format!("{site}.{k}")).expect("just added").clone();
+            params.add(
+                format!("{site}.lora_A"),
+                ctx.init.normal((r, inp), 0.02, &dev)?,
+            )?;
+            params.add(
+                format!("{site}.lora_E"),
+                Tensor::zeros(r, DType::F32, &dev)?,
+            )?;
+            params.add(
+                format!("{site}.lora_B"),
+                ctx.init.normal((out, r), 0.02, &dev)?,
+            )?;
+            let get = |k: &str| {
+                params
+                    .get(&format!("{site}.{k}"))
+                    .expect("just added")
+                    .clone()
+            };
             triplets.insert(
                 site,
                 SvdTriplet {
@@ -255,7 +272,10 @@ impl AdaLora {
     /// non-zero Λ entries.
     pub fn ranks(&self) -> Result<BTreeMap<Site, usize>> {
         if let Some(p) = &self.rank_pattern {
-            return Ok(p.iter().map(|(s, k)| (*s, k.iter().filter(|x| **x).count())).collect());
+            return Ok(p
+                .iter()
+                .map(|(s, k)| (*s, k.iter().filter(|x| **x).count()))
+                .collect());
         }
         self.triplets
             .iter()
@@ -275,7 +295,9 @@ impl AdaLora {
         let (b1, b2) = (self.config.beta1, self.config.beta2);
         for (site, t) in &self.triplets {
             for (k, var) in [(0u8, &t.q), (1, &t.lambda), (2, &t.p)] {
-                let Some(g) = grads.get(var.as_tensor()) else { continue };
+                let Some(g) = grads.get(var.as_tensor()) else {
+                    continue;
+                };
                 let ipt = (var.as_tensor().detach() * g.detach())?.abs()?;
                 let entry = self.importance.entry((*site, k));
                 let cur = match entry {
@@ -385,11 +407,14 @@ impl Intervention for AdaLora {
             return Ok(output);
         };
         let x = if self.training.get() && self.config.lora_dropout > 0.0 {
-            crate::lora::dropout(input, self.config.lora_dropout, &self.rng).map_err(candle_core::Error::wrap)?
+            crate::lora::dropout(input, self.config.lora_dropout, &self.rng)
+                .map_err(candle_core::Error::wrap)?
         } else {
             input.clone()
         };
-        let qe = t.q.as_tensor().broadcast_mul(&t.lambda.as_tensor().unsqueeze(1)?)?;
+        let qe =
+            t.q.as_tensor()
+                .broadcast_mul(&t.lambda.as_tensor().unsqueeze(1)?)?;
         let low = x.broadcast_matmul(&qe.t()?)?;
         let up = low.broadcast_matmul(&t.p.as_tensor().t()?)?;
         output + (up * (self.config.lora_alpha / self.config.init_r as f64))?
@@ -410,7 +435,9 @@ impl Method for AdaLora {
         if self.config.orth_reg_weight == 0.0 {
             return Ok(None);
         }
-        Ok(Some((self.orthogonality_penalty()? * self.config.orth_reg_weight)?))
+        Ok(Some(
+            (self.orthogonality_penalty()? * self.config.orth_reg_weight)?,
+        ))
     }
     fn after_step(&mut self, step: usize, grads: &GradStore) -> Result<()> {
         self.update_and_allocate(step, grads)
@@ -421,6 +448,8 @@ impl Method for AdaLora {
             .into_iter()
             .map(|(s, r)| (s.to_string(), r.into()))
             .collect();
-        Ok(serde_json::json!({ "final_ranks": ranks, "target_budget": self.config.target_r * self.triplets.len() }))
+        Ok(
+            serde_json::json!({ "final_ranks": ranks, "target_budget": self.config.target_r * self.triplets.len() }),
+        )
     }
 }

@@ -119,14 +119,33 @@ impl Adapter {
         let mut modules = BTreeMap::new();
         for layer in 0..ctx.model.config.num_layers {
             for &block in config.blocks() {
-                let name = format!("layer{layer}.{}", if block == Block::Attention { "attn" } else { "ffn" });
+                let name = format!(
+                    "layer{layer}.{}",
+                    if block == Block::Attention {
+                        "attn"
+                    } else {
+                        "ffn"
+                    }
+                );
                 let down = Linear::new(
-                    params.add(format!("{name}.down.weight"), ctx.init.kaiming_uniform(m, h, &dev)?)?,
-                    Some(params.add(format!("{name}.down.bias"), Tensor::zeros(m, DType::F32, &dev)?)?),
+                    params.add(
+                        format!("{name}.down.weight"),
+                        ctx.init.kaiming_uniform(m, h, &dev)?,
+                    )?,
+                    Some(params.add(
+                        format!("{name}.down.bias"),
+                        Tensor::zeros(m, DType::F32, &dev)?,
+                    )?),
                 );
                 let up = Linear::new(
-                    params.add(format!("{name}.up.weight"), Tensor::zeros((h, m), DType::F32, &dev)?)?,
-                    Some(params.add(format!("{name}.up.bias"), Tensor::zeros(h, DType::F32, &dev)?)?),
+                    params.add(
+                        format!("{name}.up.weight"),
+                        Tensor::zeros((h, m), DType::F32, &dev)?,
+                    )?,
+                    Some(params.add(
+                        format!("{name}.up.bias"),
+                        Tensor::zeros(h, DType::F32, &dev)?,
+                    )?),
                 );
                 modules.insert((layer, block_key(block)), AdapterModule { down, up });
             }
@@ -139,7 +158,12 @@ impl Adapter {
     }
 
     /// f(x) = up(act(down(x))), the adapter's residual branch.
-    pub fn branch(&self, layer: usize, block: Block, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    pub fn branch(
+        &self,
+        layer: usize,
+        block: Block,
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let Some(m) = self.modules.get(&(layer, block_key(block))) else {
             return Ok(None);
         };
@@ -154,7 +178,12 @@ impl Adapter {
 }
 
 impl Intervention for Adapter {
-    fn after_block(&self, layer: usize, block: Block, output: Tensor) -> candle_core::Result<Tensor> {
+    fn after_block(
+        &self,
+        layer: usize,
+        block: Block,
+        output: Tensor,
+    ) -> candle_core::Result<Tensor> {
         match self.branch(layer, block, &output)? {
             Some(f) => output + f,
             None => Ok(output),

@@ -118,14 +118,22 @@ impl Targets {
         let mut projs = Vec::new();
         for name in &self.0 {
             if name == "all-linear" {
-                projs.extend(Proj::ALL.iter().copied().filter(|p| *p != Proj::Gate || has_gate));
+                projs.extend(
+                    Proj::ALL
+                        .iter()
+                        .copied()
+                        .filter(|p| *p != Proj::Gate || has_gate),
+                );
                 continue;
             }
             let p = Proj::parse(name).ok_or_else(|| {
                 error::invalid(method, format!("unknown target module `{name}` (query, key, value, attn_out, up, gate, down, all-linear)"))
             })?;
             if p == Proj::Gate && !has_gate {
-                return Err(error::invalid(method, format!("target module `{name}`: this model has no gate projection")));
+                return Err(error::invalid(
+                    method,
+                    format!("target module `{name}`: this model has no gate projection"),
+                ));
             }
             projs.push(p);
         }

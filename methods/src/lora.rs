@@ -62,7 +62,10 @@ impl LoraConfig {
             return Err(invalid("lora", "rank must be at least 1"));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(invalid("lora", format!("lora_dropout {} is not in [0, 1)", self.lora_dropout)));
+            return Err(invalid(
+                "lora",
+                format!("lora_dropout {} is not in [0, 1)", self.lora_dropout),
+            ));
         }
         self.target_modules.sites(model, "lora").map(|_| ())
     }
@@ -108,7 +111,10 @@ impl Lora {
         let dev = ctx.model.device().clone();
         for site in config.target_modules.sites(&ctx.model.config, "lora")? {
             let (inp, out) = crate::site_shape(&ctx.model.config, site.proj);
-            let a = params.add(format!("{site}.lora_A"), ctx.init.kaiming_uniform(config.rank, inp, &dev)?)?;
+            let a = params.add(
+                format!("{site}.lora_A"),
+                ctx.init.kaiming_uniform(config.rank, inp, &dev)?,
+            )?;
             let b = params.add(
                 format!("{site}.lora_B"),
                 Tensor::zeros((out, config.rank), candle_core::DType::F32, &dev)?,
@@ -168,12 +174,22 @@ impl Lora {
 }
 
 /// Inverted dropout with a seeded mask.
-pub(crate) fn dropout(x: &Tensor, p: f64, rng: &RefCell<peftbench_backbone::Initializer>) -> Result<Tensor> {
+pub(crate) fn dropout(
+    x: &Tensor,
+    p: f64,
+    rng: &RefCell<peftbench_backbone::Initializer>,
+) -> Result<Tensor> {
     let n = x.elem_count();
     let keep: Vec<f32> = {
         let mut r = rng.borrow_mut();
         (0..n)
-            .map(|_| if (r.unit() as f64) < p { 0.0 } else { (1.0 / (1.0 - p)) as f32 })
+            .map(|_| {
+                if (r.unit() as f64) < p {
+                    0.0
+                } else {
+                    (1.0 / (1.0 - p)) as f32
+                }
+            })
             .collect()
     };
     Ok((x * Tensor::from_vec(keep, x.shape(), x.device())?)?)

@@ -42,10 +42,22 @@ impl BiLstm {
             let mut cell = |dir: &str| -> Result<Cell> {
                 let p = format!("{name}.l{l}{dir}");
                 Ok(Cell {
-                    w_ih: params.add(format!("{p}.weight_ih"), init.uniform((4 * hidden, inp), bound, dev)?)?,
-                    w_hh: params.add(format!("{p}.weight_hh"), init.uniform((4 * hidden, hidden), bound, dev)?)?,
-                    b_ih: params.add(format!("{p}.bias_ih"), init.uniform(4 * hidden, bound, dev)?)?,
-                    b_hh: params.add(format!("{p}.bias_hh"), init.uniform(4 * hidden, bound, dev)?)?,
+                    w_ih: params.add(
+                        format!("{p}.weight_ih"),
+                        init.uniform((4 * hidden, inp), bound, dev)?,
+                    )?,
+                    w_hh: params.add(
+                        format!("{p}.weight_hh"),
+                        init.uniform((4 * hidden, hidden), bound, dev)?,
+                    )?,
+                    b_ih: params.add(
+                        format!("{p}.bias_ih"),
+                        init.uniform(4 * hidden, bound, dev)?,
+                    )?,
+                    b_hh: params.add(
+                        format!("{p}.bias_hh"),
+                        init.uniform(4 * hidden, bound, dev)?,
+                    )?,
                 })
             };
             layers.push([cell("")?, cell("_reverse")?]);
@@ -67,11 +79,18 @@ impl BiLstm {
         let (p, _) = x.dims2()?;
         let e = self.hidden;
         // Input contributions for every step in one GEMM.
-        let xi = x.matmul(&cell.w_ih.t()?)?.broadcast_add(&cell.b_ih)?.broadcast_add(&cell.b_hh)?;
+        let xi = x
+            .matmul(&cell.w_ih.t()?)?
+            .broadcast_add(&cell.b_ih)?
+            .broadcast_add(&cell.b_hh)?;
         let mut h = Tensor::zeros((1, e), x.dtype(), x.device())?;
         let mut c = h.clone();
         let mut out = vec![None; p];
-        let order: Vec<usize> = if reverse { (0..p).rev().collect() } else { (0..p).collect() };
+        let order: Vec<usize> = if reverse {
+            (0..p).rev().collect()
+        } else {
+            (0..p).collect()
+        };
         for t in order {
             let gates = (xi.narrow(0, t, 1)? + h.matmul(&cell.w_hh.t()?)?)?;
             let i = sigmoid(&gates.narrow(1, 0, e)?)?;
@@ -82,7 +101,10 @@ impl BiLstm {
             h = (o * c.tanh()?)?;
             out[t] = Some(h.clone());
         }
-        let out: Vec<Tensor> = out.into_iter().map(|o| o.expect("every step ran")).collect();
+        let out: Vec<Tensor> = out
+            .into_iter()
+            .map(|o| o.expect("every step ran"))
+            .collect();
         Tensor::cat(&out, 0)
     }
 

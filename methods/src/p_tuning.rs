@@ -58,17 +58,26 @@ impl PTuningConfig {
     /// Checks the configuration.
     pub fn validate(&self, _model: &ModelConfig) -> Result<()> {
         if self.encoder_hidden_size == 0 {
-            return Err(invalid("p_tuning", "encoder_hidden_size must be at least 1"));
+            return Err(invalid(
+                "p_tuning",
+                "encoder_hidden_size must be at least 1",
+            ));
         }
         Ok(())
     }
 
     /// Closed form of embedding plus encoder.
     pub fn num_trainable(&self, model: &ModelConfig) -> usize {
-        let (h, e, p) = (model.hidden_size, self.encoder_hidden_size, self.num_virtual_tokens);
+        let (h, e, p) = (
+            model.hidden_size,
+            self.encoder_hidden_size,
+            self.num_virtual_tokens,
+        );
         let encoder = match self.encoder_type {
             PromptEncoderType::Lstm => {
-                BiLstm::num_parameters(h, e, LSTM_LAYERS) + (2 * e * 2 * e + 2 * e) + (2 * e * h + h)
+                BiLstm::num_parameters(h, e, LSTM_LAYERS)
+                    + (2 * e * 2 * e + 2 * e)
+                    + (2 * e * h + h)
             }
             PromptEncoderType::Mlp => (h * e + e) + (e * e + e) + (e * h + h),
         };
@@ -91,21 +100,41 @@ impl PTuning {
         let dev = ctx.model.device().clone();
         let (h, e) = (ctx.model.config.hidden_size, config.encoder_hidden_size);
         let mut params = TrainableParams::new();
-        let init = initial_prompt(&PromptInit::Random, config.num_virtual_tokens, ctx, "p_tuning")?;
+        let init = initial_prompt(
+            &PromptInit::Random,
+            config.num_virtual_tokens,
+            ctx,
+            "p_tuning",
+        )?;
         let embedding = params.add("embedding", init)?;
-        let mut linear = |name: &str, inp: usize, out: usize, params: &mut TrainableParams| -> Result<Linear> {
-            Ok(Linear::new(
-                params.add(format!("{name}.weight"), ctx.init.kaiming_uniform(out, inp, &dev)?)?,
-                Some(params.add(format!("{name}.bias"), ctx.init.uniform(out, 1.0 / (inp as f64).sqrt(), &dev)?)?),
-            ))
-        };
+        let mut linear =
+            |name: &str, inp: usize, out: usize, params: &mut TrainableParams| -> Result<Linear> {
+                Ok(Linear::new(
+                    params.add(
+                        format!("{name}.weight"),
+                        ctx.init.kaiming_uniform(out, inp, &dev)?,
+                    )?,
+                    Some(params.add(
+                        format!("{name}.bias"),
+                        ctx.init.uniform(out, 1.0 / (inp as f64).sqrt(), &dev)?,
+                    )?),
+                ))
+            };
         let (lstm, mlp) = match config.encoder_type {
             PromptEncoderType::Lstm => {
                 let mlp = vec![
                     linear("mlp_head.0", 2 * e, 2 * e, &mut params)?,
                     linear("mlp_head.2", 2 * e, h, &mut params)?,
                 ];
-                let lstm = BiLstm::new("lstm_head", h, e, LSTM_LAYERS, &mut params, &mut ctx.init, &dev)?;
+                let lstm = BiLstm::new(
+                    "lstm_head",
+                    h,
+                    e,
+                    LSTM_LAYERS,
+                    &mut params,
+                    &mut ctx.init,
+                    &dev,
+                )?;
                 (Some(lstm), mlp)
             }
             PromptEncoderType::Mlp => (

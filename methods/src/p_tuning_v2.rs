@@ -41,7 +41,10 @@ impl PTuningV2Config {
     /// Checks the configuration.
     pub fn validate(&self, _model: &ModelConfig) -> Result<()> {
         if self.prefix_projection && self.encoder_hidden_size == 0 {
-            return Err(crate::error::invalid("p_tuning_v2", "encoder_hidden_size must be at least 1"));
+            return Err(crate::error::invalid(
+                "p_tuning_v2",
+                "encoder_hidden_size must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -77,9 +80,19 @@ impl PTuningV2 {
         let p = config.num_virtual_tokens;
         let mut params = TrainableParams::new();
         let prompts = if config.prefix_projection {
-            Prompts::Mlp(PrefixMlp::new(&model, p, config.encoder_hidden_size, &mut params, &mut ctx.init, &dev)?)
+            Prompts::Mlp(PrefixMlp::new(
+                &model,
+                p,
+                config.encoder_hidden_size,
+                &mut params,
+                &mut ctx.init,
+                &dev,
+            )?)
         } else {
-            Prompts::Direct(params.add("prompts", ctx.init.normal((p, table_width(&model)), 1.0, &dev)?)?)
+            Prompts::Direct(params.add(
+                "prompts",
+                ctx.init.normal((p, table_width(&model)), 1.0, &dev)?,
+            )?)
         };
         Ok(Self {
             model,

@@ -57,11 +57,17 @@ impl PrefixMlp {
         let embedding = params.add("prefix.embedding", init.normal((p, h), 1.0, dev)?)?;
         let first = Linear::new(
             params.add("prefix.mlp.0.weight", init.kaiming_uniform(mid, h, dev)?)?,
-            Some(params.add("prefix.mlp.0.bias", init.uniform(mid, 1.0 / (h as f64).sqrt(), dev)?)?),
+            Some(params.add(
+                "prefix.mlp.0.bias",
+                init.uniform(mid, 1.0 / (h as f64).sqrt(), dev)?,
+            )?),
         );
         let second = Linear::new(
             params.add("prefix.mlp.2.weight", init.kaiming_uniform(w, mid, dev)?)?,
-            Some(params.add("prefix.mlp.2.bias", init.uniform(w, 1.0 / (mid as f64).sqrt(), dev)?)?),
+            Some(params.add(
+                "prefix.mlp.2.bias",
+                init.uniform(w, 1.0 / (mid as f64).sqrt(), dev)?,
+            )?),
         );
         Ok(Self {
             embedding,
@@ -78,6 +84,7 @@ impl PrefixMlp {
 
     /// The table `[p, 2·layers·kv_dim]`.
     pub fn table(&self) -> candle_core::Result<Tensor> {
-        self.second.forward(&self.first.forward(&self.embedding)?.tanh()?)
+        self.second
+            .forward(&self.first.forward(&self.embedding)?.tanh()?)
     }
 }

@@ -39,7 +39,10 @@ impl PrefixTuningConfig {
     /// Checks the configuration.
     pub fn validate(&self, _model: &ModelConfig) -> Result<()> {
         if self.encoder_hidden_size == 0 {
-            return Err(invalid("prefix_tuning", "encoder_hidden_size must be at least 1"));
+            return Err(invalid(
+                "prefix_tuning",
+                "encoder_hidden_size must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -147,7 +150,8 @@ impl PrefixTable {
 
     /// Writes the table as `prefix.table` in a safetensors file.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let map = std::collections::HashMap::from([("prefix.table".to_string(), self.table.clone())]);
+        let map =
+            std::collections::HashMap::from([("prefix.table".to_string(), self.table.clone())]);
         candle_core::safetensors::save(&map, path)?;
         Ok(())
     }

@@ -65,7 +65,12 @@ impl PromptTuningConfig {
 }
 
 /// Builds `[p, hidden]` initial prompt vectors (shared with P-Tuning's embedding).
-pub(crate) fn initial_prompt(init: &PromptInit, p: usize, ctx: &mut AttachContext, method: &'static str) -> Result<Tensor> {
+pub(crate) fn initial_prompt(
+    init: &PromptInit,
+    p: usize,
+    ctx: &mut AttachContext,
+    method: &'static str,
+) -> Result<Tensor> {
     let dev = ctx.model.device().clone();
     let h = ctx.model.config.hidden_size;
     let vocab = ctx.model.config.vocab_size;
@@ -73,9 +78,9 @@ pub(crate) fn initial_prompt(init: &PromptInit, p: usize, ctx: &mut AttachContex
         PromptInit::Random => return Ok(ctx.init.normal((p, h), 1.0, &dev)?),
         PromptInit::SampleVocab => (0..p).map(|_| ctx.init.index(vocab) as u32).collect(),
         PromptInit::Text { text } => {
-            let tok = ctx
-                .tokenizer
-                .ok_or_else(|| invalid(method, "text initialisation needs the model's tokenizer"))?;
+            let tok = ctx.tokenizer.ok_or_else(|| {
+                invalid(method, "text initialisation needs the model's tokenizer")
+            })?;
             let t = tok.encode_ids(text, false)?;
             if t.is_empty() {
                 return Err(invalid(method, format!("init text `{text}` has no tokens")));
@@ -100,7 +105,12 @@ impl PromptTuning {
     /// Creates the soft prompt.
     pub fn attach(config: &PromptTuningConfig, ctx: &mut AttachContext) -> Result<Self> {
         config.validate(&ctx.model.config)?;
-        let init = initial_prompt(&config.init, config.num_virtual_tokens, ctx, "prompt_tuning")?;
+        let init = initial_prompt(
+            &config.init,
+            config.num_virtual_tokens,
+            ctx,
+            "prompt_tuning",
+        )?;
         let mut params = TrainableParams::new();
         let prompt = params.add("prompt", init)?;
         Ok(Self { prompt, params })

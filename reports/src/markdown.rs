@@ -120,7 +120,10 @@ pub const RANDOM_INIT_SUFFIX: &str = "-random-init";
 /// comparing the two: what pretraining contributes.
 pub fn pretraining_sentences(rows: &[SummaryRow], task: &str) -> Vec<String> {
     let mut out = Vec::new();
-    for control in rows.iter().filter(|r| r.task == task && r.method.ends_with(RANDOM_INIT_SUFFIX)) {
+    for control in rows
+        .iter()
+        .filter(|r| r.task == task && r.method.ends_with(RANDOM_INIT_SUFFIX))
+    {
         let method = control.method.trim_end_matches(RANDOM_INIT_SUFFIX);
         let Some(pre) = rows
             .iter()

@@ -12,15 +12,22 @@ pub fn minilm_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("PEFTBENCH_MINILM")
         .map(PathBuf::from)
         .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/peftbench/all-MiniLM-L6-v2"))
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/peftbench/all-MiniLM-L6-v2"))
         })?;
     if dir.join("model.safetensors").exists() {
         return Some(dir);
     }
     if std::env::var_os("CI").is_some() {
-        panic!("all-MiniLM-L6-v2 not found at {}: run scripts/fetch-minilm.sh", dir.display());
+        panic!(
+            "all-MiniLM-L6-v2 not found at {}: run scripts/fetch-minilm.sh",
+            dir.display()
+        );
     }
-    eprintln!("skipping: all-MiniLM-L6-v2 not found at {} (run scripts/fetch-minilm.sh)", dir.display());
+    eprintln!(
+        "skipping: all-MiniLM-L6-v2 not found at {} (run scripts/fetch-minilm.sh)",
+        dir.display()
+    );
     None
 }
 
