@@ -127,7 +127,14 @@ fn log_range(values: impl IntoIterator<Item = f64>) -> Option<(f64, f64)> {
         lo = lo.min(v);
         hi = hi.max(v);
     }
-    lo.is_finite().then_some((lo / 2.0, hi * 2.0))
+    // Whole decades: plotters labels a log axis at powers of ten, so a range inside one
+    // decade would get no labels.
+    lo.is_finite().then(|| {
+        (
+            10f64.powf((lo / 2.0).log10().floor()),
+            10f64.powf((hi * 2.0).log10().ceil()),
+        )
+    })
 }
 
 /// Compact parameter counts for axis labels: 1.5k, 20k, 1.2M.
