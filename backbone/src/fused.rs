@@ -294,9 +294,6 @@ fn tanh_fast(x: f32) -> f32 {
 
 // ---- softmax / log-softmax -----------------------------------------------------------------
 
-/// Softmax over the last dimension.
-struct Softmax;
-
 simd! {
     /// One row of softmax: max-subtract, exp, normalise.
     fn softmax_row(x: &[f32], y: &mut [f32]) {
@@ -321,32 +318,6 @@ simd! {
     }
 }
 
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "fused-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = map_rows(slice(s, l)?, last_dim(l), softmax_row);
-        Ok((CpuStorage::F32(y), l.shape().clone()))
-    }
-
-    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        if !arg.track_op() {
-            return Ok(None);
-        }
-        let g = contiguous_grad(grad)?;
-        let d = res.dim(D::Minus1)?;
-        let dx = with_slices(&[&g, res], |s| {
-            Ok(map_rows2(s[0], s[1], d, softmax_bwd_row))
-        })?;
-        Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
-    }
-}
-
-/// Log-softmax over the last dimension.
-struct LogSoftmax;
-
 simd! {
     /// One row of log-softmax: x − max − ln Σ e^(x − max).
     fn log_softmax_row(x: &[f32], y: &mut [f32]) {
@@ -368,13 +339,21 @@ simd! {
     }
 }
 
-impl CustomOp1 for LogSoftmax {
+/// A row-wise op over the last dimension whose backward needs only the output gradient and
+/// the result (softmax, log-softmax).
+struct RowOp {
+    name: &'static str,
+    fwd: fn(&[f32], &mut [f32]),
+    bwd: fn(&[f32], &[f32], &mut [f32]),
+}
+
+impl CustomOp1 for RowOp {
     fn name(&self) -> &'static str {
-        "fused-log-softmax"
+        self.name
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = map_rows(slice(s, l)?, last_dim(l), log_softmax_row);
+        let y = map_rows(slice(s, l)?, last_dim(l), self.fwd);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -384,21 +363,27 @@ impl CustomOp1 for LogSoftmax {
         }
         let g = contiguous_grad(grad)?;
         let d = res.dim(D::Minus1)?;
-        let dx = with_slices(&[&g, res], |s| {
-            Ok(map_rows2(s[0], s[1], d, log_softmax_bwd_row))
-        })?;
+        let dx = with_slices(&[&g, res], |s| Ok(map_rows2(s[0], s[1], d, self.bwd)))?;
         Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
     }
 }
 
 /// Fused softmax over the last dimension (f32, CPU).
 pub(crate) fn softmax(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Softmax)
+    x.contiguous()?.apply_op1(RowOp {
+        name: "fused-softmax",
+        fwd: softmax_row,
+        bwd: softmax_bwd_row,
+    })
 }
 
 /// Fused log-softmax over the last dimension (f32, CPU).
 pub(crate) fn log_softmax(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(LogSoftmax)
+    x.contiguous()?.apply_op1(RowOp {
+        name: "fused-log-softmax",
+        fwd: log_softmax_row,
+        bwd: log_softmax_bwd_row,
+    })
 }
 
 // ---- layer norm ----------------------------------------------------------------------------
