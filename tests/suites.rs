@@ -35,3 +35,40 @@ fn glue_suites_have_the_promised_grid() {
     // default: 3 tasks × (8 methods + the LoRA random-init control), one seed.
     assert_eq!(suite("default").runs().len(), 3 * 9);
 }
+
+#[test]
+fn a_task_can_override_steps_and_pooling() {
+    let s = suite("glue-minilm-quick");
+    let runs = s.runs();
+    let steps = |task: &str| {
+        runs.iter()
+            .filter(|r| r.task == task)
+            .map(|r| r.train.steps)
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(steps("sst2"), [s.train.steps].into());
+    assert_eq!(steps("rte"), [160].into());
+    assert!(s
+        .tasks
+        .iter()
+        .all(|t| t.pooling == Some(peftbench_backbone::Pooling::Mean)));
+
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("suites/glue-minilm-quick.toml"),
+    )
+    .unwrap();
+    let e = Suite::parse(&text.replace("steps = 160", "steps = 0"), "q.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("q.toml") && e.contains("`rte`: steps must be > 0"),
+        "{e}"
+    );
+    let e = Suite::parse(
+        &text.replacen("pooling = \"mean\"", "pooling = \"max\"", 1),
+        "q.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("q.toml") && e.contains("max"), "{e}");
+}

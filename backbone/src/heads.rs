@@ -113,6 +113,12 @@ impl SequenceHead {
         })
     }
 
+    /// The same head summarising sequences another way (the pooler is used with `First` only).
+    pub fn with_pooling(mut self, pooling: Pooling) -> Self {
+        self.pooling = pooling;
+        self
+    }
+
     /// Closed-form trainable count: `outputs·hidden + outputs`.
     pub fn num_parameters(kind: HeadKind, hidden: usize) -> usize {
         kind.outputs() * (hidden + 1)

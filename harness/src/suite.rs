@@ -173,6 +173,12 @@ impl Suite {
         for b in &raw.budgets {
             Budget::parse(b).map_err(|m| err(line_of(text, "budgets"), m))?;
         }
+        if let Some(t) = raw.tasks.iter().find(|t| t.steps == Some(0)) {
+            return Err(err(
+                line_of(text, &format!("\"{}\"", t.name)),
+                format!("task `{}`: steps must be > 0", t.name),
+            ));
+        }
         if raw.seeds.is_empty() || raw.tasks.is_empty() || raw.train.steps == 0 {
             return Err(err(
                 None,
@@ -191,6 +197,18 @@ impl Suite {
             data_root: raw.data_root,
             random_init_controls: raw.random_init_controls,
         })
+    }
+
+    /// The suite's training settings with the task's overrides applied.
+    pub fn train_for(&self, task: &TaskConfig) -> TrainConfig {
+        let mut train = self.train.clone();
+        if let Some(steps) = task.steps {
+            train.steps = steps;
+        }
+        if let Some(every) = task.eval_every {
+            train.eval_every = every;
+        }
+        train
     }
 
     /// Every run of the suite, in a stable order. Full fine-tuning ignores budgets: it is the
@@ -224,7 +242,7 @@ impl Suite {
                             budget: budget.clone(),
                             max_budget_deviation: self.max_budget_deviation,
                             seed,
-                            train: self.train.clone(),
+                            train: self.train_for(task),
                         });
                     }
                 }

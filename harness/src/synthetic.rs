@@ -319,5 +319,6 @@ pub fn task(
         train,
         dev,
         skipped_rows: 0,
+        pooling: None,
     })
 }

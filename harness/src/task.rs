@@ -4,7 +4,7 @@
 use crate::data::{clip_left, Example, Target};
 use crate::objective::Objective;
 use crate::HarnessError;
-use peftbench_backbone::TextTokenizer;
+use peftbench_backbone::{Pooling, TextTokenizer};
 use peftbench_datasets::{
     load_alpaca, load_preferences, load_text_task, subset, Label, LoadOptions, Split, TextTaskSpec,
 };
@@ -70,6 +70,19 @@ pub struct TaskConfig {
     /// Skip and count malformed rows instead of failing.
     #[serde(default)]
     pub skip_bad_rows: bool,
+    /// How the sequence head summarises a sequence (`first`, `last_token`, `mean`). Unset:
+    /// Hugging Face's choice (the pooled first token for encoders, the last token for decoders
+    /// and reward models). `mean` suits sentence-embedding encoders such as all-MiniLM-L6-v2,
+    /// which were trained with mean pooling and whose first-token pooler was never tuned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooling: Option<Pooling>,
+    /// Training steps for this task, overriding the suite's `[train] steps` (small or hard
+    /// tasks such as RTE need more updates than large easy ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    /// Evaluation interval for this task, overriding the suite's `[train] eval_every`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_every: Option<usize>,
 }
 
 fn d_max_len() -> usize {
@@ -89,6 +102,8 @@ pub struct TaskData {
     pub dev: Vec<Example>,
     /// Rows skipped as malformed.
     pub skipped_rows: usize,
+    /// The head's pooling, where the task overrides the default.
+    pub pooling: Option<Pooling>,
 }
 
 /// Subset seed: the data subset is the same for every run of a suite.
@@ -192,6 +207,7 @@ pub fn load_task(
                 train,
                 dev,
                 skipped_rows: s1 + s2,
+                pooling: cfg.pooling,
             })
         }
         TaskSource::Alpaca { path, dev_fraction } => {
@@ -216,6 +232,7 @@ pub fn load_task(
                 train: encode(limit(train, cfg.train_limit))?,
                 dev: encode(limit(dev, cfg.dev_limit))?,
                 skipped_rows: loaded.skipped.len(),
+                pooling: cfg.pooling,
             })
         }
         TaskSource::Preference { path, dev_fraction } => {
@@ -238,6 +255,7 @@ pub fn load_task(
                 train: encode(limit(train, cfg.train_limit))?,
                 dev: encode(limit(dev, cfg.dev_limit))?,
                 skipped_rows: loaded.skipped.len(),
+                pooling: cfg.pooling,
             })
         }
         TaskSource::Synthetic { .. } => Err(HarnessError::Config(format!(

@@ -234,15 +234,24 @@ fn run_inner(
     let mut method = config.attach(&mut ctx)?;
     let mut head_params = TrainableParams::new();
     let head = match task.objective.head_kind() {
-        Some(kind) => Some(SequenceHead::new(
-            &model,
-            kind,
-            &mut head_params,
-            &mut Initializer::new(spec.seed ^ 0x4ead),
-        )?),
+        Some(kind) => {
+            let head = SequenceHead::new(
+                &model,
+                kind,
+                &mut head_params,
+                &mut Initializer::new(spec.seed ^ 0x4ead),
+            )?;
+            Some(match task.pooling {
+                Some(p) => head.with_pooling(p),
+                None => head,
+            })
+        }
         None => None,
     };
     rec.head_params = head_params.count();
+    if let Some(h) = &head {
+        rec.config["head_pooling"] = serde_json::to_value(h.pooling).unwrap_or_default();
+    }
     if method.params().count() != matched.achieved {
         return Err(HarnessError::Config(format!(
             "{}: created {} trainable parameters, formula says {}",
