@@ -1,20 +1,28 @@
 //! Writes `reports/step_table.md` and `.csv`: per method, in the configuration the PyTorch +
 //! PEFT reference used (LoRA r=8 on query/value, AdaLoRA 12 → 8, 20 prefix / prompt / P-Tuning
-//! tokens; each method's defaults in `peftbench methods`), on the all-MiniLM-L6-v2 shape (batch 16 × 64, f32), median ms per training step over 10 steps
-//! after 3 warm-up steps, with methods interleaved (the host's speed drifts), tokens per second,
-//! peak memory, and the ratio to the PyTorch + PEFT reference measured on a machine of this kind.
+//! tokens; each method's defaults in `peftbench methods`), on the all-MiniLM-L6-v2 shape
+//! (batch 16 × 64, f32): median ms per training step (forward, backward, AdamW), methods
+//! interleaved step by step because the host's speed drifts, tokens per second, peak memory,
+//! and the ratio to PyTorch + PEFT.
+//!
+//! With `PEFTBENCH_PYTHON` naming a Python that has torch, transformers and peft, the same
+//! steps run in PyTorch (`benches/pytorch_step.py`) in rounds alternating with ours on this
+//! machine, and the ratio is ours over theirs from the same run. Without it the ratio is to
+//! the figures measured on another machine of this kind (from the benchmark issue).
+//! `PEFTBENCH_BENCH_METHODS=lora,full_finetune` limits the methods.
 //!
 //! `cargo bench --bench step_table`
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Instant;
 use support::*;
 
 /// ms/step of PyTorch 2.15 + PEFT 0.21.2 on a 2-core AVX-512 machine of this kind (2 threads,
 /// fp32, batch 16 × 64 of all-MiniLM-L6-v2 with a 2-class head), from the benchmark issue.
-const PYTORCH_MS: [(&str, f64); 6] = [
+const REFERENCE_MS: [(&str, f64); 6] = [
     ("full_finetune", 715.0),
     ("lora", 476.0),
     ("adalora", 480.0),
@@ -22,6 +30,53 @@ const PYTORCH_MS: [(&str, f64); 6] = [
     ("prompt_tuning", 673.0),
     ("p_tuning", 685.0),
 ];
+
+/// Rounds of (ours, PyTorch) when PyTorch runs side by side.
+const ROUNDS: usize = 3;
+/// Timed steps per method per round.
+const STEPS: usize = 10;
+
+fn median(v: &[f64]) -> f64 {
+    let mut t = v.to_vec();
+    t.sort_by(f64::total_cmp);
+    let n = t.len();
+    if n % 2 == 1 {
+        t[n / 2]
+    } else {
+        (t[n / 2 - 1] + t[n / 2]) / 2.0
+    }
+}
+
+/// One PyTorch round: ms samples per method.
+fn pytorch_round(python: &str, methods: &[&str]) -> BTreeMap<String, Vec<f64>> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/pytorch_step.py");
+    let model = std::env::var("PEFTBENCH_MINILM").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/peftbench/all-MiniLM-L6-v2",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args(["--model", &model, "--steps", &STEPS.to_string()])
+        .args([
+            "--threads",
+            &candle_core::utils::get_num_threads().to_string(),
+        ])
+        .args(["--methods", &methods.join(",")])
+        .output()
+        .unwrap_or_else(|e| panic!("running {python} {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed:\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.trim())
+        .unwrap_or_else(|e| panic!("{}: bad output ({e}): {line}", script.display()));
+    serde_json::from_value(v["ms"].clone()).expect("ms per method")
+}
 
 fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -43,7 +98,14 @@ fn main() {
     // `cargo bench` passes --bench; nothing else to parse.
     let base = minilm();
     let b = batch(16, 64);
-    let methods = peftbench_methods::MethodConfig::defaults();
+    let only = std::env::var("PEFTBENCH_BENCH_METHODS").unwrap_or_default();
+    let methods: Vec<_> = peftbench_methods::MethodConfig::defaults()
+        .into_iter()
+        .filter(|m| only.is_empty() || only.split(',').any(|n| n == m.name()))
+        .collect();
+    let python = std::env::var("PEFTBENCH_PYTHON")
+        .ok()
+        .filter(|p| !p.is_empty());
 
     // Peak memory: one method at a time, the kernel's high-water mark reset before each.
     let mut peaks = Vec::new();
@@ -61,35 +123,61 @@ fn main() {
             s.step(&b);
         }
     }
+    let with_torch: Vec<&str> = methods
+        .iter()
+        .map(|m| m.name())
+        .filter(|n| *n != "adapter")
+        .collect();
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
-    for _ in 0..10 {
-        for (i, s) in setups.iter_mut().enumerate() {
-            let t0 = Instant::now();
-            s.step(&b);
-            times[i].push(t0.elapsed().as_secs_f64() * 1e3);
+    let mut torch: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for _ in 0..if python.is_some() { ROUNDS } else { 1 } {
+        for _ in 0..STEPS {
+            for (i, s) in setups.iter_mut().enumerate() {
+                let t0 = Instant::now();
+                s.step(&b);
+                times[i].push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        if let Some(py) = &python {
+            for (k, v) in pytorch_round(py, &with_torch) {
+                torch.entry(k).or_default().extend(v);
+            }
         }
     }
     let full_peak = methods
         .iter()
         .position(|m| m.name() == "full_finetune")
         .map(|i| peaks[i] as f64);
+    let (py_label, py_note) = if python.is_some() {
+        (
+            "PyTorch ms (same run)",
+            format!("PyTorch + PEFT ran the same steps on this machine in {ROUNDS} rounds alternating with ours (`benches/pytorch_step.py`, `PEFTBENCH_PYTHON` set); both columns are medians over all rounds"),
+        )
+    } else {
+        (
+            "PyTorch ms (other machine)",
+            "PyTorch figures are the benchmark issue's, measured on another 2-core machine; set `PEFTBENCH_PYTHON` to measure them side by side here".to_string(),
+        )
+    };
     let mut md = String::new();
-    let mut csv = String::from("method,trainable_params,ms_per_step,tokens_per_s,peak_mb,peak_vs_full,pytorch_ms,ratio_vs_pytorch\n");
+    let mut csv = String::from("method,trainable_params,ms_per_step,tokens_per_s,peak_mb,peak_vs_full,pytorch_ms,pytorch_same_run,ratio_vs_pytorch\n");
     let _ = writeln!(md, "# Training step cost per method\n");
-    let _ = writeln!(md, "all-MiniLM-L6-v2 shape, batch 16 × 64, f32, each method's default configuration (the reference's: LoRA r=8 on query/value, AdaLoRA 12 → 8, 20 virtual tokens), trainable counts include the 2-class head, median of 10 interleaved steps after 3 warm-up, {} threads. Produced by `cargo bench --bench step_table`.\n", candle_core::utils::get_num_threads());
-    let _ = writeln!(md, "| method | trainable | ms/step | tokens/s | peak MB | peak vs full FT | PyTorch ms | ratio |");
+    let _ = writeln!(md, "all-MiniLM-L6-v2 shape, batch 16 × 64, f32, each method's default configuration (the reference's: LoRA r=8 on query/value, AdaLoRA 12 → 8, 20 virtual tokens), trainable counts include the 2-class head, median ms of interleaved steps after 3 warm-up, {} threads. {py_note}. Produced by `cargo bench --bench step_table`.\n", candle_core::utils::get_num_threads());
+    let _ = writeln!(md, "| method | trainable | ms/step | tokens/s | peak MB | peak vs full FT | {py_label} | ratio |");
     let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
     for (i, m) in methods.iter().enumerate() {
-        let mut t = times[i].clone();
-        t.sort_by(f64::total_cmp);
-        let med = (t[4] + t[5]) / 2.0;
+        let med = median(&times[i]);
         let tps = 16.0 * 64.0 / (med / 1e3);
         let mb = peaks[i] as f64 / 1e6;
         let rel = full_peak.map_or(f64::NAN, |f| peaks[i] as f64 / f);
-        let py = PYTORCH_MS
-            .iter()
-            .find(|(n, _)| *n == m.name())
-            .map(|(_, v)| *v);
+        let py = if python.is_some() {
+            torch.get(m.name()).map(|v| median(v))
+        } else {
+            REFERENCE_MS
+                .iter()
+                .find(|(n, _)| *n == m.name())
+                .map(|(_, v)| *v)
+        };
         let ratio = py.map(|p| med / p);
         let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.2}"));
         let _ = writeln!(
@@ -97,21 +185,24 @@ fn main() {
             "| {} | {} | {med:.0} | {tps:.0} | {mb:.0} | {rel:.2} | {} | {} |",
             m.name(),
             setups[i].trainable,
-            fmt(py),
+            py.map_or("-".to_string(), |p| format!("{p:.0}")),
             fmt(ratio)
         );
         let _ = writeln!(
             csv,
-            "{},{},{med:.1},{tps:.0},{mb:.1},{rel:.3},{},{}",
+            "{},{},{med:.1},{tps:.0},{mb:.1},{rel:.3},{},{},{}",
             m.name(),
             setups[i].trainable,
-            py.map_or(String::new(), |p| p.to_string()),
+            py.map_or(String::new(), |p| format!("{p:.1}")),
+            python.is_some(),
             ratio.map_or(String::new(), |r| format!("{r:.3}"))
         );
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("reports");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("step_table.md"), &md).unwrap();
-    std::fs::write(dir.join("step_table.csv"), &csv).unwrap();
+    if only.is_empty() {
+        std::fs::write(dir.join("step_table.md"), &md).unwrap();
+        std::fs::write(dir.join("step_table.csv"), &csv).unwrap();
+    }
     print!("{md}");
 }

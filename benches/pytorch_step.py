@@ -1,0 +1,117 @@
+"""PyTorch + PEFT training step on the same configurations as `benches/step_table.rs`.
+
+all-MiniLM-L6-v2 with a 2-class head (AutoModelForSequenceClassification), batch 16 x 64 of
+random token ids, fp32, AdamW; per method: 3 warm-up steps, then 10 timed steps, methods
+interleaved step by step (the host's speed drifts). Prints one JSON object
+{method: [ms, ...]} on stdout.
+
+The step table runs this between its own rounds when PEFTBENCH_PYTHON names a Python with
+torch, transformers and peft installed (see README, "Benchmarks").
+
+    python benches/pytorch_step.py --model ~/.cache/peftbench/all-MiniLM-L6-v2 --threads 2
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+from peft import (
+    AdaLoraConfig,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptTuningConfig,
+    TaskType,
+    get_peft_model,
+)
+from transformers import AutoModelForSequenceClassification
+
+SEQ_CLS = TaskType.SEQ_CLS
+
+
+def configs(total_steps):
+    # The same shapes as peftbench's defaults (`peftbench methods`).
+    return {
+        "full_finetune": None,
+        "lora": LoraConfig(task_type=SEQ_CLS, r=8, lora_alpha=16, target_modules=["query", "value"]),
+        "adalora": AdaLoraConfig(
+            task_type=SEQ_CLS,
+            init_r=12,
+            target_r=8,
+            lora_alpha=8,
+            target_modules=["query", "value"],
+            total_step=total_steps,
+        ),
+        "prefix_tuning": PrefixTuningConfig(
+            task_type=SEQ_CLS, num_virtual_tokens=20, prefix_projection=True, encoder_hidden_size=128
+        ),
+        # P-Tuning v2 is PEFT's prefix tuning without the reparametrisation.
+        "p_tuning_v2": PrefixTuningConfig(task_type=SEQ_CLS, num_virtual_tokens=20),
+        "prompt_tuning": PromptTuningConfig(task_type=SEQ_CLS, num_virtual_tokens=20),
+        "p_tuning": PromptEncoderConfig(
+            task_type=SEQ_CLS,
+            num_virtual_tokens=20,
+            encoder_reparameterization_type=PromptEncoderReparameterizationType.MLP,
+            encoder_hidden_size=128,
+        ),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--methods", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    ids = torch.randint(1000, 21000, (16, 64))
+    mask = torch.ones_like(ids)
+    labels = torch.arange(16) % 2
+    wanted = [m for m in args.methods.split(",") if m]
+    setups = {}
+    for name, cfg in configs(args.warmup + args.steps + 10).items():
+        if wanted and name not in wanted:
+            continue
+        model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+        if cfg is not None:
+            model = get_peft_model(model, cfg)
+        model.train()
+        # Dropout off, as in peftbench's backbone, so both do the same arithmetic.
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        setups[name] = (model, opt)
+
+    def step(model, opt):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for model, opt in setups.values():
+        for _ in range(args.warmup):
+            step(model, opt)
+    times = {name: [] for name in setups}
+    for _ in range(args.steps):
+        for name, (model, opt) in setups.items():
+            t0 = time.perf_counter()
+            step(model, opt)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    json.dump(
+        {"torch": torch.__version__, "threads": torch.get_num_threads(), "ms": times},
+        sys.stdout,
+    )
+    print()
+
+
+if __name__ == "__main__":
+    main()
