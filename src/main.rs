@@ -260,6 +260,7 @@ fn methods(model: Option<PathBuf>) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    peftbench_backbone::keep_freed_memory();
     let cli = Cli::parse();
     match cli.command {
         Command::Run {

@@ -194,6 +194,13 @@ fn grid_skips_recorded_runs_and_shards_split_the_grid() {
         assert_eq!(r.steps, 6);
         assert_eq!(r.curve.len(), 2);
         assert!(r.metrics_best.contains_key(&r.primary_metric));
+        // The untrained model's dev metrics are kept as the baseline to beat.
+        assert!(
+            r.extra["initial_metrics"].get(&r.primary_metric).is_some(),
+            "{}: {}",
+            r.run_id,
+            r.extra
+        );
         assert!(r.trainable_params > 0 && r.head_params > 0);
         if r.method == "lora" {
             assert!(

@@ -1,6 +1,7 @@
 //! A differentiable transformer backbone (BERT-, GPT-2- and Llama-style) with intervention
 //! points through which parameter-efficient methods attach. It names no method.
 
+pub mod alloc;
 pub mod config;
 pub mod error;
 mod frozen_matmul;
@@ -17,6 +18,7 @@ pub mod random;
 pub mod tokenizer;
 pub mod weights;
 
+pub use alloc::keep_freed_memory;
 pub use config::{Activation, Family, ModelConfig};
 pub use error::{BackboneError, Result};
 pub use heads::{lm_logits, pool, HeadKind, Pooling, SequenceHead};

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 /// all-MiniLM-L6-v2: the real checkpoint when fetched, else a random model of its shape.
 pub fn minilm() -> Transformer {
+    peftbench_backbone::keep_freed_memory();
     let dir = std::env::var_os("PEFTBENCH_MINILM")
         .map(PathBuf::from)
         .unwrap_or_else(|| {

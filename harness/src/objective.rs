@@ -20,7 +20,7 @@ pub enum Objective {
     },
     /// MSE on a score, scored with Pearson/Spearman.
     Regression,
-    /// Causal-LM loss on response tokens only; NLL, perplexity and exact match.
+    /// Causal-LM loss on response tokens only; NLL, perplexity, token accuracy and exact match.
     CausalLm,
     /// −log σ(r_chosen − r_rejected); pair accuracy and margin.
     Reward,
@@ -37,7 +37,9 @@ impl Objective {
                 GlueMetric::F1Accuracy => "f1",
             },
             Objective::Regression => "pearson",
-            Objective::CausalLm => "exact_match",
+            // Open-ended responses rarely match exactly; the share of response tokens the
+            // model predicts (teacher-forced argmax) ranks SFT runs, higher is better.
+            Objective::CausalLm => "token_accuracy",
             Objective::Reward => "pair_accuracy",
         }
     }
@@ -175,6 +177,7 @@ pub fn evaluate(
     let mut pred_val = Vec::new();
     let mut gold_val = Vec::new();
     let (mut nll_sum, mut tok, mut exact, mut n) = (0f64, 0f64, 0usize, 0usize);
+    let mut wrong_tokens = 0f64;
     let mut margins = Vec::new();
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
@@ -208,6 +211,7 @@ pub fn evaluate(
                 nll_sum += nll.sum_all()?.to_scalar::<f32>()? as f64;
                 tok += mask.sum_all()?.to_scalar::<f32>()? as f64;
                 let w: Vec<f32> = wrong.to_vec1()?;
+                wrong_tokens += w.iter().map(|x| *x as f64).sum::<f64>();
                 exact += w.iter().filter(|x| **x == 0.0).count();
                 n += w.len();
             }
@@ -251,6 +255,7 @@ pub fn evaluate(
             out.insert("response_nll".into(), nll);
             out.insert("perplexity".into(), nll.exp());
             out.insert("exact_match".into(), exact as f64 / n.max(1) as f64);
+            out.insert("token_accuracy".into(), 1.0 - wrong_tokens / tok.max(1.0));
         }
         Objective::Reward => {
             let k = margins.len().max(1) as f64;

@@ -277,6 +277,22 @@ fn run_inner(
     let mut tokens = 0usize;
     let mut loss_sum = 0f64;
     let mut loss_n = 0usize;
+    // The dev metrics before any update: the baseline each run must beat (for SFT, the base
+    // model's own response perplexity; for a fresh head, chance).
+    method.set_training(false);
+    let mut initial = evaluate(
+        &task.objective,
+        &Scorer {
+            model: &model,
+            method: method.as_ref(),
+            head: head.as_ref(),
+        },
+        &task.dev,
+        spec.train.eval_batch_size,
+        pad,
+        &device,
+    )?;
+    initial.retain(|_, v| v.is_finite());
     let started = Instant::now();
     let mut eval_seconds = 0f64;
     for step in 1..=total {
@@ -358,6 +374,10 @@ fn run_inner(
     rec.steps_per_second = total as f64 / rec.train_seconds.max(1e-9);
     rec.tokens_per_second = tokens as f64 / rec.train_seconds.max(1e-9);
     rec.extra = method.summary()?;
+    if !rec.extra.is_object() {
+        rec.extra = serde_json::json!({});
+    }
+    rec.extra["initial_metrics"] = serde_json::to_value(&initial).unwrap_or_default();
 
     method.set_training(false);
     rec.latency_ms = latency(

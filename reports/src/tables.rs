@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 /// Columns of `runs.csv`.
-pub const RUNS_HEADER: [&str; 24] = [
+pub const RUNS_HEADER: [&str; 25] = [
     "run_id",
     "suite",
     "task",
@@ -22,6 +22,7 @@ pub const RUNS_HEADER: [&str; 24] = [
     "head_params",
     "adapter_bytes",
     "primary_metric",
+    "primary_initial",
     "primary_best",
     "primary_final",
     "train_seconds",
@@ -126,6 +127,11 @@ pub fn write_runs_csv(records: &[RunRecord], path: &Path) -> Result<usize, Repor
             r.adapter_bytes.to_string(),
             r.primary_metric.clone(),
             // Raw values (NaN included) here: this table is the unfiltered record of each run.
+            opt(r
+                .extra
+                .get("initial_metrics")
+                .and_then(|m| m.get(&r.primary_metric))
+                .and_then(|v| v.as_f64())),
             opt(r.metrics_best.get(&r.primary_metric)),
             opt(r.metrics_final.get(&r.primary_metric)),
             r.train_seconds.to_string(),

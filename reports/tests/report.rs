@@ -450,7 +450,7 @@ fn empty_results_dir_gives_a_report_saying_so() {
     let md = std::fs::read_to_string(&summary.report).unwrap();
     assert!(md.contains("No runs were found"));
     let (header, rows) = read_csv(&summary.runs_csv);
-    assert_eq!(header.len(), 24);
+    assert_eq!(header.len(), 25);
     assert!(rows.is_empty());
 }
 

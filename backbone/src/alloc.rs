@@ -1,0 +1,21 @@
+//! Keeps freed tensor buffers in the process.
+//!
+//! glibc hands blocks above its mmap threshold back to the kernel on free, and the next
+//! allocation of that size maps fresh pages that the kernel must fault in and zero. A training
+//! step frees and reallocates the same activation and gradient sizes every time, so those page
+//! faults (several % of a MiniLM step, mostly on the one thread that allocates) buy nothing.
+
+/// Raises glibc's mmap threshold to its maximum (32 MiB) and stops heap trimming, so freed
+/// buffers are reused instead of unmapped. Set `PEFTBENCH_MALLOC_DEFAULTS=1` to keep glibc's
+/// defaults (to measure the difference). A no-op on other C libraries.
+pub fn keep_freed_memory() {
+    if std::env::var_os("PEFTBENCH_MALLOC_DEFAULTS").is_some_and(|v| v == "1") {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; it is safe to call at any time.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
