@@ -47,7 +47,7 @@ fn a_task_can_override_steps_and_pooling() {
             .collect::<std::collections::BTreeSet<_>>()
     };
     assert_eq!(steps("sst2"), [s.train.steps].into());
-    assert_eq!(steps("rte"), [160].into());
+    assert_eq!(steps("rte"), [120].into());
     assert!(s
         .tasks
         .iter()
@@ -57,7 +57,7 @@ fn a_task_can_override_steps_and_pooling() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("suites/glue-minilm-quick.toml"),
     )
     .unwrap();
-    let e = Suite::parse(&text.replace("steps = 160", "steps = 0"), "q.toml")
+    let e = Suite::parse(&text.replace("steps = 120", "steps = 0"), "q.toml")
         .unwrap_err()
         .to_string();
     assert!(
