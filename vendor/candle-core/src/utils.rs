@@ -362,6 +362,21 @@ impl Drop for BarrierPool {
 
 static BARRIER_POOL: OnceLock<BarrierPool> = OnceLock::new();
 
+/// Runs `f` over `0..n_items` in about 8 ranges per thread on the current rayon pool, the one
+/// the GEMMs use. The elementwise kernels use this instead of the barrier pool: a second pool
+/// whose worker spins after every op competes with rayon's GEMM threads for the cores
+/// (peftbench's one change here; see vendor/README.md).
+pub(crate) fn rayon_chunked<F: Fn(std::ops::Range<usize>) + Sync + Send>(n_items: usize, f: F) {
+    use rayon::prelude::*;
+    if n_items == 0 {
+        return;
+    }
+    let chunk = n_items.div_ceil(rayon::current_num_threads() * 8).max(1);
+    (0..n_items.div_ceil(chunk))
+        .into_par_iter()
+        .for_each(|c| f(c * chunk..n_items.min((c + 1) * chunk)));
+}
+
 /// Persistent barrier pool
 pub fn barrier_pool() -> &'static BarrierPool {
     BARRIER_POOL.get_or_init(|| BarrierPool::new(candle_num_threads().saturating_sub(1)))
