@@ -193,9 +193,9 @@ fn contiguous_grad(g: &Tensor) -> Result<Tensor> {
 
 /// Defines `fn $name` whose body is compiled twice, baseline and AVX2, dispatching on the CPU.
 macro_rules! simd {
-    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$m])*
-        fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             #[inline(always)]
             fn generic($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
@@ -296,7 +296,7 @@ fn tanh_fast(x: f32) -> f32 {
 
 simd! {
     /// One row of softmax: max-subtract, exp, normalise.
-    fn softmax_row(x: &[f32], y: &mut [f32]) {
+    pub(crate) fn softmax_row(x: &[f32], y: &mut [f32]) {
         let max = max_of(x);
         for (y, &x) in y.iter_mut().zip(x) {
             *y = exp_fast(x - max);
@@ -310,7 +310,7 @@ simd! {
 
 simd! {
     /// dx = y ⊙ (g − Σ g⊙y).
-    fn softmax_bwd_row(g: &[f32], y: &[f32], dx: &mut [f32]) {
+    pub(crate) fn softmax_bwd_row(g: &[f32], y: &[f32], dx: &mut [f32]) {
         let s = sum_by2(g, y, |g, y| g * y);
         for ((dx, &g), &y) in dx.iter_mut().zip(g).zip(y) {
             *dx = y * (g - s);

@@ -2,6 +2,7 @@
 //! points through which parameter-efficient methods attach. It names no method.
 
 pub mod alloc;
+mod attention;
 pub mod config;
 pub mod error;
 mod frozen_matmul;

@@ -456,46 +456,35 @@ impl Transformer {
         let q = iv.project(site(Proj::Query), x, layer.query.forward(x)?)?;
         let k = iv.project(site(Proj::Key), x, layer.key.forward(x)?)?;
         let v = iv.project(site(Proj::Value), x, layer.value.forward(x)?)?;
-        let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()
-        };
-        let (mut q, mut k, mut v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
+        // Attention takes token-major [b, len, heads·d]; RoPE works on [b, heads, len, d].
+        let (mut q, mut k) = (q, k);
         if let Some((cos, sin)) = rope {
-            q = ops::apply_rope(&q, cos, sin)?;
-            k = ops::apply_rope(&k, cos, sin)?;
+            let rotate = |y: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+                let y = y.reshape((b, t, n, d))?.transpose(1, 2)?;
+                ops::apply_rope(&y, cos, sin)?
+                    .transpose(1, 2)?
+                    .reshape((b, t, n * d))
+            };
+            q = rotate(&q, nh)?;
+            k = rotate(&k, nkv)?;
         }
+        let mut v = v;
         if let Some(p) = prefix.filter(|p| !p.is_empty()) {
             let len = p.len();
-            let as_heads = |y: &Tensor| -> candle_core::Result<Tensor> {
-                let y = if y.rank() == 2 {
-                    y.unsqueeze(0)?.broadcast_as((b, len, nkv * d))?
+            let batched = |y: &Tensor| -> candle_core::Result<Tensor> {
+                if y.rank() == 2 {
+                    y.unsqueeze(0)?
+                        .broadcast_as((b, len, nkv * d))?
+                        .contiguous()
                 } else {
-                    y.clone()
-                };
-                y.reshape((b, len, nkv, d))?.transpose(1, 2)?.contiguous()
+                    Ok(y.clone())
+                }
             };
-            // cat falls back to strided copies for odd layouts; gemm needs plain batches.
-            k = Tensor::cat(&[&as_heads(&p.key)?, &k], 2)?.contiguous()?;
-            v = Tensor::cat(&[&as_heads(&p.value)?, &v], 2)?.contiguous()?;
-        }
-        if nkv != nh {
-            let rep = nh / nkv;
-            let expand = |y: Tensor| -> candle_core::Result<Tensor> {
-                let (b, _, s, d) = y.dims4()?;
-                y.unsqueeze(2)?
-                    .broadcast_as((b, nkv, rep, s, d))?
-                    .reshape((b, nh, s, d))
-            };
-            k = expand(k)?;
-            v = expand(v)?;
+            k = Tensor::cat(&[&batched(&p.key)?, &k], 1)?;
+            v = Tensor::cat(&[&batched(&p.value)?, &v], 1)?;
         }
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
-        let probs = ops::softmax_last_dim(&scores)?;
-        let ctx = probs
-            .matmul(&v.contiguous()?)?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * d))?;
+        let ctx = ops::attention(&q, &k, &v, bias, nh, nkv, scale)?;
         Ok(iv.project(site(Proj::AttnOut), &ctx, layer.attn_out.forward(&ctx)?)?)
     }
 

@@ -130,6 +130,61 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
 }
 
+/// Scaled dot-product attention over token-major projections: `q [b, t, heads·d]`,
+/// `k, v [b, s, kv_heads·d]` (kv heads shared by `heads / kv_heads` query heads), additive
+/// `bias [b or 1, 1, t, s]` (no gradient). Returns `[b, t, heads·d]`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    if fused::eligible(&[q, k, v, bias]) && bias.rank() == 4 {
+        return crate::attention::attention(q, k, v, bias, heads, kv_heads, scale);
+    }
+    attention_composite(q, k, v, bias, heads, kv_heads, scale)
+}
+
+fn attention_composite(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, t, width) = q.dims3()?;
+    let s = k.dim(1)?;
+    let d = width / heads;
+    let split = |y: &Tensor, len: usize, n: usize| -> Result<Tensor> {
+        y.reshape((b, len, n, d))?.transpose(1, 2)?.contiguous()
+    };
+    let (q, mut k, mut v) = (
+        split(q, t, heads)?,
+        split(k, s, kv_heads)?,
+        split(v, s, kv_heads)?,
+    );
+    if kv_heads != heads {
+        let rep = heads / kv_heads;
+        let expand = |y: Tensor| -> Result<Tensor> {
+            y.unsqueeze(2)?
+                .broadcast_as((b, kv_heads, rep, s, d))?
+                .reshape((b, heads, s, d))
+        };
+        k = expand(k)?;
+        v = expand(v)?;
+    }
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
+    softmax_last_dim(&scores)?
+        .matmul(&v.contiguous()?)?
+        .transpose(1, 2)?
+        .reshape((b, t, heads * d))
+}
+
 /// Applies rotary position embedding to `x [b, heads, t, d]` with `cos`/`sin` `[t, d]`.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
@@ -276,7 +331,8 @@ mod tests {
 
     #[test]
     fn fused_paths_are_taken() {
-        let x = Var::from_tensor(&Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let x =
+            Var::from_tensor(&Tensor::ones((2, 3, 4), DType::F32, &Device::Cpu).unwrap()).unwrap();
         let x = x.as_tensor();
         let w = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
         assert!(is_fused(&softmax_last_dim(x).unwrap()));
@@ -286,6 +342,10 @@ mod tests {
         for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Silu] {
             assert!(is_fused(&activate(x, act).unwrap()));
         }
+        // Two query heads of width 2 sharing one kv head.
+        let kv = Tensor::ones((2, 3, 2), DType::F32, &Device::Cpu).unwrap();
+        let bias = Tensor::zeros((2, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
+        assert!(is_fused(&attention(x, &kv, &kv, &bias, 2, 1, 0.5).unwrap()));
         // f64 falls back to the composite.
         let x64 = x.to_dtype(DType::F64).unwrap();
         assert!(!is_fused(&softmax_last_dim(&x64).unwrap()));
@@ -316,6 +376,53 @@ mod tests {
                     k as u64,
                 );
             }
+        }
+    }
+
+    /// An additive attention bias `[bb, 1, t, s]`: about a quarter of the keys masked with
+    /// f32::MIN, never a whole row (as padding and causal masks never mask every key).
+    fn random_bias(init: &mut Initializer, bb: usize, t: usize, s: usize) -> Tensor {
+        let u: Vec<f32> = randn(init, &[bb * t * s], 1.0).to_vec1().unwrap();
+        let bias: Vec<f32> = u
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if i % s != 0 && x > 0.7 { f32::MIN } else { 0.0 })
+            .collect();
+        Tensor::from_vec(bias, (bb, 1, t, s), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn attention_matches_composite() {
+        let mut init = Initializer::new(4);
+        // (batch, queries, prefix keys, heads, kv heads, head dim, bias batch)
+        let cases = [
+            (1, 1, 0, 1, 1, 1, 1),
+            (2, 5, 0, 3, 3, 4, 2),
+            (2, 7, 3, 4, 2, 8, 2),
+            (3, 4, 0, 6, 1, 5, 1),
+            (4, 64, 10, 12, 12, 32, 4),
+            (2, 33, 20, 8, 4, 16, 2),
+        ];
+        for (k, &(b, t, pre, heads, kv, d, bb)) in cases.iter().enumerate() {
+            let s = t + pre;
+            let q = randn(&mut init, &[b, t, heads * d], 1.0);
+            let kk = randn(&mut init, &[b, s, kv * d], 1.0);
+            let v = randn(&mut init, &[b, s, kv * d], 1.0);
+            let bias = random_bias(&mut init, bb, t, s);
+            let scale = 1.0 / (d as f64).sqrt();
+            let what = format!("attention b{b} t{t} s{s} heads {heads}/{kv} d{d} bias batch {bb}");
+            let bias_f = bias.clone();
+            check(
+                &what,
+                &[q, kk, v],
+                |t| t.clone(),
+                move |a| attention(&a[0], &a[1], &a[2], &bias_f, heads, kv, scale),
+                |a| {
+                    let bias = bias.to_dtype(a[0].dtype())?;
+                    attention_composite(&a[0], &a[1], &a[2], &bias, heads, kv, scale)
+                },
+                k as u64,
+            );
         }
     }
 

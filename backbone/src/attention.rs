@@ -1,0 +1,383 @@
+//! Scaled dot-product attention as one f32 CPU op with its own backward.
+//!
+//! Composed from candle primitives, attention is a copy per head split, two batched matmuls
+//! that run each (batch, head) pair as its own small multi-threaded GEMM, a scale, a bias add
+//! and a softmax, and a backward twice as long. Here each (batch, kv-head) group is one rayon
+//! task doing single-threaded GEMMs on strided views of the token-major projections, with the
+//! scale, bias and softmax applied in place. The softmax is kept for the backward.
+
+use std::sync::Mutex;
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+use crate::fused::{softmax_bwd_row, softmax_row};
+
+/// `softmax(q·kᵀ·scale + bias)·v` over token-major `q [b, t, heads·d]` and
+/// `k, v [b, s, kv_heads·d]`; the result is token-major `[b, t, heads·d]`.
+struct Attention {
+    /// Additive `[b or 1, 1, t, s]`, contiguous; carries no gradient.
+    bias: Tensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f32,
+    /// The softmax `[b, heads, t, s]` from the forward pass, read by the backward.
+    probs: Mutex<Option<Vec<f32>>>,
+}
+
+/// Sizes shared by the forward and backward kernels.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    s: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    bias_b: usize,
+}
+
+impl Dims {
+    /// Row strides of the token-major q (and output) and k/v.
+    fn q_rs(&self) -> usize {
+        self.heads * self.d
+    }
+    fn kv_rs(&self) -> usize {
+        self.kv_heads * self.d
+    }
+    /// Offset of head `h` of batch `bi` in q, and of kv head `g` in k/v.
+    fn q_at(&self, bi: usize, h: usize) -> usize {
+        bi * self.t * self.q_rs() + h * self.d
+    }
+    fn kv_at(&self, bi: usize, g: usize) -> usize {
+        bi * self.s * self.kv_rs() + g * self.d
+    }
+    fn bias_rows(&self, bi: usize) -> usize {
+        (if self.bias_b == 1 { 0 } else { bi }) * self.t * self.s
+    }
+}
+
+/// A strided f32 matrix view for [`mm`]: pointer, row stride, column stride.
+#[derive(Clone, Copy)]
+struct View(*const f32, isize, isize);
+
+/// `dst[m, n] (= or +=) scale · lhs[m, k] · rhs[k, n]`, single-threaded (the caller
+/// parallelises over heads).
+///
+/// # Safety
+/// Every view must cover its matrix and `dst` must be valid for writes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: View,
+    rhs: View,
+    scale: f32,
+) {
+    gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs.0,
+        lhs.2,
+        lhs.1,
+        rhs.0,
+        rhs.2,
+        rhs.1,
+        if accumulate { 1.0 } else { 0.0 },
+        scale,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
+}
+
+/// A raw pointer that rayon tasks may share; each task writes a disjoint part.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// A method, so closures capture the whole `SendPtr` rather than its raw field.
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("fused attention: {what} must be contiguous");
+    };
+    Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+impl Attention {
+    fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
+        let (b, t, qw) = q.shape().dims3()?;
+        let (kb, s, kw) = k.shape().dims3()?;
+        if v.shape().dims() != k.shape().dims() || kb != b {
+            bail!(
+                "fused attention: q {:?}, k {:?}, v {:?} do not agree",
+                q.shape(),
+                k.shape(),
+                v.shape()
+            );
+        }
+        let (heads, kv_heads) = (self.heads, self.kv_heads);
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || qw % heads != 0 {
+            bail!("fused attention: {heads} heads over {kv_heads} kv heads, width {qw}");
+        }
+        let d = qw / heads;
+        if kw != kv_heads * d {
+            bail!("fused attention: k width {kw}, expected {kv_heads} × {d}");
+        }
+        let bias_dims = self.bias.dims();
+        let bias_b = bias_dims.first().copied().unwrap_or(0);
+        if bias_dims.len() != 4 || !(bias_b == 1 || bias_b == b) || bias_dims[1..] != [1, t, s] {
+            bail!("fused attention: bias {bias_dims:?} does not fit [{b}, 1, {t}, {s}]");
+        }
+        Ok(Dims {
+            b,
+            t,
+            s,
+            heads,
+            kv_heads,
+            d,
+            bias_b,
+        })
+    }
+}
+
+/// Runs `f` on the contiguous f32 slice of a CPU tensor.
+fn with_tensor<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("fused attention: {what} is not on the CPU");
+    };
+    f(cpu_slice(cpu, layout, what)?)
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = self.dims(ql, kl, vl)?;
+        let (q, k, v) = (
+            cpu_slice(qs, ql, "q")?,
+            cpu_slice(ks, kl, "k")?,
+            cpu_slice(vs, vl, "v")?,
+        );
+        let (t, s, d) = (n.t, n.s, n.d);
+        let rep = n.heads / n.kv_heads;
+        let mut out = vec![0f32; n.b * t * n.q_rs()];
+        let mut probs = vec![0f32; n.b * n.heads * t * s];
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        with_tensor(&self.bias, "bias", |bias| {
+            probs.par_chunks_mut(t * s).enumerate().for_each(|(bh, p)| {
+                let (bi, h) = (bh / n.heads, bh % n.heads);
+                let g = h / rep;
+                let (qp, kp, vp) = (q.as_ptr(), k.as_ptr(), v.as_ptr());
+                let (qa, ka) = (n.q_at(bi, h), n.kv_at(bi, g));
+                // SAFETY: offsets stay inside q, k, v (checked shapes); `p` is this task's
+                // own [t, s] block; the output columns h·d.. of batch bi belong to it alone.
+                unsafe {
+                    // scores = q_h · k_gᵀ · scale
+                    mm(
+                        t,
+                        s,
+                        d,
+                        p.as_mut_ptr(),
+                        s,
+                        false,
+                        View(qp.add(qa), n.q_rs() as isize, 1),
+                        View(kp.add(ka), 1, n.kv_rs() as isize),
+                        self.scale,
+                    );
+                }
+                let bias = &bias[n.bias_rows(bi)..n.bias_rows(bi) + t * s];
+                let mut row = vec![0f32; s];
+                for (p, b) in p.chunks_mut(s).zip(bias.chunks(s)) {
+                    for ((r, &x), &b) in row.iter_mut().zip(p.iter()).zip(b) {
+                        *r = x + b;
+                    }
+                    softmax_row(&row, p);
+                }
+                unsafe {
+                    // out_h = probs · v_g
+                    mm(
+                        t,
+                        d,
+                        s,
+                        out_ptr.at(qa),
+                        n.q_rs(),
+                        false,
+                        View(p.as_ptr(), s as isize, 1),
+                        View(vp.add(ka), n.kv_rs() as isize, 1),
+                        1.0,
+                    );
+                }
+            });
+            Ok(())
+        })?;
+        *self.probs.lock().unwrap() = Some(probs);
+        Ok((CpuStorage::F32(out), ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(probs) = self.probs.lock().unwrap().take() else {
+            bail!("fused attention: backward ran twice or without its forward");
+        };
+        let n = self.dims(q.layout(), k.layout(), v.layout())?;
+        let grad = grad.contiguous()?;
+        let (t, s, d) = (n.t, n.s, n.d);
+        let rep = n.heads / n.kv_heads;
+        let mut dq = vec![0f32; q.elem_count()];
+        let mut dk = vec![0f32; k.elem_count()];
+        let mut dv = vec![0f32; v.elem_count()];
+        let (dq_p, dk_p, dv_p) = (
+            SendPtr(dq.as_mut_ptr()),
+            SendPtr(dk.as_mut_ptr()),
+            SendPtr(dv.as_mut_ptr()),
+        );
+        with_tensor(q, "q", |qv| {
+            with_tensor(k, "k", |kv| {
+                with_tensor(v, "v", |vv| {
+                    with_tensor(&grad, "output gradient", |gv| {
+                        // One task per (batch, kv head): the heads sharing a kv head add into
+                        // the same dk/dv block, so they run in sequence inside the task.
+                        (0..n.b * n.kv_heads).into_par_iter().for_each(|bg| {
+                            let (bi, g) = (bg / n.kv_heads, bg % n.kv_heads);
+                            let ka = n.kv_at(bi, g);
+                            let mut ds = vec![0f32; t * s];
+                            let mut row = vec![0f32; s];
+                            for (r, h) in (g * rep..(g + 1) * rep).enumerate() {
+                                let qa = n.q_at(bi, h);
+                                let p = &probs[(bi * n.heads + h) * t * s..][..t * s];
+                                let go = View(gv.as_ptr().wrapping_add(qa), n.q_rs() as isize, 1);
+                                // SAFETY: as in the forward; dq columns of head h and the dk/dv
+                                // block of (bi, g) belong to this task alone.
+                                unsafe {
+                                    // dv_g += probsᵀ · dout_h
+                                    mm(
+                                        s,
+                                        d,
+                                        t,
+                                        dv_p.at(ka),
+                                        n.kv_rs(),
+                                        r > 0,
+                                        View(p.as_ptr(), 1, s as isize),
+                                        go,
+                                        1.0,
+                                    );
+                                    // dprobs = dout_h · v_gᵀ
+                                    mm(
+                                        t,
+                                        s,
+                                        d,
+                                        ds.as_mut_ptr(),
+                                        s,
+                                        false,
+                                        go,
+                                        View(vv.as_ptr().add(ka), 1, n.kv_rs() as isize),
+                                        1.0,
+                                    );
+                                }
+                                // dscores = softmax backward of dprobs (the scale goes in below).
+                                for (dsr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
+                                    row.copy_from_slice(dsr);
+                                    softmax_bwd_row(&row, pr, dsr);
+                                }
+                                unsafe {
+                                    // dq_h = dscores · k_g · scale
+                                    mm(
+                                        t,
+                                        d,
+                                        s,
+                                        dq_p.at(qa),
+                                        n.q_rs(),
+                                        false,
+                                        View(ds.as_ptr(), s as isize, 1),
+                                        View(kv.as_ptr().add(ka), n.kv_rs() as isize, 1),
+                                        self.scale,
+                                    );
+                                    // dk_g += dscoresᵀ · q_h · scale
+                                    mm(
+                                        s,
+                                        d,
+                                        t,
+                                        dk_p.at(ka),
+                                        n.kv_rs(),
+                                        r > 0,
+                                        View(ds.as_ptr(), 1, s as isize),
+                                        View(qv.as_ptr().add(qa), n.q_rs() as isize, 1),
+                                        self.scale,
+                                    );
+                                }
+                            }
+                        });
+                        Ok(())
+                    })
+                })
+            })
+        })?;
+        let dev = q.device();
+        let wrap = |x: Vec<f32>, like: &Tensor| -> Result<Option<Tensor>> {
+            Ok(if like.track_op() {
+                Some(Tensor::from_vec(x, like.shape(), dev)?)
+            } else {
+                None
+            })
+        };
+        Ok((wrap(dq, q)?, wrap(dk, k)?, wrap(dv, v)?))
+    }
+}
+
+/// Fused attention (f32, CPU) over token-major `q [b, t, heads·d]`, `k, v [b, s,
+/// kv_heads·d]` and an additive `bias [b or 1, 1, t, s]`: `[b, t, heads·d]`.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let op = Attention {
+        bias: bias.contiguous()?,
+        heads,
+        kv_heads,
+        scale: scale as f32,
+        probs: Mutex::new(None),
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
