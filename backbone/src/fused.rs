@@ -577,6 +577,81 @@ pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result
         .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })
 }
 
+// ---- bias add ------------------------------------------------------------------------------
+
+/// `y + b` for `y [.., n]` and a bias `b [n]`. candle's backward for the broadcast sums the
+/// gradient over its leading dims with a strided single-threaded reduction; here the column
+/// sums run over row chunks in parallel, and `y`'s gradient is the output gradient itself.
+struct AddBias;
+
+/// Σ over rows of `g [rows, n]`: partial sums per chunk of rows, then added up.
+fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
+    g.par_chunks(step(n))
+        .map(|c| {
+            let mut acc = vec![0f32; n];
+            for row in c.chunks_exact(n) {
+                for (a, &x) in acc.iter_mut().zip(row) {
+                    *a += x;
+                }
+            }
+            acc
+        })
+        .reduce(
+            || vec![0f32; n],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    *x += y;
+                }
+                a
+            },
+        )
+}
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "fused-add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let b = slice(s2, l2)?;
+        let y = map_rows(slice(s1, l1)?, b.len(), |r, o| {
+            for ((o, &r), &b) in o.iter_mut().zip(r).zip(b) {
+                *o = r + b;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = contiguous_grad(grad)?;
+        let db = if b.track_op() {
+            let n = b.elem_count();
+            let sums = with_slices(&[&g], |s| Ok(column_sums(s[0], n)))?;
+            Some(Tensor::from_vec(sums, b.shape(), b.device())?)
+        } else {
+            None
+        };
+        Ok((y.track_op().then_some(g), db))
+    }
+}
+
+/// `y [.., n] + b [n]` (f32, CPU).
+pub(crate) fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    y.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
+}
+
 // ---- RMS norm ------------------------------------------------------------------------------
 
 /// RMSNorm over the last dimension: args `(x, weight [d])`.

@@ -43,7 +43,7 @@ impl Linear {
             x2.matmul(&self.weight.t()?)?
         };
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            y = crate::ops::add_bias(&y, b)?;
         }
         let mut out = lead.to_vec();
         out.push(self.out_features());

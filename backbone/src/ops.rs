@@ -42,6 +42,14 @@ fn log_softmax_composite(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&lse)
 }
 
+/// `y [.., n] + b [n]`, a bias broadcast over the leading dims.
+pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fused::eligible(&[y, b]) && fused::is_row_vector(b, y) {
+        return fused::add_bias(y, b);
+    }
+    y.broadcast_add(b)
+}
+
 /// LayerNorm over the last dimension.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if fused::eligible(&[x, weight, bias])
@@ -339,6 +347,7 @@ mod tests {
         assert!(is_fused(&log_softmax_last_dim(x).unwrap()));
         assert!(is_fused(&layer_norm(x, &w, &w, 1e-5).unwrap()));
         assert!(is_fused(&rms_norm(x, &w, 1e-5).unwrap()));
+        assert!(is_fused(&add_bias(x, &w).unwrap()));
         for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Silu] {
             assert!(is_fused(&activate(x, act).unwrap()));
         }
@@ -421,6 +430,24 @@ mod tests {
                     let bias = bias.to_dtype(a[0].dtype())?;
                     attention_composite(&a[0], &a[1], &a[2], &bias, heads, kv, scale)
                 },
+                k as u64,
+            );
+        }
+    }
+
+    #[test]
+    fn bias_add_matches_composite() {
+        let mut init = Initializer::new(5);
+        for (k, shape) in SHAPES.iter().enumerate() {
+            let d = *shape.last().unwrap();
+            let y = randn(&mut init, shape, 1.0);
+            let b = randn(&mut init, &[d], 1.0);
+            check(
+                &format!("add_bias {shape:?}"),
+                &[y, b],
+                |t| t.clone(),
+                |a| add_bias(&a[0], &a[1]),
+                |a| a[0].broadcast_add(&a[1]),
                 k as u64,
             );
         }
