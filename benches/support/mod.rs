@@ -119,12 +119,20 @@ const OBJ: Objective = Objective::Classification {
 impl Setup {
     /// Forward pass and loss, no gradient.
     pub fn forward(&self, b: &Batch) -> f32 {
+        self.try_forward(b).unwrap()
+    }
+
+    /// Forward pass and loss, or the error (e.g. virtual tokens that do not fit the model's
+    /// positions beside the batch).
+    pub fn try_forward(&self, b: &Batch) -> Result<f32, String> {
         let s = Scorer {
             model: &self.model,
             method: self.method.as_ref(),
             head: Some(&self.head),
         };
-        loss(&OBJ, &s, b).unwrap().to_scalar::<f32>().unwrap()
+        loss(&OBJ, &s, b)
+            .and_then(|l| l.to_scalar::<f32>())
+            .map_err(|e| e.to_string().lines().next().unwrap_or_default().to_string())
     }
 
     /// Forward and backward.
