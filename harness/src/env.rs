@@ -30,14 +30,9 @@ fn cpu_name() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
+/// The revision of the checkout the binary was built from (empty outside a git checkout).
 fn git_revision() -> Option<String> {
-    let out = std::process::Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    Some(env!("PEFTBENCH_GIT_REVISION").to_string()).filter(|r| !r.is_empty())
 }
 
 /// The current environment.

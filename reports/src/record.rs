@@ -55,7 +55,7 @@ pub struct CurvePoint {
 /// Where and with what a run was made.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Environment {
-    /// `git rev-parse HEAD` of the harness, if known.
+    /// The git revision of the checkout the binary was built from, if known.
     pub git_revision: Option<String>,
     /// CPU model name.
     pub cpu: String,
