@@ -103,7 +103,7 @@ enum Command {
 }
 
 /// The committed suites, embedded so the binary works from any folder.
-const SUITES: [(&str, &str); 5] = [
+const SUITES: [(&str, &str); 6] = [
     ("default", include_str!("../suites/default.toml")),
     (
         "objectives-minilm-quick",
@@ -118,6 +118,7 @@ const SUITES: [(&str, &str); 5] = [
         include_str!("../suites/glue-minilm-quick.toml"),
     ),
     ("glue-minilm", include_str!("../suites/glue-minilm.toml")),
+    ("rte-minilm", include_str!("../suites/rte-minilm.toml")),
 ];
 
 fn minilm_dir() -> PathBuf {
