@@ -8,11 +8,11 @@
 
 use std::sync::Mutex;
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use crate::fused::{softmax_bwd_row, softmax_row};
+use crate::fused::{slice, softmax_bwd_row, softmax_row, with_slices};
 
 /// `softmax(q·kᵀ·scale + bias)·v` over token-major `q [b, t, heads·d]` and
 /// `k, v [b, s, kv_heads·d]`; the result is token-major `[b, t, heads·d]`.
@@ -115,13 +115,6 @@ impl SendPtr {
     }
 }
 
-fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        bail!("fused attention: {what} must be contiguous");
-    };
-    Ok(&s.as_slice::<f32>()?[a..b])
-}
-
 impl Attention {
     fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
         let (b, t, qw) = q.shape().dims3()?;
@@ -159,15 +152,6 @@ impl Attention {
     }
 }
 
-/// Runs `f` on the contiguous f32 slice of a CPU tensor.
-fn with_tensor<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        bail!("fused attention: {what} is not on the CPU");
-    };
-    f(cpu_slice(cpu, layout, what)?)
-}
-
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "fused-attention"
@@ -183,17 +167,14 @@ impl CustomOp3 for Attention {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let n = self.dims(ql, kl, vl)?;
-        let (q, k, v) = (
-            cpu_slice(qs, ql, "q")?,
-            cpu_slice(ks, kl, "k")?,
-            cpu_slice(vs, vl, "v")?,
-        );
+        let (q, k, v) = (slice(qs, ql)?, slice(ks, kl)?, slice(vs, vl)?);
         let (t, s, d) = (n.t, n.s, n.d);
         let rep = n.heads / n.kv_heads;
         let mut out = vec![0f32; n.b * t * n.q_rs()];
         let mut probs = vec![0f32; n.b * n.heads * t * s];
         let out_ptr = SendPtr(out.as_mut_ptr());
-        with_tensor(&self.bias, "bias", |bias| {
+        with_slices(&[&self.bias], |slices| {
+            let bias = slices[0];
             probs.par_chunks_mut(t * s).enumerate().for_each(|(bh, p)| {
                 let (bi, h) = (bh / n.heads, bh % n.heads);
                 let g = h / rep;
@@ -267,86 +248,81 @@ impl CustomOp3 for Attention {
             SendPtr(dk.as_mut_ptr()),
             SendPtr(dv.as_mut_ptr()),
         );
-        with_tensor(q, "q", |qv| {
-            with_tensor(k, "k", |kv| {
-                with_tensor(v, "v", |vv| {
-                    with_tensor(&grad, "output gradient", |gv| {
-                        // One task per (batch, kv head): the heads sharing a kv head add into
-                        // the same dk/dv block, so they run in sequence inside the task.
-                        (0..n.b * n.kv_heads).into_par_iter().for_each(|bg| {
-                            let (bi, g) = (bg / n.kv_heads, bg % n.kv_heads);
-                            let ka = n.kv_at(bi, g);
-                            let mut ds = vec![0f32; t * s];
-                            let mut row = vec![0f32; s];
-                            for (r, h) in (g * rep..(g + 1) * rep).enumerate() {
-                                let qa = n.q_at(bi, h);
-                                let p = &probs[(bi * n.heads + h) * t * s..][..t * s];
-                                let go = View(gv.as_ptr().wrapping_add(qa), n.q_rs() as isize, 1);
-                                // SAFETY: as in the forward; dq columns of head h and the dk/dv
-                                // block of (bi, g) belong to this task alone.
-                                unsafe {
-                                    // dv_g += probsᵀ · dout_h
-                                    mm(
-                                        s,
-                                        d,
-                                        t,
-                                        dv_p.at(ka),
-                                        n.kv_rs(),
-                                        r > 0,
-                                        View(p.as_ptr(), 1, s as isize),
-                                        go,
-                                        1.0,
-                                    );
-                                    // dprobs = dout_h · v_gᵀ
-                                    mm(
-                                        t,
-                                        s,
-                                        d,
-                                        ds.as_mut_ptr(),
-                                        s,
-                                        false,
-                                        go,
-                                        View(vv.as_ptr().add(ka), 1, n.kv_rs() as isize),
-                                        1.0,
-                                    );
-                                }
-                                // dscores = softmax backward of dprobs (the scale goes in below).
-                                for (dsr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
-                                    row.copy_from_slice(dsr);
-                                    softmax_bwd_row(&row, pr, dsr);
-                                }
-                                unsafe {
-                                    // dq_h = dscores · k_g · scale
-                                    mm(
-                                        t,
-                                        d,
-                                        s,
-                                        dq_p.at(qa),
-                                        n.q_rs(),
-                                        false,
-                                        View(ds.as_ptr(), s as isize, 1),
-                                        View(kv.as_ptr().add(ka), n.kv_rs() as isize, 1),
-                                        self.scale,
-                                    );
-                                    // dk_g += dscoresᵀ · q_h · scale
-                                    mm(
-                                        s,
-                                        d,
-                                        t,
-                                        dk_p.at(ka),
-                                        n.kv_rs(),
-                                        r > 0,
-                                        View(ds.as_ptr(), 1, s as isize),
-                                        View(qv.as_ptr().add(qa), n.q_rs() as isize, 1),
-                                        self.scale,
-                                    );
-                                }
-                            }
-                        });
-                        Ok(())
-                    })
-                })
-            })
+        with_slices(&[q, k, v, &grad], |slices| {
+            let [qv, kv, vv, gv] = [slices[0], slices[1], slices[2], slices[3]];
+            // One task per (batch, kv head): the heads sharing a kv head add into the same
+            // dk/dv block, so they run in sequence inside the task.
+            (0..n.b * n.kv_heads).into_par_iter().for_each(|bg| {
+                let (bi, g) = (bg / n.kv_heads, bg % n.kv_heads);
+                let ka = n.kv_at(bi, g);
+                let mut ds = vec![0f32; t * s];
+                let mut row = vec![0f32; s];
+                for (r, h) in (g * rep..(g + 1) * rep).enumerate() {
+                    let qa = n.q_at(bi, h);
+                    let p = &probs[(bi * n.heads + h) * t * s..][..t * s];
+                    let go = View(gv.as_ptr().wrapping_add(qa), n.q_rs() as isize, 1);
+                    // SAFETY: as in the forward; dq columns of head h and the dk/dv
+                    // block of (bi, g) belong to this task alone.
+                    unsafe {
+                        // dv_g += probsᵀ · dout_h
+                        mm(
+                            s,
+                            d,
+                            t,
+                            dv_p.at(ka),
+                            n.kv_rs(),
+                            r > 0,
+                            View(p.as_ptr(), 1, s as isize),
+                            go,
+                            1.0,
+                        );
+                        // dprobs = dout_h · v_gᵀ
+                        mm(
+                            t,
+                            s,
+                            d,
+                            ds.as_mut_ptr(),
+                            s,
+                            false,
+                            go,
+                            View(vv.as_ptr().add(ka), 1, n.kv_rs() as isize),
+                            1.0,
+                        );
+                    }
+                    // dscores = softmax backward of dprobs (the scale goes in below).
+                    for (dsr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
+                        row.copy_from_slice(dsr);
+                        softmax_bwd_row(&row, pr, dsr);
+                    }
+                    unsafe {
+                        // dq_h = dscores · k_g · scale
+                        mm(
+                            t,
+                            d,
+                            s,
+                            dq_p.at(qa),
+                            n.q_rs(),
+                            false,
+                            View(ds.as_ptr(), s as isize, 1),
+                            View(kv.as_ptr().add(ka), n.kv_rs() as isize, 1),
+                            self.scale,
+                        );
+                        // dk_g += dscoresᵀ · q_h · scale
+                        mm(
+                            s,
+                            d,
+                            t,
+                            dk_p.at(ka),
+                            n.kv_rs(),
+                            r > 0,
+                            View(ds.as_ptr(), 1, s as isize),
+                            View(qv.as_ptr().add(qa), n.q_rs() as isize, 1),
+                            self.scale,
+                        );
+                    }
+                }
+            });
+            Ok(())
         })?;
         let dev = q.device();
         let wrap = |x: Vec<f32>, like: &Tensor| -> Result<Option<Tensor>> {

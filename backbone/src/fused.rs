@@ -39,7 +39,7 @@ pub(crate) fn is_row_vector(p: &Tensor, x: &Tensor) -> bool {
 // ---- helpers -------------------------------------------------------------------------------
 
 /// The contiguous f32 slice a CPU op argument covers.
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let Some((a, b)) = l.contiguous_offsets() else {
         bail!("fused op: input must be contiguous");
     };
@@ -47,7 +47,7 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 }
 
 /// Runs `f` on the f32 slices of contiguous CPU tensors (as backward passes get them).
-fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Result<R> {
     let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
     let mut slices = Vec::with_capacity(ts.len());
     for (storage, layout) in &guards {
