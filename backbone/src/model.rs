@@ -453,11 +453,10 @@ impl Transformer {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim());
         let site = |proj| Site { layer: i, proj };
-        let q = iv.project(site(Proj::Query), x, layer.query.forward(x)?)?;
-        let k = iv.project(site(Proj::Key), x, layer.key.forward(x)?)?;
-        let v = iv.project(site(Proj::Value), x, layer.value.forward(x)?)?;
+        let mut q = iv.project(site(Proj::Query), x, layer.query.forward(x)?)?;
+        let mut k = iv.project(site(Proj::Key), x, layer.key.forward(x)?)?;
+        let mut v = iv.project(site(Proj::Value), x, layer.value.forward(x)?)?;
         // Attention takes token-major [b, len, heads·d]; RoPE works on [b, heads, len, d].
-        let (mut q, mut k) = (q, k);
         if let Some((cos, sin)) = rope {
             let rotate = |y: &Tensor, n: usize| -> candle_core::Result<Tensor> {
                 let y = y.reshape((b, t, n, d))?.transpose(1, 2)?;
@@ -468,7 +467,6 @@ impl Transformer {
             q = rotate(&q, nh)?;
             k = rotate(&k, nkv)?;
         }
-        let mut v = v;
         if let Some(p) = prefix.filter(|p| !p.is_empty()) {
             let len = p.len();
             let batched = |y: &Tensor| -> candle_core::Result<Tensor> {
