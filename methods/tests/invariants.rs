@@ -142,7 +142,12 @@ fn shape() -> impl Strategy<Value = (usize, usize, usize, usize, u64)> {
     )
 }
 
+/// `n` cases, or `PROPTEST_CASES` when set, for longer hunts for failing inputs.
 fn cases(n: u32) -> ProptestConfig {
+    let n = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(n);
     ProptestConfig {
         cases: n,
         ..ProptestConfig::default()
@@ -183,7 +188,10 @@ proptest! {
         let unmerged = hidden(&m, &x, &lora);
         lora.merge(&mut m).unwrap();
         let merged = hidden(&m, &x, &lora);
-        prop_assert!(max_rel(&merged, &unmerged) <= 1e-5, "rel diff {}", max_rel(&merged, &unmerged));
+        // x·(W + sBA)ᵀ and x·Wᵀ + s(x·Aᵀ)·Bᵀ round differently in f32, and layer norm over a
+        // hidden size of 2 amplifies that by up to 1/√eps ≈ 300 (1.2e-5 seen), so 1e-4; a wrong
+        // scale or a transposed delta moves the output by O(1).
+        prop_assert!(max_rel(&merged, &unmerged) <= 1e-4, "rel diff {}", max_rel(&merged, &unmerged));
     }
 
     #[test]
