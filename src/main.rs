@@ -103,7 +103,7 @@ enum Command {
 }
 
 /// The committed suites, embedded so the binary works from any folder.
-const SUITES: [(&str, &str); 6] = [
+const SUITES: [(&str, &str); 7] = [
     ("default", include_str!("../suites/default.toml")),
     (
         "objectives-minilm-quick",
@@ -119,6 +119,7 @@ const SUITES: [(&str, &str); 6] = [
     ),
     ("glue-minilm", include_str!("../suites/glue-minilm.toml")),
     ("rte-minilm", include_str!("../suites/rte-minilm.toml")),
+    ("cola-minilm", include_str!("../suites/cola-minilm.toml")),
 ];
 
 fn minilm_dir() -> PathBuf {

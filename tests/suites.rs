@@ -17,6 +17,8 @@ fn committed_suites_parse_and_cover_all_eight_methods() {
         "glue-minilm",
         "objectives-minilm-quick",
         "alpaca-sft-quick",
+        "rte-minilm",
+        "cola-minilm",
     ] {
         let s = suite(name);
         assert_eq!(s.name, name);
@@ -71,4 +73,51 @@ fn a_task_can_override_steps_and_pooling() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("q.toml") && e.contains("max"), "{e}");
+}
+
+#[test]
+fn a_task_can_override_a_methods_learning_rate() {
+    let s = suite("objectives-minilm-quick");
+    let lr = |task: &str, method: &str| {
+        s.runs()
+            .iter()
+            .find(|r| r.task == task && r.method.name() == method)
+            .map(|r| r.optim.lr)
+            .unwrap()
+    };
+    let suite_lr = |method: &str| {
+        s.methods
+            .iter()
+            .find(|(m, _)| m.name() == method)
+            .map(|(_, o)| o.lr)
+            .unwrap()
+    };
+    // CoLA's long run takes LoRA's smaller step; the short tasks keep the suite's.
+    assert_eq!(lr("cola", "lora"), 1e-3);
+    assert_eq!(lr("stsb", "lora"), suite_lr("lora"));
+    assert_ne!(suite_lr("lora"), 1e-3);
+    assert_eq!(lr("cola", "adapter"), suite_lr("adapter"));
+
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("suites/objectives-minilm-quick.toml"),
+    )
+    .unwrap();
+    let e = Suite::parse(&text.replace("lr = { lora = ", "lr = { lorra = "), "o.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("o.toml") && e.contains("`cola`: lr names `lorra`"),
+        "{e}"
+    );
+    let e = Suite::parse(
+        &text.replace("lr = { lora = 1e-3", "lr = { lora = -1e-3"),
+        "o.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("`cola`: lr for `lora` must be a positive number"),
+        "{e}"
+    );
 }

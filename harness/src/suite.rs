@@ -179,6 +179,29 @@ impl Suite {
                 format!("task `{}`: steps must be > 0", t.name),
             ));
         }
+        for t in &raw.tasks {
+            for (m, &lr) in &t.lr {
+                let at = line_of(text, &format!("\"{}\"", t.name));
+                if !methods.iter().any(|(c, _)| c.name() == m) {
+                    return Err(err(
+                        at,
+                        format!(
+                            "task `{}`: lr names `{m}`, which is not among the methods",
+                            t.name
+                        ),
+                    ));
+                }
+                if !(lr.is_finite() && lr > 0.0) {
+                    return Err(err(
+                        at,
+                        format!(
+                            "task `{}`: lr for `{m}` must be a positive number, got {lr}",
+                            t.name
+                        ),
+                    ));
+                }
+            }
+        }
         if raw.seeds.is_empty() || raw.tasks.is_empty() || raw.train.steps == 0 {
             return Err(err(
                 None,
@@ -237,7 +260,10 @@ impl Suite {
                             suite: self.name.clone(),
                             task: task.name.clone(),
                             method: method.clone(),
-                            optim: optim.clone(),
+                            optim: OptimConfig {
+                                lr: task.lr.get(method.name()).copied().unwrap_or(optim.lr),
+                                ..optim.clone()
+                            },
                             budget_label: label.clone(),
                             budget: budget.clone(),
                             max_budget_deviation: self.max_budget_deviation,

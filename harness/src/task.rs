@@ -9,6 +9,7 @@ use peftbench_datasets::{
     load_alpaca, load_preferences, load_text_task, subset, Label, LoadOptions, Split, TextTaskSpec,
 };
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Where a task's examples come from.
@@ -83,6 +84,10 @@ pub struct TaskConfig {
     /// Evaluation interval for this task, overriding the suite's `[train] eval_every`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_every: Option<usize>,
+    /// Learning rates for this task by method name, overriding that method's `lr`
+    /// (`lr = { lora = 1e-3 }`): a step size that suits a short task can wreck a long one.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub lr: BTreeMap<String, f64>,
 }
 
 fn d_max_len() -> usize {
