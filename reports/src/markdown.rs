@@ -60,21 +60,61 @@ pub fn comparison_sentence(rows: &[SummaryRow], task: &str) -> String {
     }
 }
 
-fn environment(out: &mut String, records: &[RunRecord]) {
-    let Some(first) = records.first() else { return };
-    let env = &first.env;
+/// Reads one environment field of a record as text.
+type EnvField = fn(&RunRecord) -> String;
+
+/// The environment section: each field once, or each distinct value with the runs that had it.
+pub fn environment(out: &mut String, records: &[RunRecord]) {
+    if records.is_empty() {
+        return;
+    }
     let _ = writeln!(out, "## Environment\n");
-    let _ = writeln!(out, "From the first record (`{}`).\n", first.run_id);
-    let _ = writeln!(out, "- CPU: {}", env.cpu);
-    let _ = writeln!(out, "- Threads: {}", env.threads);
-    let _ = writeln!(out, "- candle: {}", env.candle_version);
-    let _ = writeln!(out, "- Device: {}", env.device);
-    let _ = writeln!(out, "- OS: {}", env.os);
-    let _ = writeln!(
-        out,
-        "- Git revision: {}\n",
-        env.git_revision.as_deref().unwrap_or("unknown")
-    );
+    let fields: [(&str, EnvField); 6] = [
+        ("CPU", |r| r.env.cpu.clone()),
+        ("Threads", |r| r.env.threads.to_string()),
+        ("candle", |r| r.env.candle_version.clone()),
+        ("Device", |r| r.env.device.clone()),
+        ("OS", |r| r.env.os.clone()),
+        ("Git revision", |r| {
+            r.env
+                .git_revision
+                .clone()
+                .unwrap_or_else(|| "unknown".into())
+        }),
+    ];
+    let mut mixed = false;
+    for (name, value) in fields {
+        // Value → the runs that had it, in record order.
+        let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
+        for r in records {
+            let v = value(r);
+            match groups.iter_mut().find(|(g, _)| *g == v) {
+                Some((_, ids)) => ids.push(&r.run_id),
+                None => groups.push((v, vec![&r.run_id])),
+            }
+        }
+        if groups.len() == 1 {
+            let _ = writeln!(out, "- {name}: {}", groups[0].0);
+            continue;
+        }
+        mixed = true;
+        let parts: Vec<String> = groups
+            .iter()
+            .map(|(v, ids)| match ids.len() {
+                1..=3 => format!("{v} ({})", ids.join(", ")),
+                n => format!("{v} ({n} runs)"),
+            })
+            .collect();
+        let _ = writeln!(out, "- {name}: {}", parts.join("; "));
+    }
+    if mixed {
+        // Times and memory are comparable only between runs made alike.
+        let _ = writeln!(
+            out,
+            "\nThe records were not all made in one environment: compare times only between runs that share one."
+        );
+    }
+    let _ = writeln!(out);
 }
 
 fn task_table(out: &mut String, rows: &[&SummaryRow]) {

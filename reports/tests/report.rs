@@ -547,3 +547,32 @@ fn pretraining_control_is_compared_with_the_pretrained_run() {
     let s = pretraining_sentences(&[row("lora", 0.4), row("lora-random-init", 0.5)], "t");
     assert!(s[0].contains("does not beat"));
 }
+
+#[test]
+fn mixed_environments_are_listed_per_value() {
+    use peftbench_reports::markdown::environment;
+    let mut records: Vec<RunRecord> = (0..5)
+        .map(|s| ok("cola", "adapter", "1%", s, 0.1))
+        .collect();
+    let mut one = String::new();
+    environment(&mut one, &records);
+    assert!(
+        one.contains(&format!("- Threads: {}\n", records[0].env.threads)),
+        "{one}"
+    );
+    assert!(!one.contains("not all made in one environment"), "{one}");
+
+    let odd = records[3].run_id.clone();
+    records[3].env.threads = records[0].env.threads + 7;
+    let mut mixed = String::new();
+    environment(&mut mixed, &records);
+    let expected = format!(
+        "- Threads: {} (4 runs); {} ({odd})",
+        records[0].env.threads,
+        records[0].env.threads + 7
+    );
+    assert!(mixed.contains(&expected), "{mixed}");
+    assert!(mixed.contains("not all made in one environment"), "{mixed}");
+    // Fields that agree are still written once.
+    assert!(mixed.contains("- CPU: Test CPU 9000\n"), "{mixed}");
+}
