@@ -103,7 +103,7 @@ enum Command {
 }
 
 /// The committed suites, embedded so the binary works from any folder.
-const SUITES: [(&str, &str); 7] = [
+const SUITES: [(&str, &str); 8] = [
     ("default", include_str!("../suites/default.toml")),
     (
         "objectives-minilm-quick",
@@ -120,6 +120,7 @@ const SUITES: [(&str, &str); 7] = [
     ("glue-minilm", include_str!("../suites/glue-minilm.toml")),
     ("rte-minilm", include_str!("../suites/rte-minilm.toml")),
     ("cola-minilm", include_str!("../suites/cola-minilm.toml")),
+    ("hh-minilm", include_str!("../suites/hh-minilm.toml")),
 ];
 
 fn minilm_dir() -> PathBuf {

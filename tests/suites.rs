@@ -19,6 +19,7 @@ fn committed_suites_parse_and_cover_all_eight_methods() {
         "alpaca-sft-quick",
         "rte-minilm",
         "cola-minilm",
+        "hh-minilm",
     ] {
         let s = suite(name);
         assert_eq!(s.name, name);
