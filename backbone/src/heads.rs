@@ -16,7 +16,8 @@ pub enum Pooling {
     First,
     /// The last non-padding position (decoders, reward models).
     LastToken,
-    /// Mean over non-padding positions (sentence embeddings).
+    /// Mean over the input's non-padding tokens (sentence embeddings). Input-prefix vectors are
+    /// left out, as KV prefixes are by construction, so every method pools the same positions.
     Mean,
 }
 
@@ -36,8 +37,11 @@ pub fn pool(enc: &Encoded, pooling: Pooling) -> Result<Tensor> {
             enc.hidden.reshape((b * s, h))?.index_select(&flat, 0)?
         }
         Pooling::Mean => {
-            let m = enc.mask.unsqueeze(2)?;
-            let sum = enc.hidden.broadcast_mul(&m)?.sum(1)?;
+            // Virtual tokens outnumber a short sentence's own (59 against about 10 on CoLA) and
+            // would otherwise dominate the mean.
+            let p = enc.input_prefix_len;
+            let m = enc.mask.narrow(1, p, s - p)?.unsqueeze(2)?;
+            let sum = enc.hidden.narrow(1, p, s - p)?.broadcast_mul(&m)?.sum(1)?;
             sum.broadcast_div(&m.sum(1)?.maximum(1e-9)?)?
         }
     })

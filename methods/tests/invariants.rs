@@ -4,8 +4,8 @@
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::Optimizer;
 use peftbench_backbone::{
-    lm_logits, pad_rows, HeadKind, Initializer, Inputs, Intervention, ModelConfig, NoIntervention,
-    SequenceHead, TrainableParams, Transformer,
+    lm_logits, pad_rows, pool, HeadKind, Initializer, Inputs, Intervention, ModelConfig,
+    NoIntervention, Pooling, SequenceHead, TrainableParams, Transformer,
 };
 use peftbench_methods::*;
 use proptest::prelude::*;
@@ -279,6 +279,22 @@ proptest! {
         let n = a.input_prefix_len + len;
         let d = max_abs(&a.hidden.i(0).unwrap(), &b.hidden.i((0, 0..n)).unwrap());
         prop_assert!(d <= 1e-5, "{}: padding moved real tokens by {}", method.name(), d);
+    }
+
+    #[test]
+    fn mean_pooling_reads_only_the_inputs_own_tokens((f, heads, hd, layers, seed) in shape(), method in any_method(), len in 1usize..6, extra in 0usize..4) {
+        let mut m = model(FAMILIES[f], heads, hd, layers, seed);
+        let attached = method.attach(&mut AttachContext::new(&mut m, seed)).unwrap();
+        randomize(attached.params(), seed ^ 6, 0.05);
+        let x = batch(&[len, len + extra], seed);
+        let enc = m.forward(&x, attached.as_ref()).unwrap();
+        let pooled = pool(&enc, Pooling::Mean).unwrap();
+        let p = enc.input_prefix_len;
+        for (row, n) in [len, len + extra].into_iter().enumerate() {
+            let want = enc.hidden.i((row, p..p + n)).unwrap().mean(0).unwrap();
+            let d = max_abs(&pooled.i(row).unwrap(), &want);
+            prop_assert!(d <= 1e-5, "{}: row {} pooled {} away from its tokens' mean", method.name(), row, d);
+        }
     }
 
     #[test]
