@@ -74,7 +74,8 @@ pub struct TaskConfig {
     /// How the sequence head summarises a sequence (`first`, `last_token`, `mean`). Unset:
     /// Hugging Face's choice (the pooled first token for encoders, the last token for decoders
     /// and reward models). `mean` suits sentence-embedding encoders such as all-MiniLM-L6-v2,
-    /// which were trained with mean pooling and whose first-token pooler was never tuned.
+    /// which were trained with mean pooling and whose first-token pooler was never tuned; the
+    /// mean leaves out input-prefix (virtual token) positions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pooling: Option<Pooling>,
     /// Training steps for this task, overriding the suite's `[train] steps` (small or hard
