@@ -183,6 +183,7 @@ fn grid_skips_recorded_runs_and_shards_split_the_grid() {
 
     let records = peftbench_reports::load::load_records(&dir).unwrap();
     assert_eq!(records.len(), total);
+    let mut chance_of_task = std::collections::BTreeMap::new();
     for r in &records {
         assert_eq!(
             r.status,
@@ -201,6 +202,15 @@ fn grid_skips_recorded_runs_and_shards_split_the_grid() {
             r.run_id,
             r.extra
         );
+        // So is the chance level, the same for every run of the task.
+        let chance = peftbench_reports::chance::recorded_chance(r)
+            .unwrap_or_else(|| panic!("{}: no chance level in {}", r.run_id, r.extra));
+        assert_eq!(chance.metric, r.primary_metric);
+        assert!(chance.std_error.is_some_and(|se| se > 0.0), "{chance:?}");
+        let first = chance_of_task
+            .entry(r.task.clone())
+            .or_insert(chance.clone());
+        assert_eq!(*first, chance, "{}", r.run_id);
         assert!(r.trainable_params > 0 && r.head_params > 0);
         if r.method == "lora" {
             assert!(
@@ -209,8 +219,14 @@ fn grid_skips_recorded_runs_and_shards_split_the_grid() {
             );
         }
     }
+    assert_eq!(chance_of_task.len(), 2);
     let report = peftbench_reports::write_report(&dir, &tmp.path().join("report")).unwrap();
     assert_eq!(report.records, total);
+    let md = std::fs::read_to_string(&report.report).unwrap();
+    assert!(
+        md.contains("Chance on **agreement**: pair_accuracy 0.5000"),
+        "{md}"
+    );
 }
 
 #[test]

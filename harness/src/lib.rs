@@ -2,6 +2,7 @@
 //! that turns a suite into run records.
 
 pub mod budget;
+pub mod chance;
 pub mod data;
 pub mod env;
 pub mod grid;

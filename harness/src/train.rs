@@ -1,6 +1,7 @@
 //! One run: size the method to its budget, attach it, train, evaluate, record.
 
 use crate::budget::{match_budget, Budget};
+use crate::chance::chance_level;
 use crate::data::{batch_tokens, make_batch, Example};
 use crate::objective::{evaluate, loss, Scorer};
 use crate::optim::{AdamW, OptimConfig};
@@ -9,6 +10,7 @@ use crate::{env, HarnessError};
 use candle_core::Device;
 use peftbench_backbone::{Initializer, SequenceHead, TextTokenizer, TrainableParams, Transformer};
 use peftbench_methods::{AttachContext, Method, MethodConfig};
+use peftbench_reports::chance::CHANCE_KEY;
 use peftbench_reports::{CurvePoint, RunRecord, RunStatus};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -378,6 +380,9 @@ fn run_inner(
         rec.extra = serde_json::json!({});
     }
     rec.extra["initial_metrics"] = serde_json::to_value(&initial).unwrap_or_default();
+    if let Some(chance) = chance_level(&task.objective, &task.train, &task.dev) {
+        rec.extra[CHANCE_KEY] = serde_json::to_value(chance).unwrap_or_default();
+    }
 
     method.set_training(false);
     rec.latency_ms = latency(

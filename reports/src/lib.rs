@@ -1,5 +1,6 @@
 //! Run records and the reports made from them: CSV tables, PNG plots and a Markdown report.
 
+pub mod chance;
 pub mod lenient;
 pub mod load;
 pub mod markdown;

@@ -1,6 +1,7 @@
-//! `REPORT.md`: environment, per-task tables, the comparison with full fine-tuning, failed
-//! runs and the plots.
+//! `REPORT.md`: environment, per-task tables, the comparisons with full fine-tuning and with
+//! chance, failed runs and the plots.
 
+use crate::chance::chance_sentence;
 use crate::plots::Plot;
 use crate::summary::{compare_to_full, tasks, FullComparison, SummaryRow};
 use crate::{RunRecord, RunStatus};
@@ -219,6 +220,9 @@ pub fn render_report(records: &[RunRecord], rows: &[SummaryRow], plots: &[Plot])
             let _ = writeln!(out);
         }
         let _ = writeln!(out, "{}\n", comparison_sentence(rows, &task));
+        if let Some(line) = chance_sentence(records, rows, &task) {
+            let _ = writeln!(out, "{line}\n");
+        }
         for line in pretraining_sentences(rows, &task) {
             let _ = writeln!(out, "{line}\n");
         }

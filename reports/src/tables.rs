@@ -1,12 +1,13 @@
 //! CSV tables: one row per run, one per summary group, one per curve point.
 
+use crate::chance::recorded_chance;
 use crate::summary::{SummaryRow, BYTES_PER_MB};
 use crate::{ReportError, RunRecord};
 use std::collections::BTreeSet;
 use std::path::Path;
 
 /// Columns of `runs.csv`.
-pub const RUNS_HEADER: [&str; 25] = [
+pub const RUNS_HEADER: [&str; 27] = [
     "run_id",
     "suite",
     "task",
@@ -25,6 +26,8 @@ pub const RUNS_HEADER: [&str; 25] = [
     "primary_initial",
     "primary_best",
     "primary_final",
+    "chance",
+    "chance_std_error",
     "train_seconds",
     "steps_per_second",
     "tokens_per_second",
@@ -110,6 +113,7 @@ pub fn write_runs_csv(records: &[RunRecord], path: &Path) -> Result<usize, Repor
     let mut t = Table::create(path)?;
     t.row(RUNS_HEADER)?;
     for r in records {
+        let chance = recorded_chance(r);
         t.row([
             r.run_id.clone(),
             r.suite.clone(),
@@ -134,6 +138,8 @@ pub fn write_runs_csv(records: &[RunRecord], path: &Path) -> Result<usize, Repor
                 .and_then(|v| v.as_f64())),
             opt(r.metrics_best.get(&r.primary_metric)),
             opt(r.metrics_final.get(&r.primary_metric)),
+            opt(chance.as_ref().map(|c| c.value)),
+            opt(chance.as_ref().and_then(|c| c.std_error)),
             r.train_seconds.to_string(),
             r.steps_per_second.to_string(),
             r.tokens_per_second.to_string(),

@@ -450,7 +450,7 @@ fn empty_results_dir_gives_a_report_saying_so() {
     let md = std::fs::read_to_string(&summary.report).unwrap();
     assert!(md.contains("No runs were found"));
     let (header, rows) = read_csv(&summary.runs_csv);
-    assert_eq!(header.len(), 25);
+    assert_eq!(header.len(), peftbench_reports::tables::RUNS_HEADER.len());
     assert!(rows.is_empty());
 }
 
@@ -575,4 +575,51 @@ fn mixed_environments_are_listed_per_value() {
     assert!(mixed.contains("not all made in one environment"), "{mixed}");
     // Fields that agree are still written once.
     assert!(mixed.contains("- CPU: Test CPU 9000\n"), "{mixed}");
+}
+
+#[test]
+fn chance_recorded_with_runs_is_reported_with_each_groups_distance_from_it() {
+    let chance = serde_json::json!({
+        "metric": "accuracy", "value": 0.5, "std_error": 0.02,
+        "dev_examples": 625, "rule": "class 1, the training labels' majority, for every input"
+    });
+    let mut records = vec![
+        ok("rte", "full_finetune", "full", 0, 0.60),
+        ok("rte", "lora", "1%", 0, 0.53),
+        // An older record without a chance level: the report takes it from the others.
+        ok("rte", "adapter", "1%", 0, 0.56),
+    ];
+    for r in &mut records[..2] {
+        r.extra = serde_json::json!({ "chance": chance });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_records(dir.path(), &records);
+    let out = dir.path().join("report");
+    write_report(dir.path(), &out).unwrap();
+    let md = std::fs::read_to_string(out.join("REPORT.md")).unwrap();
+    assert!(
+        md.contains(
+            "Chance on **rte**: accuracy 0.5000 (class 1, the training labels' majority, for every input, \
+             over 625 dev examples; one standard error 0.0200). At least 2 standard errors above it: \
+             adapter 1% (z = 3.0), full_finetune full (z = 5.0). Not: lora 1% (z = 1.5)."
+        ),
+        "{md}"
+    );
+    let (header, rows) = read_csv(&out.join("runs.csv"));
+    assert!(header.contains(&"chance".to_string()));
+    let lora = find(&rows, "rte", "lora", "1%");
+    assert_eq!(num(lora, "chance"), 0.5);
+    assert_eq!(num(lora, "chance_std_error"), 0.02);
+    let adapter = find(&rows, "rte", "adapter", "1%");
+    assert_eq!(adapter["chance"], "");
+}
+
+#[test]
+fn a_report_without_recorded_chance_says_nothing_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    write_records(dir.path(), &synthetic());
+    let out = dir.path().join("report");
+    write_report(dir.path(), &out).unwrap();
+    let md = std::fs::read_to_string(out.join("REPORT.md")).unwrap();
+    assert!(!md.contains("Chance on"), "{md}");
 }
