@@ -1,4 +1,5 @@
-//! The command line: subcommands are listed, `methods` shows all eight, bad suites fail clearly.
+//! The command line: subcommands are listed, `methods` shows all eight and the head-only
+//! control, bad suites fail clearly.
 
 use std::process::Command;
 
@@ -29,7 +30,7 @@ fn help_lists_the_subcommands() {
 }
 
 #[test]
-fn methods_lists_all_eight_with_knobs_and_formulas() {
+fn methods_lists_all_eight_and_the_head_only_control_with_knobs_and_formulas() {
     let (ok, text) = peftbench(&["methods"]);
     assert!(ok, "{text}");
     for (name, knob) in [
@@ -41,6 +42,7 @@ fn methods_lists_all_eight_with_knobs_and_formulas() {
         ("p_tuning ", "encoder_hidden_size="),
         ("p_tuning_v2", "num_virtual_tokens="),
         ("full_finetune", "every backbone weight"),
+        ("head_only", "only the task head trains"),
     ] {
         let line = text
             .lines()

@@ -31,6 +31,9 @@ lr = 5e-3
 [methods.full_finetune]
 lr = 1e-3
 
+[methods.head_only]
+lr = 5e-3
+
 [[tasks]]
 name = "polarity"
 kind = "synthetic"
@@ -70,12 +73,13 @@ fn tasks(suite: &Suite, base: &Base) -> HashMap<String, TaskData> {
 fn suite_expands_to_tasks_methods_budgets_seeds_and_controls() {
     let suite = Suite::parse(SUITE, "tiny.toml").unwrap();
     let runs = suite.runs();
-    // 2 tasks × (lora + lora control + adapter + full fine-tuning) × 2 seeds.
-    assert_eq!(runs.len(), 2 * 4 * 2);
+    // 2 tasks × (lora + lora control + adapter + full fine-tuning + head only) × 2 seeds.
+    assert_eq!(runs.len(), 2 * 5 * 2);
     let ids: std::collections::HashSet<String> = runs.iter().map(|r| r.run_id()).collect();
     assert_eq!(ids.len(), runs.len(), "run ids are unique");
     assert!(ids.contains("polarity__lora-random-init__3p__s1"));
     assert!(ids.contains("agreement__full_finetune__full__s0"));
+    assert!(ids.contains("polarity__head_only__none__s1"));
 }
 
 #[test]
@@ -211,7 +215,14 @@ fn grid_skips_recorded_runs_and_shards_split_the_grid() {
             .entry(r.task.clone())
             .or_insert(chance.clone());
         assert_eq!(*first, chance, "{}", r.run_id);
-        assert!(r.trainable_params > 0 && r.head_params > 0);
+        // The head-only control trains the head alone.
+        assert_eq!(
+            r.trainable_params == 0,
+            r.method == "head_only",
+            "{}",
+            r.run_id
+        );
+        assert!(r.head_params > 0);
         if r.method == "lora" {
             assert!(
                 r.latency_ms.contains_key("merged"),

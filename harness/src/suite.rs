@@ -234,19 +234,18 @@ impl Suite {
         train
     }
 
-    /// Every run of the suite, in a stable order. Full fine-tuning ignores budgets: it is the
-    /// reference row and runs once per task and seed.
+    /// Every run of the suite, in a stable order. Full fine-tuning and the head-only control
+    /// ignore budgets: they are reference rows and run once per task and seed.
     pub fn runs(&self) -> Vec<RunSpec> {
         let mut out = Vec::new();
         for task in &self.tasks {
             for (method, optim) in &self.methods {
-                let budgets: Vec<String> = if matches!(method, MethodConfig::FullFinetune) {
-                    vec!["full".into()]
-                } else {
-                    self.budgets.clone()
+                let budgets: Vec<String> = match method.fixed_budget() {
+                    Some(label) => vec![label.into()],
+                    None => self.budgets.clone(),
                 };
                 for label in &budgets {
-                    let budget = if label == "full" {
+                    let budget = if method.fixed_budget().is_some() {
                         Budget::Default
                     } else {
                         Budget::parse(label).expect("checked at parse")

@@ -7,6 +7,7 @@ pub mod adapter;
 pub mod defaults;
 pub mod error;
 pub mod full_finetune;
+pub mod head_only;
 pub mod lora;
 pub mod lstm;
 pub mod p_tuning;
@@ -19,6 +20,7 @@ pub use adalora::{AdaLora, AdaLoraConfig};
 pub use adapter::{Adapter, AdapterConfig, AdapterVariant};
 pub use error::{MethodError, Result};
 pub use full_finetune::FullFinetune;
+pub use head_only::HeadOnly;
 pub use lora::{Lora, LoraConfig};
 pub use p_tuning::{PTuning, PTuningConfig, PromptEncoderType};
 pub use p_tuning_v2::{PTuningV2, PTuningV2Config};
@@ -178,6 +180,8 @@ pub enum MethodConfig {
     PTuningV2(PTuningV2Config),
     /// Full fine-tuning: every weight trainable.
     FullFinetune,
+    /// The control with nothing trainable but the task head; not among [`MethodConfig::defaults`].
+    HeadOnly,
 }
 
 /// A method's size knob: the one integer the harness turns to match a parameter budget.
@@ -205,6 +209,15 @@ impl MethodConfig {
         ]
     }
 
+    /// The budget label of a method whose size no budget sets (`full`, `none`), if it is one.
+    pub fn fixed_budget(&self) -> Option<&'static str> {
+        match self {
+            MethodConfig::FullFinetune => Some("full"),
+            MethodConfig::HeadOnly => Some("none"),
+            _ => None,
+        }
+    }
+
     /// The method's name, as in configs.
     pub fn name(&self) -> &'static str {
         match self {
@@ -216,6 +229,7 @@ impl MethodConfig {
             MethodConfig::PTuning(_) => "p_tuning",
             MethodConfig::PTuningV2(_) => "p_tuning_v2",
             MethodConfig::FullFinetune => "full_finetune",
+            MethodConfig::HeadOnly => "head_only",
         }
     }
 
@@ -240,6 +254,7 @@ impl MethodConfig {
             },
             MethodConfig::PTuningV2(_) => "p·2·layers·kv_dim",
             MethodConfig::FullFinetune => "every backbone weight",
+            MethodConfig::HeadOnly => "0 (only the task head trains)",
         }
     }
 
@@ -253,7 +268,7 @@ impl MethodConfig {
             MethodConfig::PromptTuning(c) => c.validate(model),
             MethodConfig::PTuning(c) => c.validate(model),
             MethodConfig::PTuningV2(c) => c.validate(model),
-            MethodConfig::FullFinetune => Ok(()),
+            MethodConfig::FullFinetune | MethodConfig::HeadOnly => Ok(()),
         }
     }
 
@@ -269,6 +284,7 @@ impl MethodConfig {
             MethodConfig::PTuning(c) => Ok(c.num_trainable(cfg)),
             MethodConfig::PTuningV2(c) => Ok(c.num_trainable(cfg)),
             MethodConfig::FullFinetune => Ok(model.num_parameters()),
+            MethodConfig::HeadOnly => Ok(0),
         }
     }
 
@@ -284,6 +300,7 @@ impl MethodConfig {
             MethodConfig::PTuning(c) => Box::new(PTuning::attach(c, ctx)?),
             MethodConfig::PTuningV2(c) => Box::new(PTuningV2::attach(c, ctx)?),
             MethodConfig::FullFinetune => Box::new(FullFinetune::attach(ctx)?),
+            MethodConfig::HeadOnly => Box::new(HeadOnly::attach(ctx)),
         })
     }
 
@@ -298,7 +315,7 @@ impl MethodConfig {
             MethodConfig::PromptTuning(c) => k("num_virtual_tokens", c.num_virtual_tokens),
             MethodConfig::PTuning(c) => k("encoder_hidden_size", c.encoder_hidden_size),
             MethodConfig::PTuningV2(c) => k("num_virtual_tokens", c.num_virtual_tokens),
-            MethodConfig::FullFinetune => None,
+            MethodConfig::FullFinetune | MethodConfig::HeadOnly => None,
         }
     }
 
@@ -317,7 +334,7 @@ impl MethodConfig {
             MethodConfig::PromptTuning(x) => x.num_virtual_tokens = value,
             MethodConfig::PTuning(x) => x.encoder_hidden_size = value,
             MethodConfig::PTuningV2(x) => x.num_virtual_tokens = value,
-            MethodConfig::FullFinetune => {}
+            MethodConfig::FullFinetune | MethodConfig::HeadOnly => {}
         }
         c
     }
