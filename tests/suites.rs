@@ -23,9 +23,23 @@ fn committed_suites_parse_and_cover_all_eight_methods() {
     ] {
         let s = suite(name);
         assert_eq!(s.name, name);
-        let methods: std::collections::BTreeSet<&str> =
-            s.methods.iter().map(|(m, _)| m.name()).collect();
+        let methods: std::collections::BTreeSet<&str> = s
+            .methods
+            .iter()
+            .map(|(m, _)| m.name())
+            .filter(|m| *m != "head_only")
+            .collect();
         assert_eq!(methods.len(), 8, "{name}: {methods:?}");
+    }
+    // The single-task suites add the head-only floor: one run per seed, budget `none`.
+    for name in ["rte-minilm", "cola-minilm"] {
+        let runs = suite(name).runs();
+        let floor: Vec<_> = runs
+            .iter()
+            .filter(|r| r.method.name() == "head_only")
+            .collect();
+        assert_eq!(floor.len(), 1, "{name}");
+        assert_eq!(floor[0].budget_label, "none");
     }
 }
 
