@@ -3,7 +3,7 @@
 
 use crate::chance::chance_sentence;
 use crate::plots::Plot;
-use crate::summary::{compare_to_full, tasks, FullComparison, SummaryRow};
+use crate::summary::{compare_to_full, tasks, FullComparison, SummaryRow, HEAD_ONLY};
 use crate::{RunRecord, RunStatus};
 use std::fmt::Write;
 
@@ -59,6 +59,31 @@ pub fn comparison_sentence(rows: &[SummaryRow], task: &str) -> String {
             }
         }
     }
+}
+
+/// The sentence naming the method × budget groups of `task` that score no higher than the
+/// head-only floor (the task head trained alone on the frozen base); None without that control.
+pub fn floor_sentence(rows: &[SummaryRow], task: &str) -> Option<String> {
+    let floor = rows
+        .iter()
+        .find(|r| r.task == task && r.method == HEAD_ONLY)?;
+    let floor_mean = floor.primary_mean?;
+    let below: Vec<String> = rows
+        .iter()
+        .filter(|r| r.task == task && r.method != HEAD_ONLY)
+        .filter(|r| r.primary_mean.is_some_and(|m| m <= floor_mean))
+        .map(|r| format!("{} {}", r.method, r.budget))
+        .collect();
+    let list = if below.is_empty() {
+        "none".to_string()
+    } else {
+        below.join(", ")
+    };
+    Some(format!(
+        "The task head alone on the frozen base (head_only) scores {} {floor_mean:.4} on **{task}**; \
+         methods at or below it, which add nothing the head does not learn alone: {list}.",
+        floor.primary_metric
+    ))
 }
 
 /// Reads one environment field of a record as text.
@@ -220,6 +245,9 @@ pub fn render_report(records: &[RunRecord], rows: &[SummaryRow], plots: &[Plot])
             let _ = writeln!(out);
         }
         let _ = writeln!(out, "{}\n", comparison_sentence(rows, &task));
+        if let Some(line) = floor_sentence(rows, &task) {
+            let _ = writeln!(out, "{line}\n");
+        }
         if let Some(line) = chance_sentence(records, rows, &task) {
             let _ = writeln!(out, "{line}\n");
         }

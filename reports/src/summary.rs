@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 /// The method name of full fine-tuning, the reference every other method is compared to.
 pub const FULL_FINETUNE: &str = "full_finetune";
 
+/// The method name of the head-only control, the floor every method should clear.
+pub const HEAD_ONLY: &str = "head_only";
+
 /// Bytes per MB in every table and plot (SI megabyte, 10^6 bytes).
 pub const BYTES_PER_MB: f64 = 1e6;
 

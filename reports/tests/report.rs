@@ -615,6 +615,27 @@ fn chance_recorded_with_runs_is_reported_with_each_groups_distance_from_it() {
 }
 
 #[test]
+fn methods_at_or_below_the_head_only_floor_are_named() {
+    use peftbench_reports::markdown::floor_sentence;
+    let records = vec![
+        ok("cola", "head_only", "none", 0, 0.15),
+        ok("cola", "lora", "1%", 0, 0.25),
+        ok("cola", "p_tuning", "1%", 0, 0.06),
+        ok("cola", "prompt_tuning", "1%", 0, 0.15),
+        ok("sst2", "p_tuning", "1%", 0, 0.10),
+    ];
+    let rows = peftbench_reports::summarize(&records);
+    assert_eq!(
+        floor_sentence(&rows, "cola").unwrap(),
+        "The task head alone on the frozen base (head_only) scores matthews 0.1500 on **cola**; \
+         methods at or below it, which add nothing the head does not learn alone: p_tuning 1%, \
+         prompt_tuning 1%."
+    );
+    // No floor on a task without the control.
+    assert_eq!(floor_sentence(&rows, "sst2"), None);
+}
+
+#[test]
 fn a_report_without_recorded_chance_says_nothing_of_it() {
     let dir = tempfile::tempdir().unwrap();
     write_records(dir.path(), &synthetic());
