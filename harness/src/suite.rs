@@ -240,12 +240,13 @@ impl Suite {
         let mut out = Vec::new();
         for task in &self.tasks {
             for (method, optim) in &self.methods {
-                let budgets: Vec<String> = match method.fixed_budget() {
+                let fixed = method.fixed_budget();
+                let budgets: Vec<String> = match fixed {
                     Some(label) => vec![label.into()],
                     None => self.budgets.clone(),
                 };
                 for label in &budgets {
-                    let budget = if method.fixed_budget().is_some() {
+                    let budget = if fixed.is_some() {
                         Budget::Default
                     } else {
                         Budget::parse(label).expect("checked at parse")

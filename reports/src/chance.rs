@@ -39,6 +39,15 @@ pub fn z_above_chance(score: f64, chance: &Chance) -> Option<f64> {
     Some((score - chance.value) / se)
 }
 
+/// `a, b, c`, or `none` for an empty list.
+pub(crate) fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".to_string()
+    } else {
+        items.join(", ")
+    }
+}
+
 /// A sentence on `task`'s chance level and which method × budget groups score at least
 /// [`Z_BEATS_CHANCE`] standard errors above it; None when no record of the task carries one.
 pub fn chance_sentence(records: &[RunRecord], rows: &[SummaryRow], task: &str) -> Option<String> {
@@ -67,18 +76,11 @@ pub fn chance_sentence(records: &[RunRecord], rows: &[SummaryRow], task: &str) -
             within.push(label);
         }
     }
-    let list = |v: &[String]| {
-        if v.is_empty() {
-            "none".to_string()
-        } else {
-            v.join(", ")
-        }
-    };
     s.push_str(&format!(
         " At least {Z_BEATS_CHANCE} standard errors above it: {}. Not: {}. The scores are each run's best \
          evaluation, so z is optimistic.",
-        list(&above),
-        list(&within)
+        list_or_none(&above),
+        list_or_none(&within)
     ));
     Some(s)
 }

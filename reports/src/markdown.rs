@@ -1,7 +1,7 @@
 //! `REPORT.md`: environment, per-task tables, the comparisons with full fine-tuning and with
 //! chance, failed runs and the plots.
 
-use crate::chance::chance_sentence;
+use crate::chance::{chance_sentence, list_or_none};
 use crate::plots::Plot;
 use crate::summary::{compare_to_full, tasks, FullComparison, SummaryRow, HEAD_ONLY};
 use crate::{RunRecord, RunStatus};
@@ -74,11 +74,7 @@ pub fn floor_sentence(rows: &[SummaryRow], task: &str) -> Option<String> {
         .filter(|r| r.primary_mean.is_some_and(|m| m <= floor_mean))
         .map(|r| format!("{} {}", r.method, r.budget))
         .collect();
-    let list = if below.is_empty() {
-        "none".to_string()
-    } else {
-        below.join(", ")
-    };
+    let list = list_or_none(&below);
     Some(format!(
         "The task head alone on the frozen base (head_only) scores {} {floor_mean:.4} on **{task}**; \
          methods at or below it, which add nothing the head does not learn alone: {list}.",
