@@ -136,3 +136,37 @@ fn a_task_can_override_a_methods_learning_rate() {
         "{e}"
     );
 }
+
+#[test]
+fn a_method_may_give_its_task_head_its_own_rate() {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("suites/cola-minilm.toml"),
+    )
+    .unwrap();
+    let with = text.replace(
+        "[methods.prompt_tuning]\nlr = 5e-2",
+        "[methods.prompt_tuning]\nlr = 5e-2\nhead_lr = 1e-2",
+    );
+    assert_ne!(with, text, "the suite's prompt-tuning table moved");
+    let runs = Suite::parse(&with, "c.toml").unwrap().runs();
+    let head_lr = |m: &str| {
+        runs.iter()
+            .find(|r| r.method.name() == m)
+            .map(|r| r.optim.head_lr)
+            .unwrap()
+    };
+    assert_eq!(head_lr("prompt_tuning"), Some(1e-2));
+    assert_eq!(head_lr("lora"), None);
+
+    let bad = text.replace(
+        "[methods.prompt_tuning]\nlr = 5e-2",
+        "[methods.prompt_tuning]\nlr = 5e-2\nhead_lr = 0.0",
+    );
+    let line = bad.lines().position(|l| l == "head_lr = 0.0").unwrap() + 1;
+    let e = Suite::parse(&bad, "c.toml").unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("c.toml:{line}"))
+            && e.contains("methods.prompt_tuning: `head_lr` must be a positive number"),
+        "{e}"
+    );
+}

@@ -25,6 +25,10 @@ pub enum Decay {
 pub struct OptimConfig {
     /// Peak learning rate.
     pub lr: f64,
+    /// Peak learning rate of the task head, when it should differ from the method's: a fresh
+    /// head on a frozen base may need a faster rate than a prompt beside it. Same schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_lr: Option<f64>,
     /// Decoupled weight decay (matrices only; biases, norms and 1-D vectors are not decayed).
     #[serde(default)]
     pub weight_decay: f64,
@@ -77,6 +81,7 @@ impl Default for OptimConfig {
     fn default() -> Self {
         Self {
             lr: 1e-3,
+            head_lr: None,
             weight_decay: 0.0,
             warmup_ratio: d_warmup(),
             decay: d_decay(),
@@ -113,6 +118,8 @@ struct Slot {
     v: Vec<f32>,
     decay: bool,
     acc: Option<Tensor>,
+    /// This variable's learning rate as a multiple of the scheduled one.
+    lr_scale: f64,
 }
 
 /// AdamW over a fixed list of variables.
@@ -126,9 +133,20 @@ pub struct AdamW {
 impl AdamW {
     /// Creates zeroed moments for every variable (f32 variables on the CPU).
     pub fn new(vars: Vec<Var>, cfg: OptimConfig) -> Result<Self> {
-        let slots = vars
-            .into_iter()
-            .map(|var| {
+        Self::with_groups(vec![(vars, 1.0)], cfg)
+    }
+
+    /// Like [`AdamW::new`], with each group of variables stepped at its own multiple of the
+    /// scheduled learning rate (the weight decay scales with it, as in PyTorch's groups).
+    pub fn with_groups(groups: Vec<(Vec<Var>, f64)>, cfg: OptimConfig) -> Result<Self> {
+        let mut slots = Vec::new();
+        for (vars, lr_scale) in groups {
+            if !(lr_scale.is_finite() && lr_scale >= 0.0) {
+                candle_core::bail!(
+                    "AdamW: learning-rate multiple must be finite and >= 0, got {lr_scale}"
+                );
+            }
+            for var in vars {
                 if var.dtype() != DType::F32 || !var.device().is_cpu() {
                     candle_core::bail!(
                         "AdamW: variables must be f32 on the CPU, got {:?} on {:?}",
@@ -137,15 +155,16 @@ impl AdamW {
                     );
                 }
                 let n = var.elem_count();
-                Ok(Slot {
+                slots.push(Slot {
                     m: vec![0.0; n],
                     v: vec![0.0; n],
                     decay: var.rank() >= 2,
                     acc: None,
+                    lr_scale,
                     var,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+                });
+            }
+        }
         Ok(Self {
             cfg,
             slots,
@@ -200,6 +219,7 @@ impl AdamW {
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         for s in &mut self.slots {
             let Some(g) = s.acc.take() else { continue };
+            let lr = lr * s.lr_scale;
             let update = Update {
                 grad_scale: (clip / n) as f32,
                 beta1: b1 as f32,
@@ -342,6 +362,70 @@ mod tests {
         }
         let v: Vec<f32> = x.as_tensor().to_vec1().unwrap();
         assert!(v.iter().all(|a| a.abs() < 0.05), "{v:?}");
+    }
+
+    /// A group at a multiple of the rate follows exactly the path of its own optimiser run at
+    /// that multiple, weight decay included; the other group is untouched by the multiple.
+    #[test]
+    fn groups_step_at_their_own_multiple_of_the_rate() {
+        let dev = candle_core::Device::Cpu;
+        let init = [[0.5f32, -1.0], [2.0, 0.25]];
+        let cfg = OptimConfig {
+            lr: 0.1,
+            weight_decay: 0.1,
+            max_grad_norm: 0.0,
+            ..Default::default()
+        };
+        let (a, b) = (
+            Var::new(&init, &dev).unwrap(),
+            Var::new(&init, &dev).unwrap(),
+        );
+        let mut grouped = AdamW::with_groups(
+            vec![(vec![a.clone()], 1.0), (vec![b.clone()], 0.25)],
+            cfg.clone(),
+        )
+        .unwrap();
+        let (ra, rb) = (
+            Var::new(&init, &dev).unwrap(),
+            Var::new(&init, &dev).unwrap(),
+        );
+        let mut alone_a = AdamW::new(vec![ra.clone()], cfg.clone()).unwrap();
+        let mut alone_b = AdamW::new(vec![rb.clone()], cfg).unwrap();
+        let sq = |v: &Var| v.as_tensor().sqr().unwrap().sum_all().unwrap();
+        for step in 1..=5 {
+            let lr = 0.02 * step as f64;
+            grouped
+                .accumulate(&(sq(&a) + sq(&b)).unwrap().backward().unwrap())
+                .unwrap();
+            grouped.step(lr).unwrap();
+            alone_a.accumulate(&sq(&ra).backward().unwrap()).unwrap();
+            alone_a.step(lr).unwrap();
+            alone_b.accumulate(&sq(&rb).backward().unwrap()).unwrap();
+            alone_b.step(lr * 0.25).unwrap();
+        }
+        let flat = |v: &Var| {
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(flat(&a), flat(&ra));
+        assert_eq!(flat(&b), flat(&rb));
+        assert_ne!(
+            flat(&a),
+            flat(&b),
+            "the two rates must give different paths"
+        );
+    }
+
+    #[test]
+    fn a_negative_or_nan_rate_multiple_is_refused() {
+        let x = Var::new(&[1.0f32], &candle_core::Device::Cpu).unwrap();
+        for bad in [-1.0, f64::NAN] {
+            let e = AdamW::with_groups(vec![(vec![x.clone()], bad)], OptimConfig::default());
+            assert!(e.is_err(), "{bad} accepted");
+        }
     }
 
     /// Two steps of the fused update against AdamW written out in f64: gradient averaging over

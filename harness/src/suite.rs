@@ -10,8 +10,9 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 /// Optimiser keys allowed in a method's table beside its own configuration.
-const OPTIM_KEYS: [&str; 9] = [
+const OPTIM_KEYS: [&str; 10] = [
     "lr",
+    "head_lr",
     "weight_decay",
     "warmup_ratio",
     "decay",
@@ -135,6 +136,20 @@ impl Suite {
                     .map_err(|e: toml::de::Error| {
                         err(line, format!("methods.{name}: {}", e.message()))
                     })?;
+            for (key, rate) in [("lr", Some(optim.lr)), ("head_lr", optim.head_lr)] {
+                if let Some(rate) = rate.filter(|r| !(r.is_finite() && *r > 0.0)) {
+                    let at = line_of(
+                        &text[text.find(&header).unwrap_or(0)..],
+                        &format!("{key} ="),
+                    )
+                    .map(|l| l + line.unwrap_or(1) - 1)
+                    .or(line);
+                    return Err(err(
+                        at,
+                        format!("methods.{name}: `{key}` must be a positive number, got {rate}"),
+                    ));
+                }
+            }
             cfg.insert("method".into(), toml::Value::String(name.clone()));
             let method: MethodConfig =
                 toml::Value::Table(cfg.clone())

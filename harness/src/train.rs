@@ -262,9 +262,15 @@ fn run_inner(
             matched.achieved
         )));
     }
-    let mut vars = method.params().vars();
-    vars.extend(head_params.vars());
-    let mut opt = AdamW::new(vars, spec.optim.clone())?;
+    // The head's rate is a multiple of the method's, so it follows the same schedule.
+    let head_scale = spec.optim.head_lr.map_or(1.0, |h| h / spec.optim.lr);
+    let mut opt = AdamW::with_groups(
+        vec![
+            (method.params().vars(), 1.0),
+            (head_params.vars(), head_scale),
+        ],
+        spec.optim.clone(),
+    )?;
 
     if task.train.is_empty() || task.dev.is_empty() {
         return Err(HarnessError::Config(format!(
