@@ -273,3 +273,34 @@ fn nan_loss_marks_the_run_diverged_and_the_grid_goes_on() {
         .filter(|r| r.method == "adapter")
         .all(|r| r.status == peftbench_reports::RunStatus::Ok));
 }
+
+/// `head_lr` reaches the head: at a vanishing rate the head-only run's dev metrics never move;
+/// set equal to `lr` it changes nothing.
+#[test]
+fn head_lr_sets_the_task_heads_own_rate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base(tmp.path());
+    let suite = Suite::parse(SUITE, "tiny.toml").unwrap();
+    let tasks = tasks(&suite, &base);
+    let spec = suite
+        .runs()
+        .into_iter()
+        .find(|r| r.method.name() == "head_only" && r.task == "polarity" && r.seed == 0)
+        .unwrap();
+    let run = |head_lr: Option<f64>| {
+        let mut s = spec.clone();
+        s.optim.head_lr = head_lr;
+        let r = peftbench_harness::run(&s, &base, &tasks["polarity"], tmp.path());
+        assert_eq!(r.status, peftbench_reports::RunStatus::Ok, "{:?}", r.status);
+        r.curve
+            .iter()
+            .map(|p| p.metrics.clone())
+            .collect::<Vec<_>>()
+    };
+    let default = run(None);
+    assert_eq!(run(Some(spec.optim.lr)), default);
+    let frozen = run(Some(1e-30));
+    assert!(frozen.len() >= 2, "{frozen:?}");
+    assert!(frozen.iter().all(|m| m == &frozen[0]), "{frozen:?}");
+    assert_ne!(frozen, default, "the head learns at the method's rate");
+}
