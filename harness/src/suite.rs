@@ -110,6 +110,15 @@ impl Suite {
         for (name, value) in &raw.methods {
             let header = format!("[methods.{name}]");
             let line = line_of(text, &header).or_else(|| line_of(text, name));
+            // The line of `key =` within this method's table, else the table's own line.
+            let key_line = |key: &str| {
+                line_of(
+                    &text[text.find(&header).unwrap_or(0)..],
+                    &format!("{key} ="),
+                )
+                .map(|l| l + line.unwrap_or(1) - 1)
+                .or(line)
+            };
             let toml::Value::Table(table) = value else {
                 return Err(err(line, format!("methods.{name} must be a table")));
             };
@@ -138,14 +147,8 @@ impl Suite {
                     })?;
             for (key, rate) in [("lr", Some(optim.lr)), ("head_lr", optim.head_lr)] {
                 if let Some(rate) = rate.filter(|r| !(r.is_finite() && *r > 0.0)) {
-                    let at = line_of(
-                        &text[text.find(&header).unwrap_or(0)..],
-                        &format!("{key} ="),
-                    )
-                    .map(|l| l + line.unwrap_or(1) - 1)
-                    .or(line);
                     return Err(err(
-                        at,
+                        key_line(key),
                         format!("methods.{name}: `{key}` must be a positive number, got {rate}"),
                     ));
                 }
@@ -164,12 +167,7 @@ impl Suite {
                                 && toml::Value::Table(one).try_into::<MethodConfig>().is_err()
                         });
                         let at = key.map_or(String::new(), |k| format!(" key `{k}`:"));
-                        let line = key
-                            .and_then(|k| {
-                                line_of(&text[text.find(&header).unwrap_or(0)..], &format!("{k} ="))
-                                    .map(|l| l + line.unwrap_or(1) - 1)
-                            })
-                            .or(line);
+                        let line = key.map_or(line, |k| key_line(k));
                         err(line, format!("methods.{name}:{at} {}", e.message()))
                     })?;
             methods.push((method, optim));
