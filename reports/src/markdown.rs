@@ -143,10 +143,10 @@ fn task_table(out: &mut String, rows: &[&SummaryRow]) {
     let metric = rows.first().map_or("score", |r| r.primary_metric.as_str());
     let _ = writeln!(
         out,
-        "| method | budget | trainable params | % of base | {} (mean ± std) | seeds | train s | peak MB | latency unmerged ms | latency merged ms |",
+        "| method | budget | lr | trainable params | % of base | {} (mean ± std) | seeds | train s | peak MB | latency unmerged ms | latency merged ms |",
         cell(metric)
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let score = match (r.primary_mean, r.primary_std) {
             (Some(m), Some(s)) => format!("{m:.4} ± {s:.4}"),
@@ -154,9 +154,10 @@ fn task_table(out: &mut String, rows: &[&SummaryRow]) {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {:.4}% | {} | {} | {:.1} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {:.4}% | {} | {} | {:.1} | {:.1} | {} | {} |",
             cell(&r.method),
             cell(&r.budget),
+            if r.lr.is_empty() { "–" } else { &r.lr },
             r.trainable_params,
             r.trainable_percent,
             score,
@@ -222,8 +223,9 @@ pub fn render_report(records: &[RunRecord], rows: &[SummaryRow], plots: &[Plot])
     let _ = writeln!(
         out,
         "{} runs, {ok} ok. Scores are the best dev value of each task's primary metric, \
-         mean ± sample standard deviation over seeds of ok runs; trainable parameters exclude \
-         the task head; MB are 10^6 bytes.\n",
+         mean ± sample standard deviation over seeds of ok runs; lr is the peak learning rate \
+         (with the task head's own where a run set one); trainable parameters exclude the task \
+         head; MB are 10^6 bytes.\n",
         records.len()
     );
     environment(&mut out, records);

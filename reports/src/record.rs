@@ -133,6 +133,30 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
+    /// The peak learning rate the method's parameters trained at (`config.optim.lr`).
+    pub fn lr(&self) -> Option<f64> {
+        self.optim_rate("lr")
+    }
+
+    /// The task head's own peak rate, when the run set one (`config.optim.head_lr`).
+    pub fn head_lr(&self) -> Option<f64> {
+        self.optim_rate("head_lr")
+    }
+
+    fn optim_rate(&self, key: &str) -> Option<f64> {
+        self.config.get("optim")?.get(key)?.as_f64()
+    }
+
+    /// The run's rates in one short label: `1e-3`, or `1e-3, head 1e-2` when the head had its
+    /// own; None for a record without them.
+    pub fn rate_label(&self) -> Option<String> {
+        let lr = self.lr()?;
+        Some(match self.head_lr() {
+            Some(h) => format!("{lr:e}, head {h:e}"),
+            None => format!("{lr:e}"),
+        })
+    }
+
     /// Writes the record as JSON atomically (temporary file, then rename), so a killed run
     /// never leaves a half-written record.
     pub fn write_atomic(&self, path: &Path) -> std::io::Result<()> {

@@ -23,6 +23,9 @@ pub struct SummaryRow {
     pub budget: String,
     /// Budget in parameters, when the suite set one.
     pub budget_target: Option<usize>,
+    /// The group's learning rates ([`RunRecord::rate_label`]); distinct labels are joined
+    /// with ` / ` so a group mixing rates says so. Empty when no record has one.
+    pub lr: String,
     /// Name of the primary metric of the task.
     pub primary_metric: String,
     /// Ok runs (seeds) in the group.
@@ -148,11 +151,18 @@ fn summarize_group(
         mean(&v)
     };
     let primary: Vec<f64> = runs.iter().filter_map(|r| primary_best(r)).collect();
+    let mut rates: Vec<String> = Vec::new();
+    for label in runs.iter().filter_map(|r| r.rate_label()) {
+        if !rates.contains(&label) {
+            rates.push(label);
+        }
+    }
     SummaryRow {
         task,
         method,
         budget,
         budget_target: runs.iter().find_map(|r| r.budget_target),
+        lr: rates.join(" / "),
         primary_metric: runs[0].primary_metric.clone(),
         n_seeds: runs.len(),
         primary_mean: mean(&primary),

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 /// Columns of `runs.csv`.
-pub const RUNS_HEADER: [&str; 27] = [
+pub const RUNS_HEADER: [&str; 29] = [
     "run_id",
     "suite",
     "task",
@@ -35,10 +35,12 @@ pub const RUNS_HEADER: [&str; 27] = [
     "latency_unmerged_ms",
     "latency_merged_ms",
     "base_params",
+    "lr",
+    "head_lr",
 ];
 
 /// Columns of `summary.csv`.
-pub const SUMMARY_HEADER: [&str; 14] = [
+pub const SUMMARY_HEADER: [&str; 15] = [
     "task",
     "method",
     "budget",
@@ -53,6 +55,7 @@ pub const SUMMARY_HEADER: [&str; 14] = [
     "peak_memory_mb_mean",
     "latency_unmerged_ms_mean",
     "latency_merged_ms_mean",
+    "lr",
 ];
 
 /// Fixed leading columns of `curves.csv`; one column per metric name follows.
@@ -147,6 +150,8 @@ pub fn write_runs_csv(records: &[RunRecord], path: &Path) -> Result<usize, Repor
             opt(r.latency_ms.get("unmerged")),
             opt(r.latency_ms.get("merged")),
             r.base_params.to_string(),
+            opt(r.lr()),
+            opt(r.head_lr()),
         ])?;
     }
     t.finish()?;
@@ -173,6 +178,7 @@ pub fn write_summary_csv(rows: &[SummaryRow], path: &Path) -> Result<usize, Repo
             s.peak_memory_mb.to_string(),
             opt(s.latency_unmerged_ms),
             opt(s.latency_merged_ms),
+            s.lr.clone(),
         ])?;
     }
     t.finish()?;

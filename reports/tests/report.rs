@@ -408,7 +408,7 @@ fn full_report_from_synthetic_records() {
     assert!(md.contains("- `sst2__adapter__1%__1` (diverged): diverged at step 10: loss is NaN"));
     assert!(md.contains("- `sst2__adapter__0.1%__0` (unreachable): budget unreachable: smallest bottleneck exceeds budget"));
     assert!(md.contains("- `cola__full_finetune__full__0` (error): error: out of memory"));
-    assert!(md.contains("| lora | 1% | 10007 | 1.0007% | 0.9100 ± 0.0071 | 2 |"));
+    assert!(md.contains("| lora | 1% | – | 10007 | 1.0007% | 0.9100 ± 0.0071 | 2 |"));
     for (name, _) in expected {
         assert!(md.contains(&format!("]({name})")), "{name} not embedded");
     }
@@ -435,6 +435,54 @@ fn missing_results_dir_is_an_io_error() {
     let err = write_report(&missing, out.path()).unwrap_err();
     assert!(matches!(err, ReportError::Io { .. }));
     assert!(err.to_string().contains("nope"));
+}
+
+#[test]
+fn learning_rates_are_in_every_table() {
+    let with_rates = |mut r: RunRecord, lr: f64, head_lr: Option<f64>| {
+        r.config = match head_lr {
+            Some(h) => serde_json::json!({ "optim": { "lr": lr, "head_lr": h } }),
+            None => serde_json::json!({ "optim": { "lr": lr } }),
+        };
+        r
+    };
+    let records = vec![
+        with_rates(ok("rte", "lora", "0.1%", 0, 0.55), 1e-3, Some(1e-2)),
+        with_rates(ok("rte", "lora", "0.1%", 1, 0.56), 1e-3, Some(1e-2)),
+        // A group that mixed rates across seeds says so rather than showing one of them.
+        with_rates(ok("rte", "adapter", "0.1%", 0, 0.54), 5e-3, None),
+        with_rates(ok("rte", "adapter", "0.1%", 1, 0.53), 1e-2, None),
+        with_rates(ok("rte", "adapter", "0.1%", 2, 0.52), 5e-3, None),
+        // A record without an optimiser section (config `{}`) has no rate to show.
+        ok("rte", "full_finetune", "full", 0, 0.59),
+    ];
+    let results = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    write_records(results.path(), &records);
+    let summary = write_report(results.path(), out.path()).unwrap();
+
+    let (_, runs) = read_csv(&summary.runs_csv);
+    let run = |id: &str| runs.iter().find(|r| r["run_id"] == id).unwrap();
+    assert_eq!(num(run("rte__lora__0.1%__0"), "lr"), 1e-3);
+    assert_eq!(num(run("rte__lora__0.1%__0"), "head_lr"), 1e-2);
+    assert_eq!(num(run("rte__adapter__0.1%__1"), "lr"), 1e-2);
+    assert_eq!(run("rte__adapter__0.1%__1")["head_lr"], "");
+    assert_eq!(run("rte__full_finetune__full__0")["lr"], "");
+
+    let (_, rows) = read_csv(&summary.summary_csv);
+    assert_eq!(find(&rows, "rte", "lora", "0.1%")["lr"], "1e-3, head 1e-2");
+    assert_eq!(find(&rows, "rte", "adapter", "0.1%")["lr"], "5e-3 / 1e-2");
+    assert_eq!(find(&rows, "rte", "full_finetune", "full")["lr"], "");
+
+    let md = std::fs::read_to_string(&summary.report).unwrap();
+    assert!(md.contains("| method | budget | lr | trainable params |"));
+    for row in [
+        "| lora | 0.1% | 1e-3, head 1e-2 | ",
+        "| adapter | 0.1% | 5e-3 / 1e-2 | ",
+        "| full_finetune | full | – | ",
+    ] {
+        assert!(md.contains(row), "no row starting {row:?} in\n{md}");
+    }
 }
 
 #[test]
@@ -531,6 +579,7 @@ fn pretraining_control_is_compared_with_the_pretrained_run() {
         method: method.into(),
         budget: "3%".into(),
         budget_target: Some(100),
+        lr: "1e-3".into(),
         primary_metric: "accuracy".into(),
         n_seeds: 1,
         primary_mean: Some(mean),
