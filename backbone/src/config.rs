@@ -109,6 +109,11 @@ impl ModelConfig {
         self.hidden_size / self.num_heads
     }
 
+    /// Whether positions come from a learned absolute table (BERT, GPT-2), not RoPE.
+    pub fn has_learned_positions(&self) -> bool {
+        self.family != Family::Llama
+    }
+
     /// Whether attention is causal (decoders).
     pub fn is_causal(&self) -> bool {
         self.family != Family::Bert

@@ -135,6 +135,14 @@ pub trait Intervention {
     fn input_prefix(&self) -> Result<Option<Tensor>> {
         Ok(None)
     }
+
+    /// Whether the input prefix takes the first positions, moving the input's own tokens
+    /// along by its length (PEFT's concatenation of prompt and input embeddings). When false
+    /// the input keeps the positions it has without a prefix and the prefix vectors carry
+    /// none; only models with learned absolute positions support that.
+    fn input_prefix_shifts_positions(&self) -> bool {
+        true
+    }
 }
 
 /// The unmodified model.

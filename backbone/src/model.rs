@@ -295,7 +295,15 @@ impl Transformer {
         let prefix = iv.input_prefix()?;
         let p_in = prefix.as_ref().map_or(0, |p| p.dims()[p.rank() - 2]);
         let seq = p_in + t;
-        let positions_needed = cfg.position_offset + kv_len + seq;
+        let shift = iv.input_prefix_shifts_positions();
+        if p_in > 0 && !shift && self.embeddings.position.is_none() {
+            return Err(BackboneError::Input(format!(
+                "an input prefix without positions needs learned absolute positions; this {:?} model has none",
+                cfg.family
+            )));
+        }
+        let positioned = if shift { seq } else { t };
+        let positions_needed = cfg.position_offset + kv_len + positioned;
         if positions_needed > cfg.max_position_embeddings {
             return Err(BackboneError::Input(format!(
                 "sequence of {seq} (+{kv_len} prefix) needs {positions_needed} positions, model has {}",
@@ -317,7 +325,7 @@ impl Transformer {
             token_mask
         };
 
-        let mut h = self.embed(inputs, prefix.as_ref(), kv_len)?;
+        let mut h = self.embed(inputs, prefix.as_ref(), shift, kv_len)?;
         let bias = attention_bias(&mask, kv_len, cfg.is_causal())?;
         let rope = if cfg.family == Family::Llama {
             Some(ops::rope_tables(
@@ -344,7 +352,13 @@ impl Transformer {
         })
     }
 
-    fn embed(&self, inputs: &Inputs, prefix: Option<&Tensor>, kv_len: usize) -> Result<Tensor> {
+    fn embed(
+        &self,
+        inputs: &Inputs,
+        prefix: Option<&Tensor>,
+        prefix_shifts: bool,
+        kv_len: usize,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let e = &self.embeddings;
         let (b, t) = inputs.input_ids.dims2()?;
@@ -360,6 +374,13 @@ impl Transformer {
             .word
             .index_select(&ids, 0)?
             .reshape((b, t, cfg.hidden_size))?;
+        let start = cfg.position_offset + kv_len;
+        if !prefix_shifts {
+            // The input's tokens keep the positions they have without a prefix.
+            if let Some(pos) = &e.position {
+                x = x.broadcast_add(&pos.narrow(0, start, t)?.unsqueeze(0)?)?;
+            }
+        }
         let mut p_in = 0;
         if let Some(p) = prefix {
             p_in = p.dims()[p.rank() - 2];
@@ -371,9 +392,10 @@ impl Transformer {
             x = Tensor::cat(&[&p, &x], 1)?;
         }
         let seq = p_in + t;
-        if let Some(pos) = &e.position {
-            let start = cfg.position_offset + kv_len;
-            x = x.broadcast_add(&pos.narrow(0, start, seq)?.unsqueeze(0)?)?;
+        if prefix_shifts {
+            if let Some(pos) = &e.position {
+                x = x.broadcast_add(&pos.narrow(0, start, seq)?.unsqueeze(0)?)?;
+            }
         }
         if let Some(tt) = &e.token_type {
             let types = match &inputs.token_type_ids {

@@ -4,7 +4,7 @@
 
 use crate::error::{invalid, Result};
 use crate::lstm::BiLstm;
-use crate::prompt_tuning::{initial_prompt, PromptInit};
+use crate::prompt_tuning::{check_positions, initial_prompt, PromptInit};
 use crate::{AttachContext, Method};
 use candle_core::Tensor;
 use peftbench_backbone::{Intervention, Linear, ModelConfig, TrainableParams};
@@ -33,6 +33,10 @@ pub struct PTuningConfig {
     /// Encoder width e.
     #[serde(default = "d_e")]
     pub encoder_hidden_size: usize,
+    /// Keep the input at its own positions and give the virtual tokens none (see
+    /// prompt tuning's option of the same name); by default they take the first positions.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub input_keeps_positions: bool,
 }
 
 fn d_kind() -> PromptEncoderType {
@@ -48,6 +52,7 @@ impl Default for PTuningConfig {
             num_virtual_tokens: 20,
             encoder_type: d_kind(),
             encoder_hidden_size: d_e(),
+            input_keeps_positions: false,
         }
     }
 }
@@ -56,14 +61,14 @@ const LSTM_LAYERS: usize = 2;
 
 impl PTuningConfig {
     /// Checks the configuration.
-    pub fn validate(&self, _model: &ModelConfig) -> Result<()> {
+    pub fn validate(&self, model: &ModelConfig) -> Result<()> {
         if self.encoder_hidden_size == 0 {
             return Err(invalid(
                 "p_tuning",
                 "encoder_hidden_size must be at least 1",
             ));
         }
-        Ok(())
+        check_positions("p_tuning", self.input_keeps_positions, model)
     }
 
     /// Closed form of embedding plus encoder.
@@ -90,6 +95,7 @@ pub struct PTuning {
     embedding: Tensor,
     lstm: Option<BiLstm>,
     mlp: Vec<Linear>,
+    keeps_positions: bool,
     params: TrainableParams,
 }
 
@@ -150,6 +156,7 @@ impl PTuning {
             embedding,
             lstm,
             mlp,
+            keeps_positions: config.input_keeps_positions,
             params,
         })
     }
@@ -177,6 +184,10 @@ impl Intervention for PTuning {
             return Ok(None);
         }
         self.virtual_tokens().map(Some)
+    }
+
+    fn input_prefix_shifts_positions(&self) -> bool {
+        !self.keeps_positions
     }
 }
 

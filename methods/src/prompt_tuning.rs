@@ -32,6 +32,11 @@ pub struct PromptTuningConfig {
     /// Initialisation.
     #[serde(default = "d_init")]
     pub init: PromptInit,
+    /// Keep the input at its own positions and give the prompt none. By default the prompt
+    /// takes the first positions, as PEFT concatenates it before the input embeddings, which
+    /// moves an absolute-position model's input along by the prompt length.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub input_keeps_positions: bool,
 }
 
 fn d_init() -> PromptInit {
@@ -43,25 +48,44 @@ impl Default for PromptTuningConfig {
         Self {
             num_virtual_tokens: 20,
             init: d_init(),
+            input_keeps_positions: false,
         }
     }
 }
 
 impl PromptTuningConfig {
     /// Checks the configuration.
-    pub fn validate(&self, _model: &ModelConfig) -> Result<()> {
+    pub fn validate(&self, model: &ModelConfig) -> Result<()> {
         if let PromptInit::Text { text } = &self.init {
             if text.trim().is_empty() {
                 return Err(invalid("prompt_tuning", "init text is empty"));
             }
         }
-        Ok(())
+        check_positions("prompt_tuning", self.input_keeps_positions, model)
     }
 
     /// Closed form: p·hidden.
     pub fn num_trainable(&self, model: &ModelConfig) -> usize {
         self.num_virtual_tokens * model.hidden_size
     }
+}
+
+/// `input_keeps_positions` needs a position table the input can keep (shared with P-Tuning).
+pub(crate) fn check_positions(
+    method: &'static str,
+    input_keeps_positions: bool,
+    model: &ModelConfig,
+) -> Result<()> {
+    if input_keeps_positions && !model.has_learned_positions() {
+        return Err(invalid(
+            method,
+            format!(
+                "input_keeps_positions needs learned absolute positions; this {:?} model has rotary ones",
+                model.family
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Builds `[p, hidden]` initial prompt vectors (shared with P-Tuning's embedding).
@@ -98,6 +122,7 @@ pub(crate) fn initial_prompt(
 /// Prompt tuning attached to a model.
 pub struct PromptTuning {
     prompt: Tensor,
+    keeps_positions: bool,
     params: TrainableParams,
 }
 
@@ -113,13 +138,21 @@ impl PromptTuning {
         )?;
         let mut params = TrainableParams::new();
         let prompt = params.add("prompt", init)?;
-        Ok(Self { prompt, params })
+        Ok(Self {
+            prompt,
+            keeps_positions: config.input_keeps_positions,
+            params,
+        })
     }
 }
 
 impl Intervention for PromptTuning {
     fn input_prefix(&self) -> candle_core::Result<Option<Tensor>> {
         Ok((self.prompt.dims()[0] > 0).then(|| self.prompt.clone()))
+    }
+
+    fn input_prefix_shifts_positions(&self) -> bool {
+        !self.keeps_positions
     }
 }
 

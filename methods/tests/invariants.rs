@@ -113,6 +113,7 @@ fn any_method() -> impl Strategy<Value = MethodConfig> {
         4 => MethodConfig::PromptTuning(PromptTuningConfig {
             num_virtual_tokens: p + 1,
             init: PromptInit::SampleVocab,
+            input_keeps_positions: false,
         }),
         5 => MethodConfig::PTuning(PTuningConfig {
             num_virtual_tokens: p + 1,
@@ -122,6 +123,7 @@ fn any_method() -> impl Strategy<Value = MethodConfig> {
                 PromptEncoderType::Mlp
             },
             encoder_hidden_size: n + 1,
+            input_keeps_positions: false,
         }),
         6 => MethodConfig::PTuningV2(PTuningV2Config {
             num_virtual_tokens: p + 1,
@@ -249,14 +251,59 @@ proptest! {
     }
 
     #[test]
+    fn a_prompt_without_positions_leaves_the_input_at_its_own((f, heads, hd, layers, seed) in shape(), ptuning in any::<bool>(), p in 1usize..5, len in 1usize..6) {
+        // Position rows past the input's own are what a shifted input reads: changing them
+        // must move the input's hidden states only when the prompt takes positions.
+        let family = ["bert", "gpt2"][f % 2];
+        for keeps in [true, false] {
+            let mut m = model(family, heads, hd, layers, seed);
+            let cfg = if ptuning {
+                MethodConfig::PTuning(PTuningConfig { num_virtual_tokens: p, encoder_hidden_size: 3, input_keeps_positions: keeps, ..Default::default() })
+            } else {
+                MethodConfig::PromptTuning(PromptTuningConfig { num_virtual_tokens: p, init: PromptInit::SampleVocab, input_keeps_positions: keeps })
+            };
+            let method = cfg.attach(&mut AttachContext::new(&mut m, seed)).unwrap();
+            randomize(method.params(), seed ^ 9, 0.5);
+            let x = batch(&[len], seed);
+            let input = |m: &Transformer| hidden(m, &x, method.as_ref()).i((.., p.., ..)).unwrap();
+            let before = input(&m);
+            let table = m.embeddings.position.clone().unwrap();
+            let h = table.dims()[1];
+            let from = m.config.position_offset + len;
+            let bump = Tensor::arange(0f32, (p * h) as f32, &Device::Cpu).unwrap().reshape((p, h)).unwrap().sin().unwrap();
+            let rows = (table.i(from..from + p).unwrap() + bump).unwrap();
+            m.embeddings.position = Some(Tensor::cat(&[table.i(..from).unwrap(), rows, table.i(from + p..).unwrap()], 0).unwrap());
+            let d = max_abs(&input(&m), &before);
+            if keeps {
+                prop_assert_eq!(d, 0.0, "{}: the input moved with rows it does not sit at", family);
+            } else if h > 2 {
+                // (Layer norm over two values keeps only their order, so a change can vanish.)
+                prop_assert!(d > 1e-4, "{}: a shifted input did not read rows {}..{} ({})", family, from, from + p, d);
+            }
+        }
+    }
+
+    #[test]
+    fn a_prompt_without_positions_is_refused_on_rotary_models(seed in any::<u64>(), ptuning in any::<bool>()) {
+        let mut m = model("llama", 2, 2, 1, seed);
+        let cfg = if ptuning {
+            MethodConfig::PTuning(PTuningConfig { input_keeps_positions: true, ..Default::default() })
+        } else {
+            MethodConfig::PromptTuning(PromptTuningConfig { input_keeps_positions: true, ..Default::default() })
+        };
+        let err = cfg.attach(&mut AttachContext::new(&mut m, seed)).err().expect("refused").to_string();
+        prop_assert!(err.contains("input_keeps_positions") && err.contains("Llama"), "{}", err);
+    }
+
+    #[test]
     fn zero_virtual_tokens_leave_output_unchanged((f, heads, hd, layers, seed) in shape(), ptuning in any::<bool>(), lstm in any::<bool>()) {
         let mut m = model(FAMILIES[f], heads, hd, layers, seed);
         let x = batch(&[3, 5], seed);
         let base = hidden(&m, &x, &NoIntervention);
         let cfg = if ptuning {
-            MethodConfig::PTuning(PTuningConfig { num_virtual_tokens: 0, encoder_type: if lstm { PromptEncoderType::Lstm } else { PromptEncoderType::Mlp }, encoder_hidden_size: 3 })
+            MethodConfig::PTuning(PTuningConfig { num_virtual_tokens: 0, encoder_type: if lstm { PromptEncoderType::Lstm } else { PromptEncoderType::Mlp }, encoder_hidden_size: 3, input_keeps_positions: false })
         } else {
-            MethodConfig::PromptTuning(PromptTuningConfig { num_virtual_tokens: 0, init: PromptInit::Random })
+            MethodConfig::PromptTuning(PromptTuningConfig { num_virtual_tokens: 0, init: PromptInit::Random, input_keeps_positions: false })
         };
         let method = cfg.attach(&mut AttachContext::new(&mut m, seed)).unwrap();
         let out = m.forward(&x, method.as_ref()).unwrap();
