@@ -4,11 +4,14 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use peftbench_backbone::{load_model_dir, TextTokenizer, Transformer};
+use peftbench_harness::claim::ClaimPolicy;
 use peftbench_harness::task::TaskSource;
-use peftbench_harness::{grid, load_task, run_grid, synthetic, Base, Shard, Suite, TaskData};
+use peftbench_harness::{grid, load_task, run_grid_with, synthetic, Base, Shard, Suite, TaskData};
 use peftbench_methods::MethodConfig;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+mod plan;
 
 #[derive(Parser)]
 #[command(
@@ -32,7 +35,8 @@ enum Command {
         /// A suite file.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Run only slice i of n of the grid (e.g. 2/4), for job arrays.
+        /// Run only slice i of n of the grid: `i/n` with i from 1 (e.g. 2/4), or `auto` to
+        /// read a Slurm array task's or a Kubernetes Indexed Job's index from the environment.
         #[arg(long)]
         shard: Option<String>,
         /// Where records go (one folder per suite).
@@ -41,6 +45,26 @@ enum Command {
         /// Skip writing the report when the grid is done.
         #[arg(long)]
         no_report: bool,
+        /// Seconds without a heartbeat after which another process's claim on a run is stale
+        /// and taken over (default 600, or $PEFTBENCH_CLAIM_TIMEOUT).
+        #[arg(long)]
+        claim_timeout: Option<f64>,
+    },
+    /// Print a suite's grid: every run, whether it is recorded, pending, stale or claimed, and
+    /// the training time to expect from recorded runs of the same method.
+    Plan {
+        /// A committed suite by name (see suites/).
+        #[arg(long, conflicts_with = "config")]
+        suite: Option<String>,
+        /// A suite file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Results folder given to `run`.
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+        /// Also split the pending work into this many shards (as `--shard i/n` would).
+        #[arg(long)]
+        shards: Option<usize>,
     },
     /// Write CSV tables, PNG plots and REPORT.md from a suite's records.
     Report {
@@ -153,10 +177,35 @@ fn load_base(dir: &Path, max_len: usize) -> Result<Base> {
     Ok(Base { model, tokenizer })
 }
 
-fn run_suite(suite: Suite, shard: Option<String>, results: &Path, report: bool) -> Result<()> {
+fn claim_policy(timeout: Option<f64>) -> Result<ClaimPolicy> {
+    let secs = match timeout {
+        Some(t) => Some(t),
+        None => match std::env::var("PEFTBENCH_CLAIM_TIMEOUT") {
+            Ok(v) => Some(v.trim().parse::<f64>().with_context(|| {
+                format!("PEFTBENCH_CLAIM_TIMEOUT=`{v}` is not a number of seconds")
+            })?),
+            Err(_) => None,
+        },
+    };
+    match secs {
+        None => Ok(ClaimPolicy::default()),
+        Some(s) if s.is_finite() && s > 0.0 => Ok(ClaimPolicy {
+            stale_after: std::time::Duration::from_secs_f64(s),
+        }),
+        Some(s) => bail!("the claim timeout must be a positive number of seconds, got {s}"),
+    }
+}
+
+fn run_suite(
+    suite: Suite,
+    shard: Option<String>,
+    results: &Path,
+    report: bool,
+    policy: ClaimPolicy,
+) -> Result<()> {
     let shard = match shard {
-        Some(s) => Shard::parse(&s).map_err(anyhow::Error::msg)?,
-        None => Shard { index: 0, count: 1 },
+        Some(s) => Shard::from_arg(&s).map_err(anyhow::Error::msg)?,
+        None => Shard::ALL,
     };
     let mut tasks: HashMap<String, TaskData> = HashMap::new();
     let base = if suite.model == "synthetic" {
@@ -213,13 +262,23 @@ fn run_suite(suite: Suite, shard: Option<String>, results: &Path, report: bool) 
         }
         base
     };
-    let summary = run_grid(&suite, &base, &tasks, results, shard)?;
+    suite.check_against(&base.model.config, &tasks)?;
+    let summary = run_grid_with(&suite, &base, &tasks, results, shard, policy)?;
     eprintln!(
-        "ran {}, skipped {} already recorded",
-        summary.ran, summary.skipped
+        "ran {}, skipped {} already recorded, {} claimed by other processes; {} of {} runs of the grid recorded",
+        summary.ran, summary.skipped, summary.held_elsewhere, summary.recorded, summary.grid_runs
     );
-    if report {
+    if !report {
+        return Ok(());
+    }
+    if summary.complete() {
         write_report(&suite.name, results, None)?;
+    } else {
+        // A report from a partial grid would look final; the last process to finish writes it.
+        eprintln!(
+            "partial: {} of {} runs recorded; the report is left to the process that records the last one (or `peftbench report --suite {}`)",
+            summary.recorded, summary.grid_runs, suite.name
+        );
     }
     Ok(())
 }
@@ -228,7 +287,19 @@ fn write_report(suite: &str, results: &Path, out: Option<PathBuf>) -> Result<()>
     let runs = grid::runs_dir(results, suite);
     let out = out.unwrap_or_else(|| results.join(suite).join("report"));
     let s = peftbench_reports::write_report(&runs, &out)?;
-    eprintln!("report: {} ({s:?})", out.join("REPORT.md").display());
+    for bad in &s.skipped {
+        eprintln!("skipped an unreadable record: {bad}");
+    }
+    eprintln!(
+        "report: {} ({} runs, {} ok{})",
+        s.report.display(),
+        s.records,
+        s.ok_runs,
+        match s.skipped.len() {
+            0 => String::new(),
+            n => format!(", {n} unreadable records skipped"),
+        }
+    );
     Ok(())
 }
 
@@ -266,6 +337,23 @@ fn methods(model: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// The suite a command names: a file, a committed suite, or the embedded default.
+fn resolve_suite(suite: Option<String>, config: Option<PathBuf>) -> Result<Suite> {
+    Ok(match (suite, config) {
+        (_, Some(path)) => Suite::from_file(&path)?,
+        (Some(name), None) => {
+            let (_, text) = SUITES.iter().find(|(n, _)| *n == name).with_context(|| {
+                format!(
+                    "no suite `{name}` (committed: {})",
+                    SUITES.map(|s| s.0).join(", ")
+                )
+            })?;
+            Suite::parse(text, &format!("suites/{name}.toml"))?
+        }
+        (None, None) => Suite::parse(SUITES[0].1, "suites/default.toml")?,
+    })
+}
+
 fn main() -> Result<()> {
     peftbench_backbone::keep_freed_memory();
     let cli = Cli::parse();
@@ -276,22 +364,20 @@ fn main() -> Result<()> {
             shard,
             results,
             no_report,
-        } => {
-            let suite = match (suite, config) {
-                (_, Some(path)) => Suite::from_file(&path)?,
-                (Some(name), None) => {
-                    let (_, text) = SUITES.iter().find(|(n, _)| *n == name).with_context(|| {
-                        format!(
-                            "no suite `{name}` (committed: {})",
-                            SUITES.map(|s| s.0).join(", ")
-                        )
-                    })?;
-                    Suite::parse(text, &format!("suites/{name}.toml"))?
-                }
-                (None, None) => Suite::parse(SUITES[0].1, "suites/default.toml")?,
-            };
-            run_suite(suite, shard, &results, !no_report)
-        }
+            claim_timeout,
+        } => run_suite(
+            resolve_suite(suite, config)?,
+            shard,
+            &results,
+            !no_report,
+            claim_policy(claim_timeout)?,
+        ),
+        Command::Plan {
+            suite,
+            config,
+            results,
+            shards,
+        } => plan::print_plan(&resolve_suite(suite, config)?, &results, shards),
         Command::Report {
             suite,
             results,

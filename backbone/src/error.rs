@@ -57,6 +57,25 @@ pub enum BackboneError {
         /// The shape in the file.
         found: Vec<usize>,
     },
+    /// A weight holds NaN or infinite values: training on it could only report a NaN loss.
+    #[error("{path}: tensor `{name}` holds {count} non-finite values (NaN or infinite)")]
+    NonFinite {
+        /// The weights file.
+        path: PathBuf,
+        /// The tensor's name.
+        name: String,
+        /// How many of its values are not finite.
+        count: usize,
+    },
+    /// The weights file holds backbone tensors the config does not use (a config.json that
+    /// declares fewer layers than the checkpoint has, or another architecture's file).
+    #[error("{path}: {} tensors the config does not use, e.g. `{}`: does config.json match the checkpoint (layer count, architecture)?", names.len(), names.first().map_or("", |s| s.as_str()))]
+    UnusedTensors {
+        /// The weights file.
+        path: PathBuf,
+        /// The unused tensors' names, sorted.
+        names: Vec<String>,
+    },
     /// tokenizer.json could not be loaded or applied.
     #[error("{path}: tokenizer: {message}")]
     Tokenizer {

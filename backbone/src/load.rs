@@ -18,11 +18,13 @@ pub fn load_model_dir(dir: &Path, device: &Device) -> Result<Transformer> {
 
 /// Builds the model from a weight file whose tensors use Hugging Face names.
 pub fn from_weights(config: ModelConfig, w: &mut WeightFile) -> Result<Transformer> {
-    match config.family {
+    let model = match config.family {
         Family::Bert => load_bert(config, w),
         Family::Gpt2 => load_gpt2(config, w),
         Family::Llama => load_llama(config, w),
-    }
+    }?;
+    w.ensure_all_used()?;
+    Ok(model)
 }
 
 fn linear(w: &mut WeightFile, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {

@@ -86,7 +86,59 @@ impl WeightFile {
                 found: t.dims().to_vec(),
             });
         }
+        let count = t
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .filter(|v| !v.is_finite())
+            .count();
+        if count > 0 {
+            return Err(BackboneError::NonFinite {
+                path: self.path.clone(),
+                name: full,
+                count,
+            });
+        }
         Ok(t)
+    }
+
+    /// Fails when a backbone tensor was left untaken. Buffers that hold no weights
+    /// (`position_ids`, rotary `inv_freq`, GPT-2's causal-mask `attn.bias`) and task heads
+    /// outside the backbone (`classifier`, `cls`, `lm_head`, `score`, …) may remain.
+    pub fn ensure_all_used(&self) -> Result<()> {
+        const BUFFERS: [&str; 4] = [
+            "position_ids",
+            "inv_freq",
+            ".attn.bias",
+            ".attn.masked_bias",
+        ];
+        const HEADS: [&str; 6] = [
+            "classifier.",
+            "cls.",
+            "lm_head.",
+            "score.",
+            "qa_outputs.",
+            "pre_classifier.",
+        ];
+        let mut names: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|k| !BUFFERS.iter().any(|b| k.ends_with(b)))
+            .filter(|k| match k.strip_prefix(&self.prefix) {
+                Some(rest) => !HEADS.iter().any(|h| rest.starts_with(h)),
+                // Outside the backbone's prefix: a task head of a task model's checkpoint.
+                None => false,
+            })
+            .cloned()
+            .collect();
+        if names.is_empty() {
+            return Ok(());
+        }
+        names.sort();
+        Err(BackboneError::UnusedTensors {
+            path: self.path.clone(),
+            names,
+        })
     }
 
     /// Takes a tensor if present (e.g. an untied LM head), checking its shape.

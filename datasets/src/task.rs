@@ -94,6 +94,9 @@ pub struct TextTaskSpec {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSpec {
+    // In a suite's `[[tasks]]` table the task's own `name` is taken by the task and filled in
+    // afterwards; a spec read alone still names itself.
+    #[serde(default)]
     name: String,
     train: PathBuf,
     dev: PathBuf,

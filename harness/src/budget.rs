@@ -1,8 +1,8 @@
 //! Matched parameter budgets: pick each method's size knob so its trainable count is the
 //! closest achievable to a target, or say it cannot get close enough.
 
-use peftbench_backbone::Transformer;
-use peftbench_methods::{Knob, MethodConfig};
+use peftbench_backbone::{ModelConfig, Transformer};
+use peftbench_methods::{Knob, MethodConfig, MethodError};
 use serde::{Deserialize, Serialize};
 
 /// A target number of trainable parameters.
@@ -75,6 +75,20 @@ pub struct Matched {
 
 /// Largest knob value tried.
 const MAX_KNOB: usize = 4096;
+
+/// Checks that `method` is a valid configuration for `model` at some size: at its own size,
+/// or, for a method the budget resizes, at any size the matcher may pick. The error is the
+/// configuration's own (an unknown target module, a dropout outside [0, 1)), not a budget one.
+pub fn check_method(method: &MethodConfig, model: &ModelConfig) -> Result<(), MethodError> {
+    let own = method.validate(model);
+    if own.is_ok() || method.knob().is_none() {
+        return own;
+    }
+    if (1..=MAX_KNOB).any(|v| method.with_knob(v).validate(model).is_ok()) {
+        return Ok(());
+    }
+    own
+}
 
 /// Sizes `method` to `target` on `model`. A method whose closest count deviates by more than
 /// `max_deviation` (relative) is unreachable: the error says why, and nothing is resized.

@@ -3,12 +3,14 @@
 
 pub mod budget;
 pub mod chance;
+pub mod claim;
 pub mod data;
 pub mod env;
 pub mod grid;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
+pub mod plan;
 pub mod pretrain;
 pub mod suite;
 pub mod synthetic;
@@ -16,7 +18,7 @@ pub mod task;
 pub mod train;
 
 pub use budget::{match_budget, Budget};
-pub use grid::{run_grid, Shard};
+pub use grid::{run_grid, run_grid_with, Shard};
 pub use suite::Suite;
 pub use task::{load_task, TaskConfig, TaskData};
 pub use train::{run, Base, RunSpec, TrainConfig};

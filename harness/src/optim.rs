@@ -95,6 +95,55 @@ impl Default for OptimConfig {
 }
 
 impl OptimConfig {
+    /// Checks every setting, naming the offending key: a value outside its range would
+    /// otherwise surface only as a NaN loss, blamed on nothing.
+    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        let positive = |key: &'static str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err((key, format!("`{key}` must be a positive number, got {v}")))
+            }
+        };
+        positive("lr", self.lr)?;
+        if let Some(h) = self.head_lr {
+            positive("head_lr", h)?;
+        }
+        positive("eps", self.eps)?;
+        for (key, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err((key, format!("`{key}` must be in [0, 1), got {v}")));
+            }
+        }
+        for (key, v) in [
+            ("weight_decay", self.weight_decay),
+            ("max_grad_norm", self.max_grad_norm),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err((
+                    key,
+                    format!("`{key}` must be a finite number >= 0, got {v}"),
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return Err((
+                "warmup_ratio",
+                format!(
+                    "`warmup_ratio` must be in [0, 1], got {}",
+                    self.warmup_ratio
+                ),
+            ));
+        }
+        if self.grad_accumulation == 0 {
+            return Err((
+                "grad_accumulation",
+                "`grad_accumulation` must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Learning rate at optimizer step `step` (1-based) of `total`.
     pub fn lr_at(&self, step: usize, total: usize) -> f64 {
         let warm = (self.warmup_ratio * total as f64).round() as usize;

@@ -1,12 +1,17 @@
 //! A suite (TOML) and its expansion into runs: tasks × methods × budgets × seeds.
 
-use crate::budget::Budget;
+use crate::budget::{check_method, Budget};
+use crate::objective::Objective;
 use crate::optim::OptimConfig;
-use crate::task::TaskConfig;
+use crate::task::TaskData;
+use crate::task::{TaskConfig, TaskSource};
+use crate::train::causal_lm_on_encoder;
 use crate::train::{RunSpec, TrainConfig};
 use crate::HarnessError;
+use peftbench_backbone::ModelConfig;
 use peftbench_methods::MethodConfig;
 use serde::Deserialize;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Optimiser keys allowed in a method's table beside its own configuration.
@@ -64,7 +69,7 @@ struct Raw {
     #[serde(default)]
     data_root: Option<PathBuf>,
     methods: toml::Table,
-    tasks: Vec<TaskConfig>,
+    tasks: Vec<toml::Table>,
     #[serde(default)]
     random_init_controls: Vec<String>,
 }
@@ -81,8 +86,39 @@ fn d_dev() -> f64 {
 
 /// 1-based line of the first occurrence of `needle` in `text`.
 fn line_of(text: &str, needle: &str) -> Option<usize> {
-    text.find(needle)
-        .map(|i| text[..i].matches('\n').count() + 1)
+    line_of_nth(text, needle, 0)
+}
+
+/// 1-based line of occurrence `n` (0-based) of `needle` in `text`.
+fn line_of_nth(text: &str, needle: &str, n: usize) -> Option<usize> {
+    text.match_indices(needle)
+        .nth(n)
+        .map(|(i, _)| text[..i].matches('\n').count() + 1)
+}
+
+/// Task keys that serialise only when set, so the check below cannot see them in the
+/// re-serialised task.
+const OPTIONAL_TASK_KEYS: [&str; 4] = ["pooling", "steps", "eval_every", "lr"];
+
+/// Keys of a `[[tasks]]` table that the parsed task does not use. `TaskConfig` flattens its
+/// source, which serde cannot combine with `deny_unknown_fields`; a key is known when it comes
+/// back out of the parsed task.
+fn unknown_task_keys(table: &toml::Table, task: &TaskConfig) -> Vec<String> {
+    let known = serde_json::to_value(task).unwrap_or_default();
+    table
+        .keys()
+        .filter(|k| known.get(k.as_str()).is_none() && !OPTIONAL_TASK_KEYS.contains(&k.as_str()))
+        .cloned()
+        .collect()
+}
+
+/// The first value that appears twice.
+fn first_duplicate<T: PartialEq + Clone>(items: &[T]) -> Option<T> {
+    items
+        .iter()
+        .enumerate()
+        .find(|(i, x)| items[..*i].contains(x))
+        .map(|(_, x)| x.clone())
 }
 
 impl Suite {
@@ -106,6 +142,62 @@ impl Suite {
             let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
             err(line, e.message().to_string())
         })?;
+        let mut tasks: Vec<TaskConfig> = Vec::new();
+        for (i, table) in raw.tasks.iter().enumerate() {
+            let name = table.get("name").and_then(|v| v.as_str()).unwrap_or("");
+            let at =
+                line_of(text, &format!("\"{name}\"")).or_else(|| line_of_nth(text, "[[tasks]]", i));
+            let mut task: TaskConfig =
+                toml::Value::Table(table.clone())
+                    .try_into()
+                    .map_err(|e: toml::de::Error| {
+                        err(at, format!("task {}: {}", i + 1, e.message()))
+                    })?;
+            if let TaskSource::Tsv(spec) = &mut task.source {
+                spec.name = task.name.clone();
+            }
+            if let Some(key) = unknown_task_keys(table, &task).first() {
+                return Err(err(
+                    line_of(
+                        &text[text.find(&format!("\"{name}\"")).unwrap_or(0)..],
+                        &format!("{key} ="),
+                    )
+                    .map(|l| l + at.unwrap_or(1) - 1)
+                    .or(at),
+                    format!("task `{}`: unknown key `{key}`", task.name),
+                ));
+            }
+            let problem = if task.max_len == 0 {
+                Some("max_len must be at least 1".to_string())
+            } else if task.train_limit == Some(0) || task.dev_limit == Some(0) {
+                Some("train_limit and dev_limit must be at least 1 where set".to_string())
+            } else if task.eval_every == Some(0) {
+                Some("eval_every must be at least 1 where set (0 evaluates only at the end: leave it out)".to_string())
+            } else {
+                match &task.source {
+                    TaskSource::Alpaca { dev_fraction, .. }
+                    | TaskSource::Preference { dev_fraction, .. }
+                        if !(*dev_fraction > 0.0 && *dev_fraction < 1.0) =>
+                    {
+                        Some(format!(
+                            "dev_fraction must be in (0, 1), got {dev_fraction}"
+                        ))
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(message) = problem {
+                return Err(err(at, format!("task `{}`: {message}", task.name)));
+            }
+            tasks.push(task);
+        }
+        let names: Vec<String> = tasks.iter().map(|t| t.name.clone()).collect();
+        if let Some(dup) = first_duplicate(&names) {
+            return Err(err(
+                line_of_nth(text, &format!("\"{dup}\""), 1),
+                format!("two tasks are named `{dup}`: run ids and records would collide"),
+            ));
+        }
         let mut methods = Vec::new();
         for (name, value) in &raw.methods {
             let header = format!("[methods.{name}]");
@@ -145,13 +237,8 @@ impl Suite {
                     .map_err(|e: toml::de::Error| {
                         err(line, format!("methods.{name}: {}", e.message()))
                     })?;
-            for (key, rate) in [("lr", Some(optim.lr)), ("head_lr", optim.head_lr)] {
-                if let Some(rate) = rate.filter(|r| !(r.is_finite() && *r > 0.0)) {
-                    return Err(err(
-                        key_line(key),
-                        format!("methods.{name}: `{key}` must be a positive number, got {rate}"),
-                    ));
-                }
+            if let Err((key, message)) = optim.validate() {
+                return Err(err(key_line(key), format!("methods.{name}: {message}")));
             }
             cfg.insert("method".into(), toml::Value::String(name.clone()));
             let method: MethodConfig =
@@ -183,16 +270,54 @@ impl Suite {
         if methods.is_empty() {
             return Err(err(None, "no [methods.*] tables".into()));
         }
+        if raw.budgets.is_empty() {
+            return Err(err(
+                line_of(text, "budgets"),
+                "budgets is empty: the grid would have no parameter-efficient runs (leave it out for the methods' own sizes)".into(),
+            ));
+        }
         for b in &raw.budgets {
             Budget::parse(b).map_err(|m| err(line_of(text, "budgets"), m))?;
         }
-        if let Some(t) = raw.tasks.iter().find(|t| t.steps == Some(0)) {
+        if let Some(dup) = first_duplicate(&raw.budgets) {
+            return Err(err(
+                line_of(text, "budgets"),
+                format!("budget `{dup}` is listed twice"),
+            ));
+        }
+        if let Some(dup) = first_duplicate(&raw.seeds) {
+            return Err(err(
+                line_of(text, "seeds"),
+                format!("seed {dup} is listed twice: its runs would share one run id"),
+            ));
+        }
+        if !(raw.max_budget_deviation.is_finite() && raw.max_budget_deviation >= 0.0) {
+            return Err(err(
+                line_of(text, "max_budget_deviation"),
+                format!(
+                    "max_budget_deviation must be a finite number >= 0, got {}",
+                    raw.max_budget_deviation
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("batch_size", raw.train.batch_size),
+            ("eval_batch_size", raw.train.eval_batch_size),
+        ] {
+            if value == 0 {
+                return Err(err(
+                    line_of(text, &format!("{key} =")),
+                    format!("train.{key} must be at least 1"),
+                ));
+            }
+        }
+        if let Some(t) = tasks.iter().find(|t| t.steps == Some(0)) {
             return Err(err(
                 line_of(text, &format!("\"{}\"", t.name)),
                 format!("task `{}`: steps must be > 0", t.name),
             ));
         }
-        for t in &raw.tasks {
+        for t in &tasks {
             for (m, &lr) in &t.lr {
                 let at = line_of(text, &format!("\"{}\"", t.name));
                 if !methods.iter().any(|(c, _)| c.name() == m) {
@@ -215,7 +340,7 @@ impl Suite {
                 }
             }
         }
-        if raw.seeds.is_empty() || raw.tasks.is_empty() || raw.train.steps == 0 {
+        if raw.seeds.is_empty() || tasks.is_empty() || raw.train.steps == 0 {
             return Err(err(
                 None,
                 "a suite needs seeds, tasks and train.steps > 0".into(),
@@ -229,10 +354,41 @@ impl Suite {
             max_budget_deviation: raw.max_budget_deviation,
             train: raw.train,
             methods,
-            tasks: raw.tasks,
+            tasks,
             data_root: raw.data_root,
             random_init_controls: raw.random_init_controls,
         })
+    }
+
+    /// Refuses, before any run costs compute, what the base model makes impossible: a method
+    /// configuration invalid at every size, or a causal-LM task on a bidirectional encoder.
+    pub fn check_against(
+        &self,
+        model: &ModelConfig,
+        tasks: &HashMap<String, TaskData>,
+    ) -> Result<(), HarnessError> {
+        for (method, _) in &self.methods {
+            check_method(method, model).map_err(|e| {
+                HarnessError::Config(format!(
+                    "suite {}: methods.{}: {e}",
+                    self.name,
+                    method.name()
+                ))
+            })?;
+        }
+        for t in &self.tasks {
+            let causal = tasks
+                .get(&t.name)
+                .is_some_and(|d| d.objective == Objective::CausalLm);
+            if causal && !model.is_causal() {
+                return Err(HarnessError::Config(format!(
+                    "suite {}: {}",
+                    self.name,
+                    causal_lm_on_encoder(&t.name, &self.model)
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The suite's training settings with the task's overrides applied.
@@ -272,6 +428,8 @@ impl Suite {
                             random_init,
                             suite: self.name.clone(),
                             task: task.name.clone(),
+                            task_config: task.clone(),
+                            model: self.model.clone(),
                             method: method.clone(),
                             optim: OptimConfig {
                                 lr: task.lr.get(method.name()).copied().unwrap_or(optim.lr),

@@ -1,11 +1,11 @@
 //! One run: size the method to its budget, attach it, train, evaluate, record.
 
-use crate::budget::{match_budget, Budget};
+use crate::budget::{check_method, match_budget, Budget};
 use crate::chance::chance_level;
 use crate::data::{batch_tokens, make_batch, Example};
 use crate::objective::{evaluate, loss, Scorer};
 use crate::optim::{AdamW, OptimConfig};
-use crate::task::TaskData;
+use crate::task::{TaskConfig, TaskData};
 use crate::{env, HarnessError};
 use candle_core::Device;
 use peftbench_backbone::{Initializer, SequenceHead, TextTokenizer, TrainableParams, Transformer};
@@ -48,6 +48,11 @@ pub struct RunSpec {
     pub suite: String,
     /// Task name.
     pub task: String,
+    /// The task as the suite declares it (data, limits, lengths): part of what a record was
+    /// made with.
+    pub task_config: TaskConfig,
+    /// The base model as the suite names it.
+    pub model: String,
     /// The method as configured (before budget matching).
     pub method: MethodConfig,
     /// Its optimiser.
@@ -89,6 +94,20 @@ impl RunSpec {
             b,
             self.seed
         )
+    }
+
+    /// A hash of everything that defines the run (16 hex digits, FNV-1a 64 of its canonical
+    /// JSON): a recorded run is reused only while its suite still gives the same hash.
+    pub fn config_hash(&self) -> String {
+        let text = serde_json::to_value(self)
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in text.bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{h:016x}")
     }
 
     /// The method's name in records: `lora`, or `lora-random-init` for a random-init control.
@@ -154,6 +173,7 @@ fn record_base(spec: &RunSpec, base_params: usize, task: &TaskData) -> RunRecord
         budget_target: spec.budget.target(base_params),
         seed: spec.seed,
         config: serde_json::to_value(spec).unwrap_or_default(),
+        config_hash: Some(spec.config_hash()),
         knob: None,
         trainable_params: 0,
         head_params: 0,
@@ -175,6 +195,31 @@ fn record_base(spec: &RunSpec, base_params: usize, task: &TaskData) -> RunRecord
         extra: serde_json::Value::Null,
         env: env::environment(),
     }
+}
+
+/// A training loss this many times the first step's (the untrained model's) is divergence,
+/// even while finite: a learning rate that blows the loss from 0.69 to 1e6 has not trained.
+pub const DIVERGENCE_FACTOR: f64 = 100.0;
+
+/// Why the loss `value` counts as diverged, given the first step's `first`, if it does.
+fn divergence(value: f64, first: f64) -> Option<String> {
+    if !value.is_finite() {
+        return Some(format!("training loss is {value}"));
+    }
+    // The floor keeps a near-zero first loss from flagging ordinary noise.
+    let limit = DIVERGENCE_FACTOR * first.abs().max(0.1);
+    (value > limit).then(|| {
+        format!(
+            "training loss {value:.4e} is over {DIVERGENCE_FACTOR}x the first step's {first:.4}: the run diverged (lower the learning rate)"
+        )
+    })
+}
+
+/// Why a causal-LM objective cannot train on a bidirectional encoder.
+pub fn causal_lm_on_encoder(task: &str, model: &str) -> String {
+    format!(
+        "task `{task}`: a causal-LM objective (SFT) needs a causal decoder, but `{model}` is a bidirectional encoder, where every position sees the token it must predict"
+    )
 }
 
 /// Runs one spec to a record. Failures become records (status error / diverged /
@@ -206,6 +251,14 @@ fn run_inner(
     } else {
         base.model.clone()
     };
+    // Configuration errors are the configuration's, never "budget unreachable".
+    check_method(&spec.method, &model.config)?;
+    if task.objective == crate::objective::Objective::CausalLm && !model.config.is_causal() {
+        return Err(HarnessError::Config(causal_lm_on_encoder(
+            &spec.task,
+            &spec.model,
+        )));
+    }
     let target = spec.budget.target(rec.base_params);
     let matched = match match_budget(&spec.method, &model, target, spec.max_budget_deviation) {
         Ok(m) => m,
@@ -285,6 +338,7 @@ fn run_inner(
     let mut tokens = 0usize;
     let mut loss_sum = 0f64;
     let mut loss_n = 0usize;
+    let mut first_loss: Option<f64> = None;
     // The dev metrics before any update: the baseline each run must beat (for SFT, the base
     // model's own response perplexity; for a fresh head, chance).
     method.set_training(false);
@@ -317,11 +371,9 @@ fn run_inner(
             };
             let mut l = loss(&task.objective, &scorer, &batch)?;
             let value = l.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
-                rec.status = RunStatus::Diverged {
-                    step,
-                    message: format!("training loss is {value}"),
-                };
+            let first = *first_loss.get_or_insert(value);
+            if let Some(message) = divergence(value, first) {
+                rec.status = RunStatus::Diverged { step, message };
                 rec.steps = step;
                 rec.train_seconds = started.elapsed().as_secs_f64() - eval_seconds;
                 return Ok(());

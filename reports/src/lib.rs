@@ -77,12 +77,17 @@ pub struct ReportSummary {
     pub plots: Vec<PathBuf>,
     /// `REPORT.md`.
     pub report: PathBuf,
+    /// Record files that could not be read, each with why; the report was built without them
+    /// and names them.
+    pub skipped: Vec<String>,
 }
 
 /// Reads every record in `results_dir` and writes the CSV tables, the PNG plots and `REPORT.md`
-/// into `out_dir` (created if missing).
+/// into `out_dir` (created if missing). Unreadable records are left out and named in the
+/// report and in [`ReportSummary::skipped`].
 pub fn write_report(results_dir: &Path, out_dir: &Path) -> Result<ReportSummary, ReportError> {
-    let records = load_records(results_dir)?;
+    let (records, bad) = load::load_records_skipping_bad(results_dir)?;
+    let skipped: Vec<String> = bad.iter().map(|e| e.to_string()).collect();
     std::fs::create_dir_all(out_dir).map_err(|source| ReportError::Io {
         path: out_dir.to_path_buf(),
         source,
@@ -96,7 +101,8 @@ pub fn write_report(results_dir: &Path, out_dir: &Path) -> Result<ReportSummary,
     let curve_rows = tables::write_curves_csv(&records, &curves_csv)?;
     let plots = plots::write_plots(&records, &rows, out_dir)?;
     let report = out_dir.join("REPORT.md");
-    let text = markdown::render_report(&records, &rows, &plots);
+    let mut text = markdown::render_report(&records, &rows, &plots);
+    markdown::skipped_records(&mut text, &skipped);
     std::fs::write(&report, text).map_err(|source| ReportError::Io {
         path: report.clone(),
         source,
@@ -111,5 +117,6 @@ pub fn write_report(results_dir: &Path, out_dir: &Path) -> Result<ReportSummary,
         curves_csv,
         plots: plots.into_iter().map(|p| p.path).collect(),
         report,
+        skipped,
     })
 }

@@ -4,8 +4,21 @@ use crate::{ReportError, RunRecord};
 use std::path::{Path, PathBuf};
 
 /// Reads every `*.json` record in `dir` (not `*.json.tmp`, which a killed run may leave),
-/// sorted by run id so that every report made from the same records is identical.
+/// sorted by run id so that every report made from the same records is identical. The first
+/// unreadable record is an error; [`load_records_skipping_bad`] reads past it.
 pub fn load_records(dir: &Path) -> Result<Vec<RunRecord>, ReportError> {
+    let (records, mut bad) = load_records_skipping_bad(dir)?;
+    match bad.is_empty() {
+        true => Ok(records),
+        false => Err(bad.remove(0)),
+    }
+}
+
+/// Reads every record in `dir` that parses, and returns the errors of those that do not
+/// (truncated, empty, not a record), so one bad file costs only itself.
+pub fn load_records_skipping_bad(
+    dir: &Path,
+) -> Result<(Vec<RunRecord>, Vec<ReportError>), ReportError> {
     let io = |source| ReportError::Io {
         path: dir.to_path_buf(),
         source,
@@ -19,13 +32,18 @@ pub fn load_records(dir: &Path) -> Result<Vec<RunRecord>, ReportError> {
         }
     }
     paths.sort();
-    let mut records = paths
-        .iter()
-        .map(|p| read_record(p))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut records = Vec::new();
+    let mut bad = Vec::new();
+    for p in &paths {
+        match read_record(p) {
+            Ok(r) => records.push(r),
+            Err(e @ ReportError::BadRecord { .. }) => bad.push(e),
+            Err(e) => return Err(e),
+        }
+    }
     // Stable: records with the same run id keep their file-name order.
     records.sort_by(|a, b| a.run_id.cmp(&b.run_id));
-    Ok(records)
+    Ok((records, bad))
 }
 
 /// Reads one record; when the strict reader fails, retries reading `null` floats as NaN

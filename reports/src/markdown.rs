@@ -206,6 +206,21 @@ pub fn pretraining_sentences(rows: &[SummaryRow], task: &str) -> Vec<String> {
     out
 }
 
+/// Appends the record files the report could not read, so a reader knows what is missing.
+pub fn skipped_records(out: &mut String, skipped: &[String]) {
+    if skipped.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n## Skipped records\n\n{} record files could not be read and are not in this report:\n",
+        skipped.len()
+    );
+    for s in skipped {
+        let _ = writeln!(out, "- {s}");
+    }
+}
+
 /// Renders the whole report. `rows` must be [`crate::summary::summarize`] of `records`, and
 /// `plots` the images written next to the report (linked by file name).
 pub fn render_report(records: &[RunRecord], rows: &[SummaryRow], plots: &[Plot]) -> String {

@@ -90,6 +90,10 @@ pub struct RunRecord {
     pub seed: u64,
     /// The resolved run configuration (method config with its size knob set, optimiser, data).
     pub config: serde_json::Value,
+    /// The hash of the run's configuration (`RunSpec::config_hash`); absent in records made
+    /// before it was kept, which are therefore run again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
     /// Name and value of the size knob chosen for the budget.
     pub knob: Option<(String, usize)>,
     /// Trainable parameters of the method (task head excluded).
@@ -160,7 +164,8 @@ impl RunRecord {
     /// Writes the record as JSON atomically (temporary file, then rename), so a killed run
     /// never leaves a half-written record.
     pub fn write_atomic(&self, path: &Path) -> std::io::Result<()> {
-        let tmp = path.with_extension("json.tmp");
+        // One temporary name per process: two writers never interleave in one file.
+        let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
         let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, path)
