@@ -151,7 +151,11 @@ impl Suite {
                 toml::Value::Table(table.clone())
                     .try_into()
                     .map_err(|e: toml::de::Error| {
-                        err(at, format!("task {}: {}", i + 1, e.message()))
+                        let which = match name {
+                            "" => format!("task {}", i + 1),
+                            n => format!("task `{n}`"),
+                        };
+                        err(at, format!("{which}: {}", e.message()))
                     })?;
             if let TaskSource::Tsv(spec) = &mut task.source {
                 spec.name = task.name.clone();

@@ -169,6 +169,21 @@ fn encode(tok: &TextTokenizer, s: &str) -> Result<Vec<u32>, HarnessError> {
 pub fn pretrained_base(dir: &Path) -> Result<(Base, Option<(f64, f64)>), HarnessError> {
     let tok_path = dir.join("tokenizer.json");
     let mut trained = None;
+    let io = |source| HarnessError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    // Array tasks starting together pretrain once: the first holds the lock, the rest wait and
+    // then load what it saved.
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io)?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.with_extension("lock"))
+        .map_err(io)?;
+    lock.lock().map_err(io)?;
     if !dir.join("model.safetensors").exists() {
         std::fs::create_dir_all(dir).map_err(|source| HarnessError::Io {
             path: dir.to_path_buf(),
@@ -214,6 +229,7 @@ pub fn pretrained_base(dir: &Path) -> Result<(Base, Option<(f64, f64)>), Harness
         })?;
         let _ = std::fs::remove_dir_all(&tmp);
     }
+    lock.unlock().map_err(io)?;
     let model = load_model_dir(dir, &Device::Cpu)?;
     let tokenizer = TextTokenizer::from_file(&tok_path, 64)?;
     Ok((Base { model, tokenizer }, trained))
