@@ -37,7 +37,15 @@ objective = "classification"
 
 /// (what is wrong, text replaced, replacement, words the error must contain, the line it
 /// must name as it reads after the replacement).
-const BAD_SUITES: &[(&str, &str, &str, &[&str], Option<&str>)] = &[
+type BadSuite = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+    Option<&'static str>,
+);
+
+const BAD_SUITES: &[BadSuite] = &[
     (
         "batch_size = 0 (panicked after the model loaded)",
         "batch_size = 8",

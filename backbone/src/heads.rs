@@ -95,6 +95,7 @@ pub struct SequenceHead {
 
 impl SequenceHead {
     /// Creates the head's variables in `params` (normal(0, 0.02) weight, zero bias, as HF).
+    /// Decoders' heads have no bias, as transformers' `score` (and so TRL's reward models).
     pub fn new(
         model: &Transformer,
         kind: HeadKind,
@@ -105,7 +106,10 @@ impl SequenceHead {
         let dev = model.device();
         let n = kind.outputs();
         let weight = params.add("head.weight", init.normal((n, h), 0.02, dev)?)?;
-        let bias = params.add("head.bias", Tensor::zeros(n, DType::F32, dev)?)?;
+        let bias = match model.config.is_causal() {
+            true => None,
+            false => Some(params.add("head.bias", Tensor::zeros(n, DType::F32, dev)?)?),
+        };
         let pooling = match (kind, model.config.is_causal()) {
             (HeadKind::Reward, _) | (_, true) => Pooling::LastToken,
             _ => Pooling::First,
@@ -113,7 +117,7 @@ impl SequenceHead {
         Ok(Self {
             kind,
             pooling,
-            out: Linear::new(weight, Some(bias)),
+            out: Linear::new(weight, bias),
         })
     }
 
@@ -123,9 +127,9 @@ impl SequenceHead {
         self
     }
 
-    /// Closed-form trainable count: `outputs·hidden + outputs`.
-    pub fn num_parameters(kind: HeadKind, hidden: usize) -> usize {
-        kind.outputs() * (hidden + 1)
+    /// Closed-form trainable count: `outputs·hidden`, plus `outputs` with a bias (encoders).
+    pub fn num_parameters(kind: HeadKind, hidden: usize, bias: bool) -> usize {
+        kind.outputs() * (hidden + bias as usize)
     }
 
     /// Head outputs `[batch, outputs]`.

@@ -8,7 +8,10 @@ use crate::optim::{AdamW, OptimConfig};
 use crate::task::{TaskConfig, TaskData};
 use crate::{env, HarnessError};
 use candle_core::Device;
-use peftbench_backbone::{Initializer, SequenceHead, TextTokenizer, TrainableParams, Transformer};
+use peftbench_backbone::{
+    HfTask, Initializer, SequenceHead, TextTokenizer, TrainableParams, Transformer,
+};
+use peftbench_methods::peft::HeadWeights;
 use peftbench_methods::{AttachContext, Method, MethodConfig};
 use peftbench_reports::chance::CHANCE_KEY;
 use peftbench_reports::{CurvePoint, RunRecord, RunStatus};
@@ -181,6 +184,7 @@ fn record_base(spec: &RunSpec, base_params: usize, task: &TaskData) -> RunRecord
         trainable_percent: 0.0,
         budget_deviation: None,
         adapter_bytes: 0,
+        adapter_path: None,
         primary_metric: task.objective.primary_metric().into(),
         metrics_best: BTreeMap::new(),
         metrics_final: BTreeMap::new(),
@@ -455,14 +459,73 @@ fn run_inner(
         path: adapters_dir.to_path_buf(),
         source,
     })?;
-    let path = adapters_dir.join(format!("{}.safetensors", spec.run_id()));
-    method.save(&path)?;
-    rec.adapter_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let (saved, bytes) = save_adapter(
+        method.as_ref(),
+        &model,
+        task,
+        head.as_ref(),
+        &spec.model,
+        adapters_dir,
+        &spec.run_id(),
+    )?;
+    rec.adapter_bytes = bytes;
     if matches!(config, MethodConfig::FullFinetune) {
         // A full copy of the model per run is not worth keeping: its size is recorded.
-        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&saved);
+    } else {
+        let runs = adapters_dir.parent().unwrap_or(adapters_dir);
+        rec.adapter_path = saved
+            .strip_prefix(runs)
+            .ok()
+            .map(|p| p.display().to_string());
     }
     Ok(())
+}
+
+/// Saves the trained method with its head: in PEFT's format (`<run id>/adapter_config.json`
+/// and `adapter_model.safetensors`) where it can hold the method, else the method's own
+/// safetensors file. Returns the path and its size on disk.
+fn save_adapter(
+    method: &dyn Method,
+    model: &Transformer,
+    task: &TaskData,
+    head: Option<&SequenceHead>,
+    base_name: &str,
+    adapters_dir: &Path,
+    run_id: &str,
+) -> Result<(std::path::PathBuf, u64), HarnessError> {
+    let hf_task = match task.objective {
+        crate::objective::Objective::CausalLm => HfTask::CausalLm,
+        _ => HfTask::SeqCls,
+    };
+    let weights = head.map(|h| HeadWeights {
+        weight: h.out.weight.detach(),
+        bias: h.out.bias.as_ref().map(|b| b.detach()),
+    });
+    if let Some(state) = method.peft_state(&model.config, hf_task)? {
+        let dir = adapters_dir.join(run_id);
+        peftbench_methods::peft::write(
+            &dir,
+            &state,
+            &model.config,
+            hf_task,
+            base_name,
+            weights.as_ref(),
+        )?;
+        let bytes = [
+            peftbench_methods::peft::CONFIG_FILE,
+            peftbench_methods::peft::WEIGHTS_FILE,
+        ]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+        return Ok((dir, bytes));
+    }
+    let path = adapters_dir.join(format!("{run_id}.safetensors"));
+    method.save(&path)?;
+    let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    Ok((path, bytes))
 }
 
 /// Median milliseconds of a forward pass on one training-sized dev batch, unmerged and (for

@@ -6,6 +6,7 @@
 //! budget (ties are broken by position) rather than every triplet at the threshold.
 
 use crate::error::{invalid, Result};
+use crate::peft::{PeftKey, PeftReader, PeftState};
 use crate::{AttachContext, Method, Targets};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -182,6 +183,9 @@ pub struct AdaLora {
     importance: BTreeMap<(Site, u8), Importance>,
     /// Kept triplets per site, once a final pattern is fixed.
     rank_pattern: Option<BTreeMap<Site, Vec<bool>>>,
+    /// Per-site scaling of an adapter read from PEFT's format (α over its saved rank, as PEFT
+    /// computes it on reload); empty for one trained here (α / init_r everywhere).
+    loaded_scaling: BTreeMap<Site, f64>,
     training: Cell<bool>,
     rng: RefCell<peftbench_backbone::Initializer>,
 }
@@ -229,6 +233,7 @@ impl AdaLora {
             params,
             importance: BTreeMap::new(),
             rank_pattern: None,
+            loaded_scaling: BTreeMap::new(),
             training: Cell::new(false),
             rng: RefCell::new(peftbench_backbone::Initializer::new(ctx.seed ^ 0xada)),
         })
@@ -401,6 +406,102 @@ fn add(acc: &mut [f32], v: &[f32]) {
     }
 }
 
+impl AdaLora {
+    /// An AdaLoRA read from PEFT's format. As PEFT does on reload, every module scales by
+    /// α / (init_r + 1e-5), whatever rank its `rank_pattern` kept.
+    pub fn from_peft(r: &mut PeftReader, model: &ModelConfig) -> Result<Self> {
+        let f = &r.files;
+        let num = |k: &str, d: f64| f.config.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
+        let config = AdaLoraConfig {
+            init_r: f.usize("init_r")?,
+            target_r: f.usize("target_r")?,
+            lora_alpha: f.f64("lora_alpha")?,
+            lora_dropout: num("lora_dropout", 0.0),
+            target_modules: Targets::default(),
+            tinit: num("tinit", 0.0) as usize,
+            tfinal: num("tfinal", 0.0) as usize,
+            delta_t: num("deltaT", 1.0) as usize,
+            beta1: num("beta1", 0.85),
+            beta2: num("beta2", 0.85),
+            orth_reg_weight: num("orth_reg_weight", 0.5),
+            total_step: num("total_step", 1000.0) as usize,
+        };
+        let has_pattern = f.config.get("rank_pattern").is_some_and(|v| v.is_object());
+        let mut params = TrainableParams::new();
+        let mut triplets = BTreeMap::new();
+        let mut loaded_scaling = BTreeMap::new();
+        let mut projs: Vec<String> = Vec::new();
+        for layer in 0..model.num_layers {
+            for proj in peftbench_backbone::Proj::ALL {
+                let site = Site { layer, proj };
+                if peftbench_backbone::hf_names::fused_qkv(model)
+                    && matches!(
+                        proj,
+                        peftbench_backbone::Proj::Query
+                            | peftbench_backbone::Proj::Key
+                            | peftbench_backbone::Proj::Value
+                    )
+                {
+                    continue;
+                }
+                let path = peftbench_backbone::hf_names::module_path(model, site);
+                let a_key = PeftKey::Module(format!("{path}.lora_A"));
+                if !r.contains(&a_key) {
+                    continue;
+                }
+                let (inp, out) = crate::site_shape(model, proj);
+                let k = r.dims(&a_key).map_or(0, |d| d[0]);
+                if !has_pattern && k != config.init_r {
+                    return Err(r.files.config_error(format!(
+                        "`{path}.lora_A` has rank {k}, but init_r is {} and there is no rank_pattern",
+                        config.init_r
+                    )));
+                }
+                let q = r.take(&a_key, Some(&[k, inp]))?;
+                let e = r.take(&PeftKey::Module(format!("{path}.lora_E")), Some(&[k, 1]))?;
+                let p = r.take(&PeftKey::Module(format!("{path}.lora_B")), Some(&[out, k]))?;
+                let add = |params: &mut TrainableParams, n: &str, t: Tensor| -> Result<Var> {
+                    params.add(format!("{site}.{n}"), t)?;
+                    Ok(params
+                        .get(&format!("{site}.{n}"))
+                        .expect("just added")
+                        .clone())
+                };
+                loaded_scaling.insert(site, config.lora_alpha / (config.init_r as f64 + 1e-5));
+                triplets.insert(
+                    site,
+                    SvdTriplet {
+                        q: add(&mut params, "lora_A", q)?,
+                        lambda: add(&mut params, "lora_E", e.squeeze(1)?)?,
+                        p: add(&mut params, "lora_B", p)?,
+                    },
+                );
+                if !projs.iter().any(|x| x == proj.name()) {
+                    projs.push(proj.name().to_string());
+                }
+            }
+        }
+        if triplets.is_empty() {
+            return Err(r
+                .files
+                .config_error("no `*.lora_A` tensor names a projection of this model"));
+        }
+        Ok(Self {
+            config: AdaLoraConfig {
+                target_modules: Targets(projs),
+                ..config
+            },
+            triplets,
+            params,
+            importance: BTreeMap::new(),
+            rank_pattern: None,
+            loaded_scaling,
+            training: Cell::new(false),
+            rng: RefCell::new(peftbench_backbone::Initializer::new(0xada)),
+        })
+    }
+}
+
 impl Intervention for AdaLora {
     fn project(&self, site: Site, input: &Tensor, output: Tensor) -> candle_core::Result<Tensor> {
         let Some(t) = self.triplets.get(&site) else {
@@ -417,7 +518,12 @@ impl Intervention for AdaLora {
                 .broadcast_mul(&t.lambda.as_tensor().unsqueeze(1)?)?;
         let low = x.broadcast_matmul(&qe.t()?)?;
         let up = low.broadcast_matmul(&t.p.as_tensor().t()?)?;
-        output + (up * (self.config.lora_alpha / self.config.init_r as f64))?
+        let scaling = self
+            .loaded_scaling
+            .get(&site)
+            .copied()
+            .unwrap_or(self.config.lora_alpha / self.config.init_r as f64);
+        output + (up * scaling)?
     }
 }
 
@@ -441,6 +547,108 @@ impl Method for AdaLora {
     }
     fn after_step(&mut self, step: usize, grads: &GradStore) -> Result<()> {
         self.update_and_allocate(step, grads)
+    }
+    fn peft_state(
+        &self,
+        model: &ModelConfig,
+        task: peftbench_backbone::HfTask,
+    ) -> Result<Option<PeftState>> {
+        if peftbench_backbone::hf_names::fused_qkv(model) {
+            return Err(crate::error::invalid(
+                "adalora",
+                "PEFT-format export of AdaLoRA on GPT-2's fused c_attn is not implemented",
+            ));
+        }
+        let c = &self.config;
+        let mut tensors = Vec::new();
+        let mut pattern = serde_json::Map::new();
+        let needs_pattern = self.rank_pattern.is_some()
+            || self
+                .triplets
+                .values()
+                .any(|t| t.q.as_tensor().dims()[0] != c.init_r);
+        let prefix = |site: Site| peftbench_backbone::hf_names::module_path(model, site);
+        for (site, t) in &self.triplets {
+            let path = prefix(*site);
+            // A module read from a file may hold fewer rows than init_r: its kept ranks.
+            let rows = t.q.as_tensor().dims()[0];
+            let keep: Vec<bool> = match &self.rank_pattern {
+                Some(p) => p.get(site).cloned().unwrap_or_else(|| vec![true; c.init_r]),
+                None => (0..c.init_r).map(|i| i < rows).collect(),
+            };
+            let idx: Vec<u32> = match self.rank_pattern {
+                Some(_) => (0..keep.len() as u32)
+                    .filter(|&i| keep[i as usize])
+                    .collect(),
+                None => (0..rows as u32).collect(),
+            };
+            let k = idx.len();
+            // PEFT scales by α / (init_r + 1e-5), also after a reload resized the module to its
+            // kept rank; fold the 1e-5 into Λ so PEFT computes exactly this update.
+            let peft_scaling = c.lora_alpha / (c.init_r as f64 + 1e-5);
+            let ours = self
+                .loaded_scaling
+                .get(site)
+                .copied()
+                .unwrap_or(c.lora_alpha / c.init_r as f64);
+            let fold = ours / peft_scaling;
+            let dev = t.q.as_tensor().device().clone();
+            let ids = Tensor::from_vec(idx.clone(), k, &dev)?;
+            let (q, e, p) = if k == 0 {
+                let (inp, out) = crate::site_shape(model, site.proj);
+                (
+                    Tensor::zeros((0, inp), DType::F32, &dev)?,
+                    Tensor::zeros((0, 1), DType::F32, &dev)?,
+                    Tensor::zeros((out, 0), DType::F32, &dev)?,
+                )
+            } else {
+                (
+                    t.q.as_tensor().index_select(&ids, 0)?,
+                    match fold == 1.0 {
+                        true => t.lambda.as_tensor().index_select(&ids, 0)?,
+                        false => (t.lambda.as_tensor().index_select(&ids, 0)? * fold)?,
+                    }
+                    .unsqueeze(1)?,
+                    t.p.as_tensor().index_select(&ids, 1)?,
+                )
+            };
+            tensors.push((PeftKey::Module(format!("{path}.lora_A")), q.contiguous()?));
+            tensors.push((PeftKey::Module(format!("{path}.lora_E")), e.contiguous()?));
+            tensors.push((PeftKey::Module(format!("{path}.lora_B")), p.contiguous()?));
+            if needs_pattern {
+                let name = format!(
+                    "{}{path}.lora_E",
+                    peftbench_backbone::hf_names::base_prefix(model, task)
+                );
+                pattern.insert(name, serde_json::Value::from(keep));
+            }
+        }
+        let targets: Vec<String> = {
+            let mut v: Vec<String> = Vec::new();
+            for site in self.triplets.keys() {
+                let leaf = peftbench_backbone::hf_names::target_name(model, site.proj).to_string();
+                if !v.contains(&leaf) {
+                    v.push(leaf);
+                }
+            }
+            v
+        };
+        let config = serde_json::json!({
+            "init_r": c.init_r, "target_r": c.target_r, "r": c.init_r, "lora_alpha": c.lora_alpha,
+            "lora_dropout": c.lora_dropout, "tinit": c.tinit, "tfinal": c.tfinal,
+            "deltaT": c.delta_t, "beta1": c.beta1, "beta2": c.beta2,
+            "orth_reg_weight": c.orth_reg_weight, "total_step": c.total_step,
+            "target_modules": targets, "bias": "none", "init_lora_weights": true,
+            "rank_pattern": if needs_pattern { serde_json::Value::Object(pattern) } else { serde_json::Value::Null },
+        });
+        let serde_json::Value::Object(config) = config else {
+            unreachable!("a JSON object")
+        };
+        Ok(Some(PeftState {
+            peft_type: "ADALORA".into(),
+            config,
+            tensors,
+        }))
     }
     fn summary(&self) -> Result<serde_json::Value> {
         let ranks: serde_json::Map<String, serde_json::Value> = self

@@ -2,11 +2,18 @@
 //! on a sublayer's output. The up-projection starts at zero, so the model starts unchanged.
 
 use crate::error::{invalid, Result};
+use crate::peft::{PeftKey, PeftReader, PeftState};
 use crate::{AttachContext, Method};
 use candle_core::{DType, Tensor};
 use peftbench_backbone::{Block, Intervention, Linear, ModelConfig, TrainableParams};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+/// The `peft_type` of this project's own adapter format: PEFT has no bottleneck adapter, so
+/// they are written in PEFT's layout (adapter_config.json + adapter_model.safetensors, keys
+/// `base_model.model.<backbone><layer>.adapter_{attn,ffn}.{down,up}.{weight,bias}`) under this
+/// type, which PEFT itself does not read.
+pub const PEFT_TYPE: &str = "PEFTBENCH_BOTTLENECK_ADAPTER";
 
 /// Where adapters sit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,11 +198,109 @@ impl Intervention for Adapter {
     }
 }
 
+fn module_key(model: &ModelConfig, layer: usize, block: Block, part: &str) -> PeftKey {
+    let b = match block {
+        Block::Attention => "attn",
+        Block::Ffn => "ffn",
+    };
+    PeftKey::Module(format!(
+        "{}.adapter_{b}.{part}",
+        peftbench_backbone::hf_names::layer_path(model, layer)
+    ))
+}
+
 impl Method for Adapter {
     fn name(&self) -> &'static str {
         "adapter"
     }
     fn params(&self) -> &TrainableParams {
         &self.params
+    }
+    fn peft_state(
+        &self,
+        model: &ModelConfig,
+        _task: peftbench_backbone::HfTask,
+    ) -> Result<Option<PeftState>> {
+        let mut tensors = Vec::new();
+        for (&(layer, b), m) in &self.modules {
+            let block = if b == 0 { Block::Attention } else { Block::Ffn };
+            for (part, lin) in [("down", &m.down), ("up", &m.up)] {
+                tensors.push((
+                    module_key(model, layer, block, &format!("{part}.weight")),
+                    lin.weight.detach(),
+                ));
+                if let Some(bias) = &lin.bias {
+                    tensors.push((
+                        module_key(model, layer, block, &format!("{part}.bias")),
+                        bias.detach(),
+                    ));
+                }
+            }
+        }
+        let serde_json::Value::Object(config) = serde_json::json!({
+            "bottleneck": self.config.bottleneck,
+            "variant": self.config.variant,
+            "activation": self.config.activation,
+        }) else {
+            unreachable!("a JSON object")
+        };
+        Ok(Some(PeftState {
+            peft_type: PEFT_TYPE.into(),
+            config,
+            tensors,
+        }))
+    }
+}
+
+impl Adapter {
+    /// Adapters read from this project's PEFT-layout format.
+    pub fn from_peft(r: &mut PeftReader, model: &ModelConfig) -> Result<Self> {
+        let config = AdapterConfig {
+            bottleneck: r.files.usize("bottleneck")?,
+            variant: r.files.parse("variant")?,
+            activation: r.files.parse("activation")?,
+        };
+        config.validate(model)?;
+        let (h, m) = (model.hidden_size, config.bottleneck);
+        let mut params = TrainableParams::new();
+        let mut modules = BTreeMap::new();
+        for layer in 0..model.num_layers {
+            for &block in config.blocks() {
+                let mut lin = |part: &str,
+                               out: usize,
+                               inp: usize,
+                               params: &mut TrainableParams|
+                 -> Result<Linear> {
+                    let w = r.take(
+                        &module_key(model, layer, block, &format!("{part}.weight")),
+                        Some(&[out, inp]),
+                    )?;
+                    let b = r.take(
+                        &module_key(model, layer, block, &format!("{part}.bias")),
+                        Some(&[out]),
+                    )?;
+                    let name = format!(
+                        "layer{layer}.{}.{part}",
+                        if block == Block::Attention {
+                            "attn"
+                        } else {
+                            "ffn"
+                        }
+                    );
+                    Ok(Linear::new(
+                        params.add(format!("{name}.weight"), w)?,
+                        Some(params.add(format!("{name}.bias"), b)?),
+                    ))
+                };
+                let down = lin("down", m, h, &mut params)?;
+                let up = lin("up", h, m, &mut params)?;
+                modules.insert((layer, block_key(block)), AdapterModule { down, up });
+            }
+        }
+        Ok(Self {
+            config,
+            modules,
+            params,
+        })
     }
 }

@@ -11,6 +11,14 @@ pub enum MethodError {
         /// What is wrong.
         message: String,
     },
+    /// A PEFT-format adapter directory is malformed or does not fit the model.
+    #[error("{path}: {message}")]
+    PeftFormat {
+        /// The file (adapter_config.json or adapter_model.safetensors).
+        path: std::path::PathBuf,
+        /// What is wrong, naming the key or field.
+        message: String,
+    },
     /// A backbone error (loading, shapes).
     #[error(transparent)]
     Backbone(#[from] peftbench_backbone::BackboneError),

@@ -20,11 +20,26 @@ impl HeadOnly {
 
 impl Intervention for HeadOnly {}
 
+/// The `peft_type` of a saved head-only run: this project's own, holding only the head.
+pub const PEFT_TYPE: &str = "PEFTBENCH_HEAD_ONLY";
+
 impl Method for HeadOnly {
     fn name(&self) -> &'static str {
         "head_only"
     }
     fn params(&self) -> &TrainableParams {
         &self.params
+    }
+    /// Nothing of its own: the saved head (`modules_to_save`) is the whole run.
+    fn peft_state(
+        &self,
+        _model: &peftbench_backbone::ModelConfig,
+        _task: peftbench_backbone::HfTask,
+    ) -> crate::Result<Option<crate::peft::PeftState>> {
+        Ok(Some(crate::peft::PeftState {
+            peft_type: PEFT_TYPE.into(),
+            config: serde_json::Map::new(),
+            tensors: Vec::new(),
+        }))
     }
 }

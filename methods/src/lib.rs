@@ -12,6 +12,7 @@ pub mod lora;
 pub mod lstm;
 pub mod p_tuning;
 pub mod p_tuning_v2;
+pub mod peft;
 pub mod prefix_kv;
 pub mod prefix_tuning;
 pub mod prompt_tuning;
@@ -95,6 +96,15 @@ pub trait Method: Intervention {
     /// Method-specific facts for the run record (AdaLoRA's final ranks).
     fn summary(&self) -> Result<serde_json::Value> {
         Ok(serde_json::Value::Null)
+    }
+    /// What PEFT's on-disk format keeps of the method ([`peft::write`] names and writes it);
+    /// None for a method the format cannot express (full fine-tuning, the head alone).
+    fn peft_state(
+        &self,
+        _model: &ModelConfig,
+        _task: peftbench_backbone::HfTask,
+    ) -> Result<Option<peft::PeftState>> {
+        Ok(None)
     }
 }
 

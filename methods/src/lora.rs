@@ -2,6 +2,7 @@
 //! A is Kaiming-uniform and B zero, as in PEFT, so training starts from the unchanged model.
 
 use crate::error::{invalid, Result};
+use crate::peft::PeftState;
 use crate::{AttachContext, Method, Targets};
 use candle_core::{Tensor, D};
 use peftbench_backbone::{Intervention, ModelConfig, Site, TrainableParams, Transformer};
@@ -90,6 +91,9 @@ pub struct LoraPair {
     pub a: Tensor,
     /// Up factor B `[out, r]`.
     pub b: Tensor,
+    /// The factor applied to B·A here: the config's, or a loaded adapter's per-module one
+    /// (PEFT's `rank_pattern` / `alpha_pattern`).
+    pub scaling: f64,
 }
 
 /// LoRA attached to a model.
@@ -119,7 +123,14 @@ impl Lora {
                 format!("{site}.lora_B"),
                 Tensor::zeros((out, config.rank), candle_core::DType::F32, &dev)?,
             )?;
-            pairs.insert(site, LoraPair { a, b });
+            pairs.insert(
+                site,
+                LoraPair {
+                    a,
+                    b,
+                    scaling: config.scaling(),
+                },
+            );
         }
         Ok(Self {
             config: config.clone(),
@@ -138,7 +149,7 @@ impl Lora {
 
     /// (α/r)·B·A for one site, detached.
     fn delta(&self, pair: &LoraPair) -> Result<Tensor> {
-        Ok((pair.b.matmul(&pair.a)?.detach() * self.config.scaling())?)
+        Ok((pair.b.matmul(&pair.a)?.detach() * pair.scaling)?)
     }
 
     /// Adds every update into its base weight; forward then skips the bypass.
@@ -165,6 +176,11 @@ impl Lora {
         }
         self.merged.set(false);
         Ok(())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LoraConfig {
+        &self.config
     }
 
     /// Whether the updates currently live in the base weights.
@@ -211,7 +227,7 @@ impl Intervention for Lora {
         let low = x.broadcast_matmul(&pair.a.t()?)?;
         let up = low.broadcast_matmul(&pair.b.t()?)?;
         debug_assert_eq!(up.dim(D::Minus1)?, output.dim(D::Minus1)?);
-        output + (up * self.config.scaling())?
+        output + (up * pair.scaling)?
     }
 }
 
@@ -232,5 +248,85 @@ impl Method for Lora {
     fn unmerge_from(&self, model: &mut Transformer) -> Result<bool> {
         self.unmerge(model)?;
         Ok(true)
+    }
+    fn peft_state(
+        &self,
+        model: &ModelConfig,
+        _task: peftbench_backbone::HfTask,
+    ) -> Result<Option<PeftState>> {
+        let pairs: Vec<crate::peft::LoraFactors> = self
+            .pairs
+            .iter()
+            .map(|(s, p)| (*s, p.a.detach(), p.b.detach(), p.scaling))
+            .collect();
+        let mut config = serde_json::Map::new();
+        config.insert("lora_dropout".into(), self.config.lora_dropout.into());
+        config.insert("bias".into(), "none".into());
+        config.insert("init_lora_weights".into(), true.into());
+        Ok(Some(crate::peft::lora_state(
+            "LORA",
+            model,
+            &pairs,
+            self.config.rank,
+            self.config.lora_alpha,
+            self.config.use_rslora,
+            config,
+        )?))
+    }
+}
+
+impl Lora {
+    /// A LoRA read from PEFT's format: per-module ranks and scalings as saved.
+    pub fn from_peft(r: &mut crate::peft::PeftReader, model: &ModelConfig) -> Result<Self> {
+        let files = &r.files;
+        if files.flag("use_dora") {
+            return Err(files.config_error("use_dora: DoRA adapters are not implemented here"));
+        }
+        if files
+            .config
+            .get("bias")
+            .and_then(|v| v.as_str())
+            .is_some_and(|b| b != "none")
+            || files.flag("lora_bias")
+        {
+            return Err(
+                files.config_error("bias: adapters that train biases are not implemented here")
+            );
+        }
+        let config = LoraConfig {
+            rank: files.usize("r")?,
+            lora_alpha: files.f64("lora_alpha")?,
+            lora_dropout: files
+                .config
+                .get("lora_dropout")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(0.0),
+            use_rslora: files.flag("use_rslora"),
+            target_modules: Targets::default(),
+        };
+        let found =
+            crate::peft::read_lora_pairs(r, model, &config, "lora_A.weight", "lora_B.weight")?;
+        let mut params = TrainableParams::new();
+        let mut pairs = BTreeMap::new();
+        let mut projs: Vec<String> = Vec::new();
+        for (site, a, b, scaling) in found {
+            let a = params.add(format!("{site}.lora_A"), a)?;
+            let b = params.add(format!("{site}.lora_B"), b)?;
+            if !projs.iter().any(|p| p == site.proj.name()) {
+                projs.push(site.proj.name().to_string());
+            }
+            pairs.insert(site, LoraPair { a, b, scaling });
+        }
+        Ok(Self {
+            config: LoraConfig {
+                target_modules: Targets(projs),
+                ..config
+            },
+            pairs,
+            params,
+            merged: Cell::new(false),
+            training: Cell::new(false),
+            rng: RefCell::new(peftbench_backbone::Initializer::new(0x10a)),
+        })
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::error::{invalid, Result};
 use crate::lstm::BiLstm;
+use crate::peft::{PeftKey, PeftState};
 use crate::prompt_tuning::{check_positions, initial_prompt, PromptInit};
 use crate::{AttachContext, Method};
 use candle_core::Tensor;
@@ -96,6 +97,8 @@ pub struct PTuning {
     lstm: Option<BiLstm>,
     mlp: Vec<Linear>,
     keeps_positions: bool,
+    encoder_type: PromptEncoderType,
+    encoder_hidden_size: usize,
     params: TrainableParams,
 }
 
@@ -157,6 +160,8 @@ impl PTuning {
             lstm,
             mlp,
             keeps_positions: config.input_keeps_positions,
+            encoder_type: config.encoder_type,
+            encoder_hidden_size: config.encoder_hidden_size,
             params,
         })
     }
@@ -197,5 +202,34 @@ impl Method for PTuning {
     }
     fn params(&self) -> &TrainableParams {
         &self.params
+    }
+    /// PEFT keeps the encoder's output, not the encoder: the prompt inference needs.
+    fn peft_state(
+        &self,
+        model: &ModelConfig,
+        _task: peftbench_backbone::HfTask,
+    ) -> Result<Option<PeftState>> {
+        if self.keeps_positions {
+            return Ok(None);
+        }
+        let prompt = self.virtual_tokens()?.detach();
+        let mut config = crate::peft::prompt_config(model, prompt.dims()[0]);
+        let (kind, e) = (&self.encoder_type, self.encoder_hidden_size);
+        config.insert(
+            "encoder_reparameterization_type".into(),
+            match kind {
+                PromptEncoderType::Lstm => "LSTM",
+                PromptEncoderType::Mlp => "MLP",
+            }
+            .into(),
+        );
+        config.insert("encoder_hidden_size".into(), e.into());
+        config.insert("encoder_num_layers".into(), LSTM_LAYERS.into());
+        config.insert("encoder_dropout".into(), 0.0.into());
+        Ok(Some(PeftState {
+            peft_type: "P_TUNING".into(),
+            config,
+            tensors: vec![(PeftKey::Top("prompt_embeddings".into()), prompt)],
+        }))
     }
 }

@@ -2,6 +2,7 @@
 //! key/value prefixes, without reparametrisation by default.
 
 use crate::error::Result;
+use crate::peft::PeftState;
 use crate::prefix_kv::{split_table, table_width, PrefixMlp};
 use crate::{AttachContext, Method};
 use candle_core::Tensor;
@@ -122,5 +123,27 @@ impl Method for PTuningV2 {
     }
     fn params(&self) -> &TrainableParams {
         &self.params
+    }
+    /// PEFT's P-Tuning v2 is its prefix tuning: the computed table is what it keeps.
+    fn peft_state(
+        &self,
+        model: &ModelConfig,
+        task: peftbench_backbone::HfTask,
+    ) -> Result<Option<PeftState>> {
+        let table = match &self.prompts {
+            Prompts::Direct(t) => t.detach(),
+            Prompts::Mlp(m) => m.table()?.detach(),
+        };
+        let mut state = crate::prefix_tuning::PrefixTable::new(model, table)
+            .peft_state(model, task)?
+            .expect("a table exports");
+        if let Prompts::Mlp(m) = &self.prompts {
+            state.config.insert("prefix_projection".into(), true.into());
+            state.config.insert(
+                "encoder_hidden_size".into(),
+                m.first.weight.dims()[0].into(),
+            );
+        }
+        Ok(Some(state))
     }
 }

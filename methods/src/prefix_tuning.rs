@@ -2,6 +2,7 @@
 //! training by an MLP reparametrisation; export keeps only the computed prefix.
 
 use crate::error::{invalid, Result};
+use crate::peft::{PeftKey, PeftReader, PeftState};
 use crate::prefix_kv::{split_table, PrefixMlp};
 use crate::{AttachContext, Method};
 use candle_core::Tensor;
@@ -133,6 +134,23 @@ impl Method for PrefixTuning {
         *self.loaded.borrow_mut() = Some(t);
         Ok(())
     }
+    /// PEFT keeps the computed prefix (`prompt_embeddings`), not the MLP.
+    fn peft_state(
+        &self,
+        model: &ModelConfig,
+        task: peftbench_backbone::HfTask,
+    ) -> Result<Option<PeftState>> {
+        let mut state = self
+            .export()?
+            .peft_state(model, task)?
+            .expect("a table exports");
+        state.config.insert("prefix_projection".into(), true.into());
+        state.config.insert(
+            "encoder_hidden_size".into(),
+            self.mlp.first.weight.dims()[0].into(),
+        );
+        Ok(Some(state))
+    }
 }
 
 /// An exported prefix `[p, 2·layers·kv_dim]`: the inference form of prefix tuning.
@@ -181,5 +199,40 @@ impl Method for PrefixTable {
     }
     fn params(&self) -> &TrainableParams {
         &self.params
+    }
+    fn peft_state(
+        &self,
+        model: &ModelConfig,
+        _task: peftbench_backbone::HfTask,
+    ) -> Result<Option<PeftState>> {
+        let mut config = crate::peft::prompt_config(model, self.table.dims()[0]);
+        config.insert("prefix_projection".into(), false.into());
+        Ok(Some(PeftState {
+            peft_type: "PREFIX_TUNING".into(),
+            config,
+            tensors: vec![(
+                PeftKey::Top("prompt_embeddings".into()),
+                self.table.detach(),
+            )],
+        }))
+    }
+}
+
+impl PrefixTable {
+    /// A table `[p, 2·layers·kv_dim]` for `model`.
+    pub fn new(model: &ModelConfig, table: Tensor) -> Self {
+        Self {
+            model: model.clone(),
+            table,
+            params: TrainableParams::new(),
+        }
+    }
+
+    /// The prefix PEFT saved for prefix tuning or P-Tuning v2 (with or without projection,
+    /// PEFT keeps the computed table).
+    pub fn from_peft(r: &mut PeftReader, model: &ModelConfig) -> Result<Self> {
+        let width = crate::prefix_kv::table_width(model);
+        let table = crate::peft::read_prompt_embeddings(r, width)?;
+        Ok(Self::new(model, table))
     }
 }

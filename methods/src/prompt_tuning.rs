@@ -2,6 +2,7 @@
 //! embeddings, at the input layer only.
 
 use crate::error::{invalid, Result};
+use crate::peft::{PeftKey, PeftReader, PeftState};
 use crate::{AttachContext, Method};
 use candle_core::Tensor;
 use peftbench_backbone::{Intervention, ModelConfig, TrainableParams};
@@ -162,5 +163,40 @@ impl Method for PromptTuning {
     }
     fn params(&self) -> &TrainableParams {
         &self.params
+    }
+    fn peft_state(
+        &self,
+        model: &ModelConfig,
+        _task: peftbench_backbone::HfTask,
+    ) -> Result<Option<PeftState>> {
+        // PEFT always moves the input along by the prompt; it has no kept-positions form.
+        if self.keeps_positions {
+            return Ok(None);
+        }
+        let mut config = crate::peft::prompt_config(model, self.prompt.dims()[0]);
+        config.insert("prompt_tuning_init".into(), "RANDOM".into());
+        Ok(Some(PeftState {
+            peft_type: "PROMPT_TUNING".into(),
+            config,
+            tensors: vec![(
+                PeftKey::Top("prompt_embeddings".into()),
+                self.prompt.detach(),
+            )],
+        }))
+    }
+}
+
+impl PromptTuning {
+    /// A soft prompt read from PEFT's format: PROMPT_TUNING's embeddings, or P_TUNING's
+    /// encoder output (which is what PEFT saves and uses at inference).
+    pub fn from_peft(r: &mut PeftReader, model: &ModelConfig) -> Result<Self> {
+        let prompt = crate::peft::read_prompt_embeddings(r, model.hidden_size)?;
+        let mut params = TrainableParams::new();
+        let prompt = params.add("prompt", prompt)?;
+        Ok(Self {
+            prompt,
+            keeps_positions: false,
+            params,
+        })
     }
 }

@@ -108,6 +108,11 @@ pub struct RunRecord {
     pub budget_deviation: Option<f64>,
     /// Bytes of the saved method (what a user would ship).
     pub adapter_bytes: u64,
+    /// Where the saved method is, relative to the suite's `runs/` folder: a PEFT-format
+    /// directory (`adapters/<run id>/`), or a safetensors file for what that format cannot
+    /// hold; absent when nothing was kept (full fine-tuning, a failed run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_path: Option<String>,
     /// The metric that ranks runs for this task (accuracy, matthews, pearson, …).
     pub primary_metric: String,
     /// Best dev value of each metric over evaluations.

@@ -93,6 +93,7 @@ fn record(s: Spec) -> RunRecord {
         seed: s.seed,
         config: serde_json::json!({}),
         config_hash: None,
+        adapter_path: None,
         knob: target.map(|_| ("r".to_string(), 4)),
         trainable_params: trainable,
         head_params: 1538,

@@ -1,0 +1,383 @@
+//! Parity with Hugging Face PEFT, from committed fixtures (scripts/peft-fixtures.py): each
+//! adapter PEFT trained and saved loads here and gives PEFT's logits; what this project writes
+//! reads back bit for bit; a wrong base, an unknown type, missing or extra tensors are errors
+//! naming the key.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use peftbench_backbone::{
+    lm_logits, load_model_dir, HeadKind, HfTask, Inputs, Linear, Pooling, SequenceHead, Transformer,
+};
+use peftbench_methods::peft::{self, HeadWeights, LoadedAdapter};
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft")
+}
+
+fn inputs(case: &Path) -> Inputs {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case.join("inputs.json")).unwrap()).unwrap();
+    let rows = |k: &str| -> Vec<Vec<u32>> { serde_json::from_value(v[k].clone()).unwrap() };
+    let t = |r: Vec<Vec<u32>>| {
+        let (b, s) = (r.len(), r[0].len());
+        Tensor::from_vec(r.concat(), (b, s), &Device::Cpu).unwrap()
+    };
+    Inputs {
+        input_ids: t(rows("input_ids")),
+        attention_mask: t(rows("attention_mask")),
+        token_type_ids: None,
+    }
+}
+
+fn expected(case: &Path) -> Tensor {
+    candle_core::safetensors::load(case.join("expected.safetensors"), &Device::Cpu).unwrap()
+        ["logits"]
+        .clone()
+}
+
+/// The adapter's logits on the fixture's inputs: a sequence head for SEQ_CLS, LM logits at
+/// real (unpadded) positions otherwise.
+fn logits(model: &Transformer, a: &LoadedAdapter, x: &Inputs) -> Tensor {
+    let enc = model.forward(x, a.method.as_ref()).unwrap();
+    match (&a.task, &a.head) {
+        (HfTask::SeqCls, Some(h)) => head(h).forward(model, &enc).unwrap(),
+        (HfTask::CausalLm, None) => {
+            let l = lm_logits(model, &enc).unwrap();
+            let mask = x.attention_mask.to_dtype(candle_core::DType::F32).unwrap();
+            l.broadcast_mul(&mask.unsqueeze(2).unwrap()).unwrap()
+        }
+        other => panic!("unexpected task/head {:?}", other.0),
+    }
+}
+
+fn head(h: &HeadWeights) -> SequenceHead {
+    SequenceHead {
+        kind: HeadKind::Classifier {
+            num_labels: h.weight.dims()[0],
+        },
+        pooling: Pooling::First,
+        out: Linear::new(h.weight.clone(), h.bias.clone()),
+    }
+}
+
+fn masked(case: &Path, l: Tensor, x: &Inputs) -> Tensor {
+    if l.rank() == 3 {
+        let mask = x.attention_mask.to_dtype(candle_core::DType::F32).unwrap();
+        return l.broadcast_mul(&mask.unsqueeze(2).unwrap()).unwrap();
+    }
+    let _ = case;
+    l
+}
+
+fn base_for(case: &str) -> Option<Transformer> {
+    if case.starts_with("minilm") {
+        let dir = common::minilm_dir()?;
+        Some(load_model_dir(&dir, &Device::Cpu).unwrap())
+    } else {
+        let name = if case.starts_with("tiny-gpt2") {
+            "tiny-gpt2"
+        } else {
+            "tiny-llama"
+        };
+        Some(load_model_dir(&fixtures().join(name), &Device::Cpu).unwrap())
+    }
+}
+
+const CASES: [&str; 10] = [
+    "minilm-lora",
+    "minilm-rslora",
+    "minilm-adalora",
+    "minilm-prefix",
+    "minilm-prefix-noproj",
+    "minilm-prompt",
+    "minilm-ptuning-mlp",
+    "minilm-ptuning-lstm",
+    "tiny-gpt2-lora",
+    "tiny-llama-lora",
+];
+
+#[test]
+fn peft_saved_adapters_give_peft_logits_within_1e_4() {
+    let mut report = Vec::new();
+    for name in CASES {
+        let Some(model) = base_for(name) else { return };
+        let case = fixtures().join(name);
+        let a = peft::read(&case, &model).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let x = inputs(&case);
+        let ours = logits(&model, &a, &x);
+        let want = masked(&case, expected(&case), &x);
+        let diff = common::max_abs_diff(&ours, &want);
+        report.push(format!("{name} ({}): max abs {diff:.2e}", a.peft_type));
+        assert!(
+            diff <= 1e-4,
+            "{name}: max abs logit difference {diff} > 1e-4"
+        );
+        // The adapter matters: without it the logits differ.
+        let plain = model
+            .forward(&x, &peftbench_backbone::NoIntervention)
+            .unwrap();
+        let base = match &a.head {
+            Some(h) => head(h).forward(&model, &plain).unwrap(),
+            None => masked(&case, lm_logits(&model, &plain).unwrap(), &x),
+        };
+        assert!(
+            common::max_abs_diff(&base, &want) > 1e-3,
+            "{name}: the adapter changes nothing, so the comparison proves nothing"
+        );
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+#[test]
+fn an_adapter_written_here_reads_back_bit_for_bit() {
+    for name in CASES {
+        let Some(model) = base_for(name) else { return };
+        let case = fixtures().join(name);
+        let a = peft::read(&case, &model).unwrap();
+        let state = a
+            .method
+            .peft_state(&model.config, a.task)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name}: no PEFT state"));
+        let tmp = tempfile::tempdir().unwrap();
+        peft::write(
+            tmp.path(),
+            &state,
+            &model.config,
+            a.task,
+            "base",
+            a.head.as_ref(),
+        )
+        .unwrap();
+        let b = peft::read(tmp.path(), &model).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let x = inputs(&case);
+        let (la, lb) = (logits(&model, &a, &x), logits(&model, &b, &x));
+        assert_eq!(
+            la.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            lb.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{name}"
+        );
+        // Same tensors under the same names as PEFT wrote them, except what PEFT keeps that
+        // inference does not need (P-Tuning's encoder, AdaLoRA's pruned ranks are already out).
+        let theirs =
+            candle_core::safetensors::load(case.join(peft::WEIGHTS_FILE), &Device::Cpu).unwrap();
+        let ours =
+            candle_core::safetensors::load(tmp.path().join(peft::WEIGHTS_FILE), &Device::Cpu)
+                .unwrap();
+        let mut k1: Vec<&String> = theirs.keys().collect();
+        let mut k2: Vec<&String> = ours.keys().collect();
+        k1.sort();
+        k2.sort();
+        if !name.contains("gpt2") && !name.contains("adalora") {
+            assert_eq!(k1, k2, "{name}: key names");
+            for k in k1 {
+                assert_eq!(
+                    theirs[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    ours[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    "{name}: {k}"
+                );
+            }
+        } else {
+            assert_eq!(k1, k2, "{name}: key names");
+        }
+    }
+}
+
+#[test]
+fn a_wrong_base_unknown_type_missing_or_extra_tensor_is_an_error_naming_it() {
+    let llama = load_model_dir(&fixtures().join("tiny-llama"), &Device::Cpu).unwrap();
+    let gpt2 = load_model_dir(&fixtures().join("tiny-gpt2"), &Device::Cpu).unwrap();
+    let copy = |name: &str| {
+        let tmp = tempfile::tempdir().unwrap();
+        for f in [peft::CONFIG_FILE, peft::WEIGHTS_FILE] {
+            std::fs::copy(fixtures().join(name).join(f), tmp.path().join(f)).unwrap();
+        }
+        tmp
+    };
+    let err = |dir: &Path, model: &Transformer| match peft::read(dir, model) {
+        Ok(_) => panic!("accepted {}", dir.display()),
+        Err(e) => e.to_string(),
+    };
+    // The Llama adapter on the GPT-2 base: no projection of GPT-2 has its names.
+    let e = err(&fixtures().join("tiny-llama-lora"), &gpt2);
+    assert!(
+        e.contains("adapter_model.safetensors") || e.contains("adapter_config.json"),
+        "{e}"
+    );
+    assert!(e.contains("lora_A") || e.contains("q_proj"), "{e}");
+
+    // A base of another width: the shape error names the tensor.
+    let mut wide_cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tiny-llama/config.json")).unwrap(),
+    )
+    .unwrap();
+    wide_cfg["hidden_size"] = 48.into();
+    let cfg = peftbench_backbone::ModelConfig::from_json(&wide_cfg, Path::new("wide/config.json"))
+        .unwrap();
+    let wide = Transformer::random(cfg, 1, &Device::Cpu).unwrap();
+    let e = err(&fixtures().join("tiny-llama-lora"), &wide);
+    assert!(
+        e.contains("q_proj.lora_A.weight") && e.contains("another base"),
+        "{e}"
+    );
+
+    // Unknown peft_type.
+    let d = copy("tiny-llama-lora");
+    let cfg_path = d.path().join(peft::CONFIG_FILE);
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    std::fs::write(&cfg_path, text.replace("\"LORA\"", "\"BOFT\"")).unwrap();
+    let e = err(d.path(), &llama);
+    assert!(
+        e.contains("peft_type `BOFT`") && e.contains("adapter_config.json"),
+        "{e}"
+    );
+
+    // A missing tensor (one B of a pair) and an extra one.
+    let d = copy("tiny-llama-lora");
+    let st = d.path().join(peft::WEIGHTS_FILE);
+    let mut t = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    let b = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight";
+    assert!(t.remove(b).is_some());
+    candle_core::safetensors::save(&t, &st).unwrap();
+    let e = err(d.path(), &llama);
+    assert!(e.contains(&format!("missing tensor `{b}`")), "{e}");
+    let d = copy("tiny-llama-lora");
+    let st = d.path().join(peft::WEIGHTS_FILE);
+    let mut t = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    let extra = "base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector";
+    t.insert(
+        extra.into(),
+        Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&t, &st).unwrap();
+    let e = err(d.path(), &llama);
+    assert!(e.contains(extra) && e.contains("does not use"), "{e}");
+
+    // A malformed config names the file and line.
+    let d = copy("tiny-llama-lora");
+    std::fs::write(d.path().join(peft::CONFIG_FILE), "{\n  \"peft_type\": \n").unwrap();
+    let e = err(d.path(), &llama);
+    assert!(e.contains("adapter_config.json: line"), "{e}");
+}
+
+/// Every run writes its method and head in PEFT's format; reloaded from that directory alone,
+/// they re-score the dev set exactly as the run's final evaluation did.
+#[test]
+fn a_runs_saved_adapter_reloads_and_reproduces_its_final_dev_metrics() {
+    use peftbench_harness::objective::{evaluate, Scorer};
+    use peftbench_harness::{run_grid, synthetic, Base, Shard, Suite};
+    let suite_text = r#"
+name = "saved"
+model = "synthetic"
+seeds = [0]
+budgets = ["3%"]
+max_budget_deviation = 0.6
+[train]
+steps = 8
+batch_size = 8
+eval_every = 0
+eval_batch_size = 32
+[methods.lora]
+lr = 1e-2
+[methods.adalora]
+lr = 1e-2
+[methods.adapter]
+lr = 1e-2
+[methods.prefix_tuning]
+lr = 1e-2
+num_virtual_tokens = 4
+[methods.prompt_tuning]
+lr = 1e-2
+[methods.p_tuning]
+lr = 1e-2
+num_virtual_tokens = 4
+[methods.p_tuning_v2]
+lr = 1e-2
+[methods.head_only]
+lr = 1e-2
+[[tasks]]
+name = "polarity"
+kind = "synthetic"
+objective = "classification"
+[[tasks]]
+name = "antonyms"
+kind = "synthetic"
+objective = "sft"
+"#;
+    let tmp = tempfile::tempdir().unwrap();
+    let tok_path = tmp.path().join("tokenizer.json");
+    std::fs::write(&tok_path, synthetic::tokenizer_json()).unwrap();
+    let base = Base {
+        model: Transformer::random(synthetic::base_config(), 3, &Device::Cpu).unwrap(),
+        tokenizer: peftbench_backbone::TextTokenizer::from_file(&tok_path, 64).unwrap(),
+    };
+    let suite = Suite::parse(suite_text, "saved.toml").unwrap();
+    let tasks: std::collections::HashMap<_, _> = suite
+        .tasks
+        .iter()
+        .map(|t| {
+            let peftbench_harness::task::TaskSource::Synthetic { objective } = &t.source else {
+                panic!()
+            };
+            let mut d = synthetic::task(objective, &base.tokenizer, 32, 16, 1).unwrap();
+            d.name = t.name.clone();
+            (t.name.clone(), d)
+        })
+        .collect();
+    let results = tmp.path().join("results");
+    run_grid(&suite, &base, &tasks, &results, Shard::ALL).unwrap();
+    let runs = results.join("saved/runs");
+    let records = peftbench_reports::load_records(&runs).unwrap();
+    assert_eq!(records.len(), 16);
+    for r in &records {
+        assert_eq!(r.status, peftbench_reports::RunStatus::Ok, "{}", r.run_id);
+        let path = runs.join(
+            r.adapter_path
+                .as_ref()
+                .unwrap_or_else(|| panic!("{}: no adapter", r.run_id)),
+        );
+        assert!(
+            path.join(peft::CONFIG_FILE).exists(),
+            "{}: {}",
+            r.run_id,
+            path.display()
+        );
+        let size: u64 = [peft::CONFIG_FILE, peft::WEIGHTS_FILE]
+            .iter()
+            .map(|f| std::fs::metadata(path.join(f)).unwrap().len())
+            .sum();
+        assert_eq!(r.adapter_bytes, size, "{}", r.run_id);
+        let a = peft::read(&path, &base.model).unwrap_or_else(|e| panic!("{}: {e}", r.run_id));
+        let task = &tasks[&r.task];
+        let head = a.head.as_ref().map(|h| SequenceHead {
+            kind: task.objective.head_kind().unwrap(),
+            pooling: serde_json::from_value(r.config["head_pooling"].clone()).unwrap(),
+            out: Linear::new(h.weight.clone(), h.bias.clone()),
+        });
+        assert_eq!(head.is_some(), r.task == "polarity", "{}", r.run_id);
+        let scorer = Scorer {
+            model: &base.model,
+            method: a.method.as_ref(),
+            head: head.as_ref(),
+        };
+        let m = evaluate(
+            &task.objective,
+            &scorer,
+            &task.dev,
+            32,
+            base.tokenizer.pad_id,
+            &Device::Cpu,
+        )
+        .unwrap();
+        for (k, v) in &r.metrics_final {
+            let got = m[k];
+            assert!(
+                (got - v).abs() <= 1e-6 * v.abs().max(1.0),
+                "{} {k}: recorded {v}, reloaded {got}",
+                r.run_id
+            );
+        }
+    }
+}
