@@ -11,6 +11,7 @@ use peftbench_methods::MethodConfig;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+mod adapters;
 mod plan;
 
 #[derive(Parser)]
@@ -118,6 +119,33 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Fold a LoRA or AdaLoRA adapter (PEFT's format) into its base and write a plain Hugging
+    /// Face model directory.
+    Merge {
+        /// The base model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// The adapter directory (adapter_config.json, adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Where the merged model goes.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the token ids and logits of texts under a base model and, optionally, an adapter
+    /// (PEFT's format): the head's logits for a sequence-classification adapter, else the
+    /// next-token logits at the last position. JSON on stdout.
+    Score {
+        /// The base model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// The adapter directory.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// A text to score (repeat for a batch).
+        #[arg(long = "text", required = true)]
+        texts: Vec<String>,
+    },
     /// List the methods with their size knobs and trainable-parameter formulas.
     Methods {
         /// Also print each count on this Hugging Face model directory.
@@ -164,6 +192,11 @@ fn model_dir(name: &str) -> PathBuf {
         (_, Some(rest)) => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(rest),
         _ => PathBuf::from(name),
     }
+}
+
+/// A model argument: a directory, or `minilm` for the fetched all-MiniLM-L6-v2.
+fn model_dir_arg(p: &Path) -> PathBuf {
+    model_dir(&p.to_string_lossy())
 }
 
 fn load_base(dir: &Path, max_len: usize) -> Result<Base> {
@@ -232,6 +265,7 @@ fn run_suite(
                 11,
             )?;
             data.name = t.name.clone();
+            data.pooling = t.pooling;
             tasks.insert(t.name.clone(), data);
         }
         base
@@ -384,6 +418,16 @@ fn main() -> Result<()> {
             out,
         } => write_report(&suite, &results, out),
         Command::Methods { model } => methods(model),
+        Command::Merge {
+            model,
+            adapter,
+            out,
+        } => adapters::merge(&model_dir_arg(&model), &adapter, &out),
+        Command::Score {
+            model,
+            adapter,
+            texts,
+        } => adapters::score(&model_dir_arg(&model), adapter.as_deref(), &texts),
         Command::Pretrain {
             corpus,
             out,

@@ -57,7 +57,7 @@ fn head(h: &HeadWeights) -> SequenceHead {
         kind: HeadKind::Classifier {
             num_labels: h.weight.dims()[0],
         },
-        pooling: Pooling::First,
+        pooling: h.pooling.unwrap_or(Pooling::First),
         out: Linear::new(h.weight.clone(), h.bias.clone()),
     }
 }
@@ -301,6 +301,7 @@ lr = 1e-2
 name = "polarity"
 kind = "synthetic"
 objective = "classification"
+pooling = "mean"
 [[tasks]]
 name = "antonyms"
 kind = "synthetic"
@@ -323,6 +324,7 @@ objective = "sft"
             };
             let mut d = synthetic::task(objective, &base.tokenizer, 32, 16, 1).unwrap();
             d.name = t.name.clone();
+            d.pooling = t.pooling;
             (t.name.clone(), d)
         })
         .collect();
@@ -353,10 +355,19 @@ objective = "sft"
         let task = &tasks[&r.task];
         let head = a.head.as_ref().map(|h| SequenceHead {
             kind: task.objective.head_kind().unwrap(),
-            pooling: serde_json::from_value(r.config["head_pooling"].clone()).unwrap(),
+            pooling: h.pooling.unwrap(),
             out: Linear::new(h.weight.clone(), h.bias.clone()),
         });
         assert_eq!(head.is_some(), r.task == "polarity", "{}", r.run_id);
+        if let Some(h) = &head {
+            // Not transformers' pooling for a decoder: the config says so.
+            assert_eq!(h.pooling, Pooling::Mean, "{}", r.run_id);
+            let cfg = std::fs::read_to_string(path.join(peft::CONFIG_FILE)).unwrap();
+            assert!(
+                cfg.contains("\"peftbench_head_pooling\": \"mean\""),
+                "{cfg}"
+            );
+        }
         let scorer = Scorer {
             model: &base.model,
             method: a.method.as_ref(),
@@ -380,4 +391,95 @@ objective = "sft"
             );
         }
     }
+}
+
+/// `peftbench merge` writes a plain model directory whose logits (with the head it carries)
+/// are the adapter's; a prompt adapter is refused.
+#[test]
+fn merge_writes_a_model_that_matches_the_unmerged_adapter() {
+    for name in [
+        "minilm-lora",
+        "minilm-adalora",
+        "tiny-llama-lora",
+        "tiny-gpt2-lora",
+    ] {
+        let Some(model) = base_for(name) else { return };
+        let base_dir = if name.starts_with("minilm") {
+            common::minilm_dir().unwrap()
+        } else {
+            fixtures().join(if name.contains("gpt2") {
+                "tiny-gpt2"
+            } else {
+                "tiny-llama"
+            })
+        };
+        let case = fixtures().join(name);
+        let out = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_peftbench"))
+            .args([
+                "merge",
+                "--model",
+                base_dir.to_str().unwrap(),
+                "--adapter",
+                case.to_str().unwrap(),
+                "--out",
+                out.path().to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        let merged =
+            load_model_dir(out.path(), &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let a = peft::read(&case, &model).unwrap();
+        let x = inputs(&case);
+        let want = logits(&model, &a, &x);
+        let enc = merged
+            .forward(&x, &peftbench_backbone::NoIntervention)
+            .unwrap();
+        let got = match &a.head {
+            Some(_) => {
+                let t = candle_core::safetensors::load(
+                    out.path().join("model.safetensors"),
+                    &Device::Cpu,
+                )
+                .unwrap();
+                let h = HeadWeights {
+                    weight: t["classifier.weight"].clone(),
+                    bias: t.get("classifier.bias").cloned(),
+                    pooling: None,
+                };
+                head(&h).forward(&merged, &enc).unwrap()
+            }
+            None => masked(&case, lm_logits(&merged, &enc).unwrap(), &x),
+        };
+        let diff = common::max_abs_diff(&got, &want);
+        assert!(diff <= 1e-5, "{name}: merged vs unmerged {diff}");
+        if name.starts_with("minilm") {
+            assert!(out.path().join("tokenizer.json").exists());
+            let cfg = std::fs::read_to_string(out.path().join("config.json")).unwrap();
+            assert!(cfg.contains("BertForSequenceClassification"), "{cfg}");
+        }
+    }
+    let Some(_) = base_for("minilm-prompt") else {
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let r = std::process::Command::new(env!("CARGO_BIN_EXE_peftbench"))
+        .args([
+            "merge",
+            "--model",
+            "minilm",
+            "--adapter",
+            fixtures().join("minilm-prompt").to_str().unwrap(),
+            "--out",
+            out.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("PROMPT_TUNING adapter does not fold"));
 }

@@ -501,6 +501,7 @@ fn save_adapter(
     let weights = head.map(|h| HeadWeights {
         weight: h.out.weight.detach(),
         bias: h.out.bias.as_ref().map(|b| b.detach()),
+        pooling: Some(h.pooling),
     });
     if let Some(state) = method.peft_state(&model.config, hf_task)? {
         let dir = adapters_dir.join(run_id);

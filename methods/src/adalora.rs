@@ -186,6 +186,8 @@ pub struct AdaLora {
     /// Per-site scaling of an adapter read from PEFT's format (α over its saved rank, as PEFT
     /// computes it on reload); empty for one trained here (α / init_r everywhere).
     loaded_scaling: BTreeMap<Site, f64>,
+    /// Whether the updates currently live in the base weights.
+    merged: Cell<bool>,
     training: Cell<bool>,
     rng: RefCell<peftbench_backbone::Initializer>,
 }
@@ -234,6 +236,7 @@ impl AdaLora {
             importance: BTreeMap::new(),
             rank_pattern: None,
             loaded_scaling: BTreeMap::new(),
+            merged: Cell::new(false),
             training: Cell::new(false),
             rng: RefCell::new(peftbench_backbone::Initializer::new(ctx.seed ^ 0xada)),
         })
@@ -496,9 +499,42 @@ impl AdaLora {
             importance: BTreeMap::new(),
             rank_pattern: None,
             loaded_scaling,
+            merged: Cell::new(false),
             training: Cell::new(false),
             rng: RefCell::new(peftbench_backbone::Initializer::new(0xada)),
         })
+    }
+}
+
+impl AdaLora {
+    /// The factor applied to P·Λ·Q at `site`.
+    fn scaling(&self, site: Site) -> f64 {
+        self.loaded_scaling
+            .get(&site)
+            .copied()
+            .unwrap_or(self.config.lora_alpha / self.config.init_r as f64)
+    }
+
+    /// ΔW = scaling · P·diag(Λ)·Q at each site, detached.
+    fn deltas(&self) -> Result<Vec<(Site, Tensor)>> {
+        self.triplets
+            .iter()
+            .map(|(site, t)| {
+                let qe =
+                    t.q.as_tensor()
+                        .broadcast_mul(&t.lambda.as_tensor().unsqueeze(1)?)?;
+                let d = (t.p.as_tensor().matmul(&qe)?.detach() * self.scaling(*site))?;
+                Ok((*site, d))
+            })
+            .collect()
+    }
+
+    fn fold(&self, model: &mut peftbench_backbone::Transformer, sign: f64) -> Result<()> {
+        for (site, d) in self.deltas()? {
+            let lin = model.linear_mut(site).expect("site exists");
+            lin.weight = (&lin.weight + (d * sign)?)?;
+        }
+        Ok(())
     }
 }
 
@@ -507,6 +543,9 @@ impl Intervention for AdaLora {
         let Some(t) = self.triplets.get(&site) else {
             return Ok(output);
         };
+        if self.merged.get() {
+            return Ok(output);
+        }
         let x = if self.training.get() && self.config.lora_dropout > 0.0 {
             crate::lora::dropout(input, self.config.lora_dropout, &self.rng)
                 .map_err(candle_core::Error::wrap)?
@@ -518,12 +557,7 @@ impl Intervention for AdaLora {
                 .broadcast_mul(&t.lambda.as_tensor().unsqueeze(1)?)?;
         let low = x.broadcast_matmul(&qe.t()?)?;
         let up = low.broadcast_matmul(&t.p.as_tensor().t()?)?;
-        let scaling = self
-            .loaded_scaling
-            .get(&site)
-            .copied()
-            .unwrap_or(self.config.lora_alpha / self.config.init_r as f64);
-        output + (up * scaling)?
+        output + (up * self.scaling(site))?
     }
 }
 
@@ -547,6 +581,20 @@ impl Method for AdaLora {
     }
     fn after_step(&mut self, step: usize, grads: &GradStore) -> Result<()> {
         self.update_and_allocate(step, grads)
+    }
+    fn merge_into(&self, model: &mut peftbench_backbone::Transformer) -> Result<bool> {
+        if !self.merged.get() {
+            self.fold(model, 1.0)?;
+            self.merged.set(true);
+        }
+        Ok(true)
+    }
+    fn unmerge_from(&self, model: &mut peftbench_backbone::Transformer) -> Result<bool> {
+        if self.merged.get() {
+            self.fold(model, -1.0)?;
+            self.merged.set(false);
+        }
+        Ok(true)
     }
     fn peft_state(
         &self,

@@ -61,7 +61,22 @@ pub struct HeadWeights {
     pub weight: Tensor,
     /// `[outputs]`, when the head has one.
     pub bias: Option<Tensor>,
+    /// How it summarises a sequence, where that is not what transformers' task model does
+    /// (the pooled first token for encoders, the last token for decoders): kept in the config
+    /// as `peftbench_head_pooling`, which PEFT ignores with a warning.
+    pub pooling: Option<peftbench_backbone::Pooling>,
 }
+
+/// transformers' pooling for a sequence head on this family.
+pub fn hf_pooling(model: &ModelConfig) -> peftbench_backbone::Pooling {
+    match model.is_causal() {
+        true => peftbench_backbone::Pooling::LastToken,
+        false => peftbench_backbone::Pooling::First,
+    }
+}
+
+/// The config field holding a head's pooling when it is not transformers'.
+const POOLING_FIELD: &str = "peftbench_head_pooling";
 
 /// An adapter directory read from disk.
 pub struct PeftFiles {
@@ -283,6 +298,12 @@ pub fn write(
                 "modules_to_save".into(),
                 Value::Array(vec![head_module(model).into()]),
             );
+            if let Some(p) = h.pooling.filter(|p| *p != hf_pooling(model)) {
+                config.insert(
+                    POOLING_FIELD.into(),
+                    serde_json::to_value(p).expect("pooling serialises"),
+                );
+            }
         }
         None => {
             config.insert("modules_to_save".into(), Value::Null);
@@ -423,7 +444,15 @@ fn read_head(
     } else {
         None
     };
-    Ok(Some(HeadWeights { weight, bias }))
+    let pooling = match files.config.get(POOLING_FIELD) {
+        Some(_) => Some(files.parse(POOLING_FIELD)?),
+        None => Some(hf_pooling(cfg)),
+    };
+    Ok(Some(HeadWeights {
+        weight,
+        bias,
+        pooling,
+    }))
 }
 
 /// One adapted projection's LoRA factors: `(site, A [r, in], B [out, r], scaling)`.
