@@ -5,11 +5,10 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use peftbench_backbone::{load_model_dir, save_model_dir, TextTokenizer, Transformer};
+use peftbench_backbone::{load_model_dir, save_model_dir, TextTokenizer};
 use peftbench_harness::grid::{record_state, RecordState};
-use peftbench_harness::{run_grid, synthetic, Base, Shard, Suite, TaskData};
+use peftbench_harness::{run_grid, synthetic, Shard, Suite};
 use peftbench_reports::RunStatus;
-use std::collections::HashMap;
 
 const SUITE: &str = r#"name = "tiny"
 model = "synthetic"
@@ -256,29 +255,7 @@ fn a_tsv_task_declared_in_a_suite_parses_and_loads() {
     assert!(e.contains("task `pairs`") && e.contains("`colums`"), "{e}");
 }
 
-fn base(dir: &std::path::Path) -> Base {
-    let tok_path = dir.join("tokenizer.json");
-    std::fs::write(&tok_path, synthetic::tokenizer_json()).unwrap();
-    Base {
-        model: Transformer::random(synthetic::base_config(), 3, &Device::Cpu).unwrap(),
-        tokenizer: TextTokenizer::from_file(&tok_path, 64).unwrap(),
-    }
-}
-
-fn tasks(suite: &Suite, base: &Base) -> HashMap<String, TaskData> {
-    suite
-        .tasks
-        .iter()
-        .map(|t| {
-            let peftbench_harness::task::TaskSource::Synthetic { objective } = &t.source else {
-                panic!()
-            };
-            let mut d = synthetic::task(objective, &base.tokenizer, 32, 16, 1).unwrap();
-            d.name = t.name.clone();
-            (t.name.clone(), d)
-        })
-        .collect()
-}
+use common::{synthetic_base as base, synthetic_tasks as tasks};
 
 /// Method configurations that are wrong at every size are configuration errors, named
 /// before training, never "budget unreachable".

@@ -1,12 +1,13 @@
 //! The harness end to end on the embedded synthetic language: suites parse (and fail with the
 //! key and line), budgets are matched or refused, the grid resumes and shards.
 
+mod common;
+
 use candle_core::Device;
-use peftbench_backbone::{TextTokenizer, Transformer};
+use peftbench_backbone::Transformer;
 use peftbench_harness::synthetic;
-use peftbench_harness::{match_budget, run_grid, Base, Shard, Suite, TaskData};
+use peftbench_harness::{match_budget, run_grid, Shard, Suite};
 use peftbench_methods::{MethodConfig, PromptTuningConfig};
-use std::collections::HashMap;
 
 const SUITE: &str = r#"
 name = "tiny"
@@ -45,29 +46,7 @@ kind = "synthetic"
 objective = "reward"
 "#;
 
-fn base(dir: &std::path::Path) -> Base {
-    let tok_path = dir.join("tokenizer.json");
-    std::fs::write(&tok_path, synthetic::tokenizer_json()).unwrap();
-    Base {
-        model: Transformer::random(synthetic::base_config(), 3, &Device::Cpu).unwrap(),
-        tokenizer: TextTokenizer::from_file(&tok_path, 64).unwrap(),
-    }
-}
-
-fn tasks(suite: &Suite, base: &Base) -> HashMap<String, TaskData> {
-    suite
-        .tasks
-        .iter()
-        .map(|t| {
-            let peftbench_harness::task::TaskSource::Synthetic { objective } = &t.source else {
-                panic!()
-            };
-            let mut d = synthetic::task(objective, &base.tokenizer, 32, 16, 1).unwrap();
-            d.name = t.name.clone();
-            (t.name.clone(), d)
-        })
-        .collect()
-}
+use common::{synthetic_base as base, synthetic_tasks as tasks};
 
 #[test]
 fn suite_expands_to_tasks_methods_budgets_seeds_and_controls() {

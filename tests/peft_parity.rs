@@ -267,7 +267,7 @@ fn a_wrong_base_unknown_type_missing_or_extra_tensor_is_an_error_naming_it() {
 #[test]
 fn a_runs_saved_adapter_reloads_and_reproduces_its_final_dev_metrics() {
     use peftbench_harness::objective::{evaluate, Scorer};
-    use peftbench_harness::{run_grid, synthetic, Base, Shard, Suite};
+    use peftbench_harness::{run_grid, Shard, Suite};
     let suite_text = r#"
 name = "saved"
 model = "synthetic"
@@ -308,26 +308,9 @@ kind = "synthetic"
 objective = "sft"
 "#;
     let tmp = tempfile::tempdir().unwrap();
-    let tok_path = tmp.path().join("tokenizer.json");
-    std::fs::write(&tok_path, synthetic::tokenizer_json()).unwrap();
-    let base = Base {
-        model: Transformer::random(synthetic::base_config(), 3, &Device::Cpu).unwrap(),
-        tokenizer: peftbench_backbone::TextTokenizer::from_file(&tok_path, 64).unwrap(),
-    };
+    let base = common::synthetic_base(tmp.path());
     let suite = Suite::parse(suite_text, "saved.toml").unwrap();
-    let tasks: std::collections::HashMap<_, _> = suite
-        .tasks
-        .iter()
-        .map(|t| {
-            let peftbench_harness::task::TaskSource::Synthetic { objective } = &t.source else {
-                panic!()
-            };
-            let mut d = synthetic::task(objective, &base.tokenizer, 32, 16, 1).unwrap();
-            d.name = t.name.clone();
-            d.pooling = t.pooling;
-            (t.name.clone(), d)
-        })
-        .collect();
+    let tasks = common::synthetic_tasks(&suite, &base);
     let results = tmp.path().join("results");
     run_grid(&suite, &base, &tasks, &results, Shard::ALL).unwrap();
     let runs = results.join("saved/runs");

@@ -71,3 +71,36 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// A random-weight synthetic base (the embedded suite's architecture and tokenizer, written
+/// into `dir`): no pretraining, so tests stay fast.
+pub fn synthetic_base(dir: &Path) -> peftbench_harness::Base {
+    use peftbench_harness::synthetic;
+    let tok_path = dir.join("tokenizer.json");
+    std::fs::write(&tok_path, synthetic::tokenizer_json()).unwrap();
+    peftbench_harness::Base {
+        model: Transformer::random(synthetic::base_config(), 3, &Device::Cpu).unwrap(),
+        tokenizer: peftbench_backbone::TextTokenizer::from_file(&tok_path, 64).unwrap(),
+    }
+}
+
+/// The suite's synthetic tasks (32 training and 16 dev examples each), as `run` builds them.
+pub fn synthetic_tasks(
+    suite: &peftbench_harness::Suite,
+    base: &peftbench_harness::Base,
+) -> std::collections::HashMap<String, peftbench_harness::TaskData> {
+    suite
+        .tasks
+        .iter()
+        .map(|t| {
+            let peftbench_harness::task::TaskSource::Synthetic { objective } = &t.source else {
+                panic!("task `{}` is not synthetic", t.name)
+            };
+            let mut d =
+                peftbench_harness::synthetic::task(objective, &base.tokenizer, 32, 16, 1).unwrap();
+            d.name = t.name.clone();
+            d.pooling = t.pooling;
+            (t.name.clone(), d)
+        })
+        .collect()
+}
