@@ -11,7 +11,8 @@
 //! the figures measured on another machine of this kind (from the benchmark issue).
 //! `PEFTBENCH_BENCH_METHODS=lora,full_finetune` limits the methods.
 //!
-//! `cargo bench --bench step_table`
+//! `cargo bench --bench step_table` (writes into the build folder;
+//! `PEFTBENCH_WRITE_STEP_TABLE=1` rewrites the committed `reports/step_table.*`)
 
 mod support;
 
@@ -198,9 +199,18 @@ fn main() {
             ratio.map_or(String::new(), |r| format!("{r:.3}"))
         );
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("reports");
+    // The committed table is rewritten only when asked, so a benchmark run leaves the
+    // checkout clean; otherwise the files go to the build folder.
+    let dir = if std::env::var_os("PEFTBENCH_WRITE_STEP_TABLE").is_some_and(|v| v == "1") {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("reports")
+    } else {
+        std::path::PathBuf::from(
+            std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into()),
+        )
+    };
     std::fs::create_dir_all(&dir).unwrap();
     if only.is_empty() {
+        eprintln!("step table: {}", dir.join("step_table.md").display());
         std::fs::write(dir.join("step_table.md"), &md).unwrap();
         std::fs::write(dir.join("step_table.csv"), &csv).unwrap();
     }

@@ -11,7 +11,12 @@ use peftbench_methods::MethodConfig;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+// Counts live heap bytes, so each run's peak memory is its own (backbone/src/heap.rs).
+#[global_allocator]
+static ALLOC: peftbench_backbone::heap::CountingAlloc = peftbench_backbone::heap::CountingAlloc;
+
 mod adapters;
+mod eval;
 mod plan;
 
 #[derive(Parser)]
@@ -66,6 +71,16 @@ enum Command {
         /// Also split the pending work into this many shards (as `--shard i/n` would).
         #[arg(long)]
         shards: Option<usize>,
+    },
+    /// Reload a recorded run's saved adapter and head, score the dev set again and check the
+    /// recorded metrics come back.
+    Eval {
+        /// The run's record (`results/<suite>/runs/<run id>.json`).
+        #[arg(long)]
+        run: PathBuf,
+        /// Data root for the task's files (default: the suite's, or $PEFTBENCH_DATA).
+        #[arg(long)]
+        data_root: Option<PathBuf>,
     },
     /// Write CSV tables, PNG plots and REPORT.md from a suite's records.
     Report {
@@ -155,7 +170,7 @@ enum Command {
 }
 
 /// The committed suites, embedded so the binary works from any folder.
-const SUITES: [(&str, &str); 8] = [
+const SUITES: [(&str, &str); 9] = [
     ("default", include_str!("../suites/default.toml")),
     (
         "objectives-minilm-quick",
@@ -172,6 +187,10 @@ const SUITES: [(&str, &str); 8] = [
     ("glue-minilm", include_str!("../suites/glue-minilm.toml")),
     ("rte-minilm", include_str!("../suites/rte-minilm.toml")),
     ("cola-minilm", include_str!("../suites/cola-minilm.toml")),
+    (
+        "sst2-lora-analysis",
+        include_str!("../suites/sst2-lora-analysis.toml"),
+    ),
     ("hh-minilm", include_str!("../suites/hh-minilm.toml")),
 ];
 
@@ -240,62 +259,12 @@ fn run_suite(
         Some(s) => Shard::from_arg(&s).map_err(anyhow::Error::msg)?,
         None => Shard::ALL,
     };
-    let mut tasks: HashMap<String, TaskData> = HashMap::new();
-    let base = if suite.model == "synthetic" {
-        let (base, trained) = synthetic::pretrained_base(&synthetic::cache_dir())?;
-        if let Some((first, last)) = trained {
-            eprintln!(
-                "pretrained the synthetic base: loss {first:.3} -> {last:.3} (cached in {})",
-                synthetic::cache_dir().display()
-            );
-        }
-        for t in &suite.tasks {
-            let TaskSource::Synthetic { objective } = &t.source else {
-                bail!(
-                    "suite {}: task `{}` is not synthetic but the model is",
-                    suite.name,
-                    t.name
-                );
-            };
-            let mut data = synthetic::task(
-                objective,
-                &base.tokenizer,
-                t.train_limit.unwrap_or(256),
-                t.dev_limit.unwrap_or(200),
-                11,
-            )?;
-            data.name = t.name.clone();
-            data.pooling = t.pooling;
-            tasks.insert(t.name.clone(), data);
-        }
-        base
-    } else {
-        let data_root = suite
-            .data_root
-            .clone()
-            .or_else(peftbench_datasets::shared_datasets_root)
-            .context("no data root: set data_root in the suite or PEFTBENCH_DATA")?;
-        let max_len = suite.tasks.iter().map(|t| t.max_len).max().unwrap_or(128);
-        let base = load_base(&model_dir(&suite.model), max_len)?;
-        for t in &suite.tasks {
-            let mut tok = TextTokenizer::from_file(
-                &model_dir(&suite.model).join("tokenizer.json"),
-                t.max_len,
-            )?;
-            tok.pad_id = base.tokenizer.pad_id;
-            let data = load_task(t, &tok, &data_root)
-                .with_context(|| format!("loading task `{}`", t.name))?;
-            eprintln!(
-                "task {}: {} train / {} dev examples ({} bad rows skipped)",
-                t.name,
-                data.train.len(),
-                data.dev.len(),
-                data.skipped_rows
-            );
-            tasks.insert(t.name.clone(), data);
-        }
-        base
-    };
+    let (base, tasks) = load_base_and_tasks(
+        &suite.name,
+        &suite.model,
+        suite.data_root.clone(),
+        &suite.tasks,
+    )?;
     suite.check_against(&base.model.config, &tasks)?;
     let summary = run_grid_with(&suite, &base, &tasks, results, shard, policy)?;
     eprintln!(
@@ -317,10 +286,76 @@ fn run_suite(
     Ok(())
 }
 
+/// The base model and every task's data, loaded as `run` loads them for a suite.
+fn load_base_and_tasks(
+    suite_name: &str,
+    model: &str,
+    data_root: Option<PathBuf>,
+    tasks_config: &[peftbench_harness::TaskConfig],
+) -> Result<(Base, HashMap<String, TaskData>)> {
+    let mut tasks: HashMap<String, TaskData> = HashMap::new();
+    let base = if model == "synthetic" {
+        let (base, trained) = synthetic::pretrained_base(&synthetic::cache_dir())?;
+        if let Some((first, last)) = trained {
+            eprintln!(
+                "pretrained the synthetic base: loss {first:.3} -> {last:.3} (cached in {})",
+                synthetic::cache_dir().display()
+            );
+        }
+        for t in tasks_config {
+            let TaskSource::Synthetic { objective } = &t.source else {
+                bail!(
+                    "suite {}: task `{}` is not synthetic but the model is",
+                    suite_name,
+                    t.name
+                );
+            };
+            let mut data = synthetic::task(
+                objective,
+                &base.tokenizer,
+                t.train_limit.unwrap_or(256),
+                t.dev_limit.unwrap_or(200),
+                11,
+            )?;
+            data.name = t.name.clone();
+            data.pooling = t.pooling;
+            tasks.insert(t.name.clone(), data);
+        }
+        base
+    } else {
+        let data_root = data_root
+            .or_else(peftbench_datasets::shared_datasets_root)
+            .context("no data root: set data_root in the suite or PEFTBENCH_DATA")?;
+        let max_len = tasks_config.iter().map(|t| t.max_len).max().unwrap_or(128);
+        let base = load_base(&model_dir(model), max_len)?;
+        for t in tasks_config {
+            let mut tok =
+                TextTokenizer::from_file(&model_dir(model).join("tokenizer.json"), t.max_len)?;
+            tok.pad_id = base.tokenizer.pad_id;
+            let data = load_task(t, &tok, &data_root)
+                .with_context(|| format!("loading task `{}`", t.name))?;
+            eprintln!(
+                "task {}: {} train / {} dev examples ({} bad rows skipped)",
+                t.name,
+                data.train.len(),
+                data.dev.len(),
+                data.skipped_rows
+            );
+            tasks.insert(t.name.clone(), data);
+        }
+        base
+    };
+    Ok((base, tasks))
+}
+
 fn write_report(suite: &str, results: &Path, out: Option<PathBuf>) -> Result<()> {
     let runs = grid::runs_dir(results, suite);
     let out = out.unwrap_or_else(|| results.join(suite).join("report"));
-    let s = peftbench_reports::write_report(&runs, &out)?;
+    // Subspace similarity reads the adapters the runs saved, under the same runs folder.
+    let subspace = |records: &[peftbench_reports::RunRecord]| {
+        peftbench_harness::subspace::subspace_comparisons(&runs, records)
+    };
+    let s = peftbench_reports::write_report_with(&runs, &out, &subspace)?;
     for bad in &s.skipped {
         eprintln!("skipped an unreadable record: {bad}");
     }
@@ -417,6 +452,7 @@ fn main() -> Result<()> {
             results,
             out,
         } => write_report(&suite, &results, out),
+        Command::Eval { run, data_root } => eval::eval(&run, data_root, &load_base_and_tasks),
         Command::Methods { model } => methods(model),
         Command::Merge {
             model,

@@ -8,6 +8,7 @@ pub mod error;
 mod frozen_matmul;
 mod fused;
 pub mod heads;
+pub mod heap;
 pub mod hf_names;
 pub mod init;
 pub mod intervention;

@@ -73,6 +73,16 @@ impl TrainableParams {
             .collect()
     }
 
+    /// Sets every variable from a [`Self::snapshot`] of these parameters.
+    pub fn restore(&self, snapshot: &HashMap<String, Tensor>) -> Result<()> {
+        for (name, var) in &self.entries {
+            if let Some(t) = snapshot.get(name) {
+                var.set(t)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes every variable to a safetensors file.
     pub fn save(&self, path: &Path) -> Result<()> {
         candle_core::safetensors::save(&self.snapshot()?, path)?;

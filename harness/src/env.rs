@@ -2,13 +2,28 @@
 
 use peftbench_reports::Environment;
 
-/// Resets the kernel's peak-RSS mark so the next reading covers one run only (Linux).
+/// Starts a new peak-memory reading: the counting allocator's high-water mark where it is
+/// installed (the CLI), else the kernel's peak-RSS mark (Linux).
 pub fn reset_peak_memory() {
+    peftbench_backbone::heap::reset_peak();
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// Peak resident memory of this process in bytes since the last reset (0 where unknown).
+/// Where [`peak_memory_bytes`] comes from: `heap` (live heap bytes, this run's own) or `rss`
+/// (the process's resident high-water mark, which includes freed memory kept by malloc).
+pub fn peak_memory_source() -> &'static str {
+    if peftbench_backbone::heap::installed() {
+        "heap"
+    } else {
+        "rss"
+    }
+}
+
+/// Peak memory since the last reset, in bytes (0 where unknown).
 pub fn peak_memory_bytes() -> u64 {
+    if peftbench_backbone::heap::installed() {
+        return peftbench_backbone::heap::peak_bytes() as u64;
+    }
     let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
         return 0;
     };

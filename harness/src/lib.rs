@@ -1,6 +1,7 @@
 //! The harness: tasks, objectives, the training loop, matched budgets, and the grid runner
 //! that turns a suite into run records.
 
+pub mod analysis;
 pub mod budget;
 pub mod chance;
 pub mod claim;
@@ -13,6 +14,7 @@ pub mod objective;
 pub mod optim;
 pub mod plan;
 pub mod pretrain;
+pub mod subspace;
 pub mod suite;
 pub mod synthetic;
 pub mod task;

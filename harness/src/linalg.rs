@@ -84,9 +84,10 @@ pub fn sym_eigen(a: &Mat) -> (Vec<f64>, Mat) {
     assert_eq!(a.rows, a.cols, "eigendecomposition of a non-square matrix");
     let n = a.rows;
     let mut m = a.data.clone();
-    let mut v = vec![0.0; n * n];
+    // Eigenvectors as rows (Vᵀ), so each rotation updates two contiguous rows.
+    let mut vt = vec![0.0; n * n];
     for i in 0..n {
-        v[i * n + i] = 1.0;
+        vt[i * n + i] = 1.0;
     }
     let scale: f64 = m.iter().map(|x| x * x).sum::<f64>().max(f64::MIN_POSITIVE);
     for _sweep in 0..60 {
@@ -100,30 +101,36 @@ pub fn sym_eigen(a: &Mat) -> (Vec<f64>, Mat) {
         for p in 0..n {
             for q in p + 1..n {
                 let apq = m[p * n + q];
-                if apq.abs() <= 1e-300 {
+                let (app, aqq) = (m[p * n + p], m[q * n + q]);
+                if apq.abs() <= 1e-300 || apq.abs() <= 1e-18 * (app.abs() + aqq.abs()) {
                     continue;
                 }
-                let (app, aqq) = (m[p * n + p], m[q * n + q]);
                 let theta = (aqq - app) / (2.0 * apq);
                 let sign = if theta >= 0.0 { 1.0 } else { -1.0 };
                 let t = sign / (theta.abs() + (theta * theta + 1.0).sqrt());
                 let c = 1.0 / (t * t + 1.0).sqrt();
                 let s = t * c;
-                // Rotate rows and columns p, q of m, and columns p, q of v.
+                // m stays symmetric: rotate rows p and q, then copy them into the columns.
                 for k in 0..n {
-                    let (mkp, mkq) = (m[k * n + p], m[k * n + q]);
-                    m[k * n + p] = c * mkp - s * mkq;
-                    m[k * n + q] = s * mkp + c * mkq;
-                }
-                for k in 0..n {
+                    if k == p || k == q {
+                        continue;
+                    }
                     let (mpk, mqk) = (m[p * n + k], m[q * n + k]);
-                    m[p * n + k] = c * mpk - s * mqk;
-                    m[q * n + k] = s * mpk + c * mqk;
+                    let (np, nq) = (c * mpk - s * mqk, s * mpk + c * mqk);
+                    m[p * n + k] = np;
+                    m[q * n + k] = nq;
+                    m[k * n + p] = np;
+                    m[k * n + q] = nq;
                 }
+                m[p * n + p] = app - t * apq;
+                m[q * n + q] = aqq + t * apq;
+                m[p * n + q] = 0.0;
+                m[q * n + p] = 0.0;
+                let (rp, rq) = (p * n, q * n);
                 for k in 0..n {
-                    let (vkp, vkq) = (v[k * n + p], v[k * n + q]);
-                    v[k * n + p] = c * vkp - s * vkq;
-                    v[k * n + q] = s * vkp + c * vkq;
+                    let (vp, vq) = (vt[rp + k], vt[rq + k]);
+                    vt[rp + k] = c * vp - s * vq;
+                    vt[rq + k] = s * vp + c * vq;
                 }
             }
         }
@@ -134,7 +141,7 @@ pub fn sym_eigen(a: &Mat) -> (Vec<f64>, Mat) {
     let mut vecs = vec![0.0; n * n];
     for (col, &i) in order.iter().enumerate() {
         for k in 0..n {
-            vecs[k * n + col] = v[k * n + i];
+            vecs[k * n + col] = vt[i * n + k];
         }
     }
     (values, Mat::new(n, n, vecs))
@@ -193,6 +200,78 @@ pub fn energy_rank(singular: &[f64], fraction: f64) -> usize {
         }
     }
     singular.len()
+}
+
+/// The top-`k` singular triplets of `a`: `U` (`rows × k`), σ, and `V` (`cols × k`), with
+/// `a·v_j = σ_j·u_j`. Directions with σ = 0 get a zero column in `U`.
+pub fn svd_top(a: &Mat, k: usize) -> (Mat, Vec<f64>, Mat) {
+    let (v, s) = right_singular_vectors(a, k);
+    let mut u = a.matmul(&v);
+    let k = s.len();
+    for i in 0..u.rows {
+        for (j, sj) in s.iter().enumerate() {
+            u.data[i * k + j] = if *sj > 0.0 {
+                u.data[i * k + j] / sj
+            } else {
+                0.0
+            };
+        }
+    }
+    (u, s, v)
+}
+
+/// Orthonormal columns spanning the columns of `a` (modified Gram–Schmidt, twice for
+/// accuracy); columns that are (numerically) dependent on earlier ones are dropped.
+pub fn orthonormal_columns(a: &Mat) -> Mat {
+    let n = a.rows;
+    let mut cols: Vec<Vec<f64>> = Vec::new();
+    for j in 0..a.cols {
+        let mut v: Vec<f64> = (0..n).map(|i| a.at(i, j)).collect();
+        let norm0 = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        for _ in 0..2 {
+            for q in &cols {
+                let d: f64 = q.iter().zip(&v).map(|(x, y)| x * y).sum();
+                for (vi, qi) in v.iter_mut().zip(q) {
+                    *vi -= d * qi;
+                }
+            }
+        }
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if norm > 1e-10 * norm0.max(f64::MIN_POSITIVE) && norm > 0.0 {
+            cols.push(v.into_iter().map(|x| x / norm).collect());
+        }
+    }
+    let k = cols.len();
+    let mut d = vec![0.0; n * k];
+    for (j, c) in cols.iter().enumerate() {
+        for i in 0..n {
+            d[i * k + j] = c[i];
+        }
+    }
+    Mat::new(n, k, d)
+}
+
+/// The LoRA paper's normalised subspace similarity (Hu et al. 2021, §7.2) for every prefix
+/// pair: `phi[i-1][j-1] = ‖U₁[:, :i]ᵀ·U₂[:, :j]‖²_F / min(i, j)`, in [0, 1], for orthonormal
+/// columns `u1` (`d × r₁`) and `u2` (`d × r₂`).
+pub fn subspace_similarity(u1: &Mat, u2: &Mat) -> Vec<Vec<f64>> {
+    assert_eq!(u1.rows, u2.rows, "subspaces of different spaces");
+    let m = u1.t().matmul(u2);
+    let (r1, r2) = (m.rows, m.cols);
+    // Prefix sums of the squared overlaps: c[i][j] = Σ_{a<i, b<j} m_ab².
+    let mut c = vec![vec![0.0; r2 + 1]; r1 + 1];
+    for i in 0..r1 {
+        for j in 0..r2 {
+            c[i + 1][j + 1] = c[i][j + 1] + c[i + 1][j] - c[i][j] + m.at(i, j).powi(2);
+        }
+    }
+    (1..=r1)
+        .map(|i| {
+            (1..=r2)
+                .map(|j| (c[i][j] / i.min(j) as f64).clamp(0.0, 1.0))
+                .collect()
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -254,6 +333,75 @@ mod tests {
                 let norm: f64 = (0..rows).map(|i| av.at(i, j).powi(2)).sum::<f64>().sqrt();
                 prop_assert!((norm - sv[j]).abs() <= 1e-7 * big, "{norm} vs {}", sv[j]);
                 prop_assert!((sv[j] - s[j]).abs() <= 1e-7 * big);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// U·diag(σ)·Vᵀ rebuilds a rank-r matrix from its top r triplets, with orthonormal U.
+        #[test]
+        fn svd_top_rebuilds_a_low_rank_matrix(rows in 1usize..18, cols in 1usize..18, r in 1usize..5, seed in 0u64..1000) {
+            let r = r.min(rows).min(cols);
+            let a = random(rows, r, seed).matmul(&random(r, cols, seed + 3));
+            let (u, s, v) = svd_top(&a, r);
+            let mut us = u.clone();
+            for i in 0..rows { for (j, sj) in s.iter().enumerate().take(r) { us.data[i * r + j] *= sj; } }
+            let back = us.matmul(&v.t());
+            let scale = a.fro2().sqrt().max(1.0);
+            for (x, y) in back.data.iter().zip(&a.data) {
+                prop_assert!((x - y).abs() <= 1e-7 * scale, "{x} vs {y}");
+            }
+            let eye = u.t().matmul(&u);
+            for i in 0..r { for j in 0..r {
+                let want = if i == j { 1.0 } else { 0.0 };
+                prop_assert!((eye.at(i, j) - want).abs() <= 1e-6);
+            }}
+        }
+
+        /// Gram–Schmidt gives orthonormal columns whose span holds every input column.
+        #[test]
+        fn orthonormal_columns_span_the_input(rows in 1usize..20, cols in 1usize..8, seed in 0u64..1000) {
+            let a = random(rows, cols, seed);
+            let q = orthonormal_columns(&a);
+            prop_assert_eq!(q.cols, cols.min(rows));
+            let eye = q.t().matmul(&q);
+            for i in 0..q.cols { for j in 0..q.cols {
+                let want = if i == j { 1.0 } else { 0.0 };
+                prop_assert!((eye.at(i, j) - want).abs() <= 1e-9);
+            }}
+            let back = q.matmul(&q.t().matmul(&a));
+            for (x, y) in back.data.iter().zip(&a.data) {
+                prop_assert!((x - y).abs() <= 1e-9, "{x} vs {y}");
+            }
+        }
+
+        /// φ lies in [0, 1], is 1 everywhere for a subspace against itself, is symmetric under
+        /// swapping the two (φ(A, B, i, j) = φ(B, A, j, i)), and is 0 for orthogonal subspaces.
+        #[test]
+        fn subspace_similarity_is_normalised_and_symmetric(d in 2usize..24, r1 in 1usize..6, r2 in 1usize..6, seed in 0u64..1000) {
+            let (r1, r2) = (r1.min(d), r2.min(d));
+            let u1 = orthonormal_columns(&random(d, r1, seed));
+            let u2 = orthonormal_columns(&random(d, r2, seed + 1));
+            let phi = subspace_similarity(&u1, &u2);
+            let back = subspace_similarity(&u2, &u1);
+            for i in 0..u1.cols { for j in 0..u2.cols {
+                prop_assert!((0.0..=1.0).contains(&phi[i][j]));
+                prop_assert!((phi[i][j] - back[j][i]).abs() <= 1e-12);
+            }}
+            for row in subspace_similarity(&u1, &u1) {
+                for x in row { prop_assert!((x - 1.0).abs() <= 1e-9, "{x}"); }
+            }
+            // Split one orthonormal basis into two orthogonal halves.
+            if d >= 2 {
+                let q = orthonormal_columns(&random(d, d, seed + 2));
+                let h = d / 2;
+                let left = q.first_cols(h);
+                let right = Mat::new(d, d - h, (0..d).flat_map(|i| (h..d).map(move |j| (i, j))).map(|(i, j)| q.at(i, j)).collect());
+                for row in subspace_similarity(&left, &right) {
+                    for x in row { prop_assert!(x.abs() <= 1e-9, "{x}"); }
+                }
             }
         }
     }

@@ -1,11 +1,11 @@
 //! Losses and dev metrics of the three objectives; every method plugs in unchanged.
 
 use crate::data::{make_batch, Batch, Example, Target};
-use crate::metrics;
 use candle_core::{DType, Device, Tensor, D};
 use peftbench_backbone::ops::{cross_entropy, log_softmax_last_dim};
 use peftbench_backbone::{lm_logits, Intervention, SequenceHead, Transformer};
 use peftbench_datasets::GlueMetric;
+use peftbench_reports::outcomes::Outcomes;
 use std::collections::BTreeMap;
 
 /// What a task trains for.
@@ -162,7 +162,7 @@ pub fn loss(obj: &Objective, s: &Scorer, batch: &Batch) -> candle_core::Result<T
     }
 }
 
-/// Dev metrics over `examples`, in batches of `batch_size`.
+/// Dev metrics of the scorer on `examples` (see [`evaluate_outcomes`]).
 pub fn evaluate(
     obj: &Objective,
     s: &Scorer,
@@ -171,13 +171,44 @@ pub fn evaluate(
     pad_id: u32,
     device: &Device,
 ) -> candle_core::Result<BTreeMap<String, f64>> {
-    let mut out = BTreeMap::new();
+    Ok(evaluate_outcomes(obj, s, examples, batch_size, pad_id, device)?.0)
+}
+
+/// The metrics each objective reports, as [`Outcomes::metric`] names them.
+fn metric_names(obj: &Objective) -> &'static [&'static str] {
+    match obj {
+        Objective::Classification { metric, .. } => match metric {
+            GlueMetric::Matthews => &["accuracy", "matthews"],
+            GlueMetric::F1Accuracy => &["accuracy", "f1"],
+            GlueMetric::PearsonSpearman => &["accuracy", "pearson", "spearman"],
+            GlueMetric::Accuracy => &["accuracy"],
+        },
+        Objective::Regression => &["pearson", "spearman"],
+        Objective::CausalLm => &[
+            "response_nll",
+            "perplexity",
+            "exact_match",
+            "token_accuracy",
+        ],
+        Objective::Reward => &["pair_accuracy", "mean_margin"],
+    }
+}
+
+/// Scores every example and returns the dev metrics with the per-example outcomes they are
+/// computed from (the records keep those, so reports can resample them).
+pub fn evaluate_outcomes(
+    obj: &Objective,
+    s: &Scorer,
+    examples: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+    device: &Device,
+) -> candle_core::Result<(BTreeMap<String, f64>, Outcomes)> {
     let mut pred_cls = Vec::new();
     let mut gold_cls = Vec::new();
     let mut pred_val = Vec::new();
     let mut gold_val = Vec::new();
-    let (mut nll_sum, mut tok, mut exact, mut n) = (0f64, 0f64, 0usize, 0usize);
-    let mut wrong_tokens = 0f64;
+    let (mut nll, mut tokens, mut wrong) = (Vec::new(), Vec::new(), Vec::new());
     let mut margins = Vec::new();
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
@@ -185,10 +216,10 @@ pub fn evaluate(
         match (obj, &batch) {
             (Objective::Classification { .. }, Batch::Text { inputs, targets }) => {
                 let p: Vec<u32> = scores(s, inputs)?.argmax(D::Minus1)?.to_vec1()?;
-                pred_cls.extend(p.iter().map(|x| *x as usize));
+                pred_cls.extend(p);
                 gold_cls.extend(targets.iter().map(|t| match t {
-                    Target::Class(c) => *c,
-                    Target::Score(v) => *v as usize,
+                    Target::Class(c) => *c as u32,
+                    Target::Score(v) => *v as u32,
                 }));
             }
             (Objective::Regression, Batch::Text { inputs, targets }) => {
@@ -207,13 +238,13 @@ pub fn evaluate(
                     next,
                 },
             ) => {
-                let (nll, mask, wrong) = lm_stats(s, inputs, loss_mask, next)?;
-                nll_sum += nll.sum_all()?.to_scalar::<f32>()? as f64;
-                tok += mask.sum_all()?.to_scalar::<f32>()? as f64;
-                let w: Vec<f32> = wrong.to_vec1()?;
-                wrong_tokens += w.iter().map(|x| *x as f64).sum::<f64>();
-                exact += w.iter().filter(|x| **x == 0.0).count();
-                n += w.len();
+                let (n, mask, w) = lm_stats(s, inputs, loss_mask, next)?;
+                let n: Vec<f32> = n.sum(1)?.to_vec1()?;
+                let m: Vec<f32> = mask.sum(1)?.to_vec1()?;
+                let w: Vec<f32> = w.to_vec1()?;
+                nll.extend(n.iter().map(|x| *x as f64));
+                tokens.extend(m.iter().map(|x| x.round() as u32));
+                wrong.extend(w.iter().map(|x| x.round() as u32));
             }
             (Objective::Reward, Batch::Pair { chosen, rejected }) => {
                 let rc: Vec<f32> = scores(s, chosen)?.squeeze(1)?.to_vec1()?;
@@ -227,44 +258,21 @@ pub fn evaluate(
             }
         }
     }
-    match obj {
-        Objective::Classification { metric, .. } => {
-            out.insert("accuracy".into(), metrics::accuracy(&pred_cls, &gold_cls));
-            match metric {
-                GlueMetric::Matthews => {
-                    out.insert("matthews".into(), metrics::matthews(&pred_cls, &gold_cls));
-                }
-                GlueMetric::F1Accuracy => {
-                    out.insert("f1".into(), metrics::f1_binary(&pred_cls, &gold_cls));
-                }
-                GlueMetric::PearsonSpearman => {
-                    let p: Vec<f64> = pred_cls.iter().map(|x| *x as f64).collect();
-                    let g: Vec<f64> = gold_cls.iter().map(|x| *x as f64).collect();
-                    out.insert("pearson".into(), metrics::pearson(&p, &g));
-                    out.insert("spearman".into(), metrics::spearman(&p, &g));
-                }
-                GlueMetric::Accuracy => {}
-            }
-        }
-        Objective::Regression => {
-            out.insert("pearson".into(), metrics::pearson(&pred_val, &gold_val));
-            out.insert("spearman".into(), metrics::spearman(&pred_val, &gold_val));
-        }
-        Objective::CausalLm => {
-            let nll = nll_sum / tok.max(1.0);
-            out.insert("response_nll".into(), nll);
-            out.insert("perplexity".into(), nll.exp());
-            out.insert("exact_match".into(), exact as f64 / n.max(1) as f64);
-            out.insert("token_accuracy".into(), 1.0 - wrong_tokens / tok.max(1.0));
-        }
-        Objective::Reward => {
-            let k = margins.len().max(1) as f64;
-            out.insert(
-                "pair_accuracy".into(),
-                margins.iter().filter(|m| **m > 0.0).count() as f64 / k,
-            );
-            out.insert("mean_margin".into(), margins.iter().sum::<f64>() / k);
-        }
-    }
-    Ok(out)
+    let outcomes = match obj {
+        Objective::Classification { .. } => Outcomes::Classes {
+            gold: gold_cls,
+            pred: pred_cls,
+        },
+        Objective::Regression => Outcomes::Values {
+            gold: gold_val,
+            pred: pred_val,
+        },
+        Objective::CausalLm => Outcomes::Tokens { nll, tokens, wrong },
+        Objective::Reward => Outcomes::Pairs { margins },
+    };
+    let out = metric_names(obj)
+        .iter()
+        .filter_map(|m| Some((m.to_string(), outcomes.metric(m)?)))
+        .collect();
+    Ok((out, outcomes))
 }

@@ -10,6 +10,7 @@ use crate::train::{RunSpec, TrainConfig};
 use crate::HarnessError;
 use peftbench_backbone::ModelConfig;
 use peftbench_methods::MethodConfig;
+use peftbench_reports::Selection;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -52,6 +53,8 @@ pub struct Suite {
     /// Methods also run on the same architecture from random initialisation, as a control
     /// showing what pretraining contributes.
     pub random_init_controls: Vec<String>,
+    /// The weight-update analyses to record and report (the LoRA paper's §7).
+    pub analyses: Vec<crate::analysis::Analysis>,
 }
 
 #[derive(Deserialize)]
@@ -72,6 +75,8 @@ struct Raw {
     tasks: Vec<toml::Table>,
     #[serde(default)]
     random_init_controls: Vec<String>,
+    #[serde(default)]
+    analyses: Vec<crate::analysis::Analysis>,
 }
 
 fn d_seeds() -> Vec<u64> {
@@ -315,6 +320,19 @@ impl Suite {
                 ));
             }
         }
+        if raw.train.validation_size == Some(0) {
+            return Err(err(
+                line_of(text, "validation_size ="),
+                "train.validation_size must be at least 1".into(),
+            ));
+        }
+        if raw.train.validation_size.is_some() && raw.train.selection == Selection::Final {
+            return Err(err(
+                line_of(text, "validation_size ="),
+                "train.validation_size is set but train.selection is not \"best_on_validation\""
+                    .into(),
+            ));
+        }
         if let Some(t) = tasks.iter().find(|t| t.steps == Some(0)) {
             return Err(err(
                 line_of(text, &format!("\"{}\"", t.name)),
@@ -361,6 +379,11 @@ impl Suite {
             tasks,
             data_root: raw.data_root,
             random_init_controls: raw.random_init_controls,
+            analyses: {
+                let mut a = raw.analyses;
+                a.dedup();
+                a
+            },
         })
     }
 
@@ -444,6 +467,7 @@ impl Suite {
                             max_budget_deviation: self.max_budget_deviation,
                             seed,
                             train: self.train_for(task),
+                            analyses: self.analyses.clone(),
                         });
                     }
                 }

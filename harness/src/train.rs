@@ -3,7 +3,7 @@
 use crate::budget::{check_method, match_budget, Budget};
 use crate::chance::chance_level;
 use crate::data::{batch_tokens, make_batch, Example};
-use crate::objective::{evaluate, loss, Scorer};
+use crate::objective::{evaluate, evaluate_outcomes, loss, Scorer};
 use crate::optim::{AdamW, OptimConfig};
 use crate::task::{TaskConfig, TaskData};
 use crate::{env, HarnessError};
@@ -14,7 +14,8 @@ use peftbench_backbone::{
 use peftbench_methods::peft::HeadWeights;
 use peftbench_methods::{AttachContext, Method, MethodConfig};
 use peftbench_reports::chance::CHANCE_KEY;
-use peftbench_reports::{CurvePoint, RunRecord, RunStatus};
+use peftbench_reports::outcomes::lower_is_better;
+use peftbench_reports::{CurvePoint, RunRecord, RunStatus, Selected, Selection};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -35,6 +36,39 @@ pub struct TrainConfig {
     /// Examples per evaluation batch.
     #[serde(default = "d_eval_batch")]
     pub eval_batch_size: usize,
+    /// Which evaluation a run reports: `final` (after the last step) or `best_on_validation`
+    /// (the one best on a validation split carved from the training data).
+    #[serde(default)]
+    pub selection: Selection,
+    /// Validation examples carved from the training data for `best_on_validation` (default:
+    /// a tenth of it, at most 1,000). The split is the same for every method and seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_size: Option<usize>,
+}
+
+impl TrainConfig {
+    /// Examples of a training set of `n` held out for validation; an error when they would
+    /// leave nothing to train on, or are asked for without `best_on_validation`.
+    pub fn validation_examples(&self, n: usize) -> Result<usize, String> {
+        match (self.selection, self.validation_size) {
+            (Selection::Final, None) => Ok(0),
+            (Selection::Final, Some(_)) => Err(
+                "train.validation_size is set but train.selection is not \"best_on_validation\""
+                    .into(),
+            ),
+            (Selection::BestOnValidation, size) => {
+                let v = size.unwrap_or((n / 10).clamp(1, 1000));
+                if v == 0 || v >= n {
+                    Err(format!(
+                        "train.validation_size = {v} leaves no training examples of {n} (it must be between 1 and {})",
+                        n.saturating_sub(1)
+                    ))
+                } else {
+                    Ok(v)
+                }
+            }
+        }
+    }
 }
 
 fn d_batch() -> usize {
@@ -72,6 +106,10 @@ pub struct RunSpec {
     pub train: TrainConfig,
     /// Train on the same architecture from random initialisation instead of the base.
     pub random_init: bool,
+    /// Analyses of the trained update to record (absent from the JSON, and so from the
+    /// config hash, when none are asked).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub analyses: Vec<crate::analysis::Analysis>,
 }
 
 impl RunSpec {
@@ -166,6 +204,13 @@ impl Order {
     }
 }
 
+/// The seed of a task's validation split: its name's FNV-1a hash.
+fn task_seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    }) ^ 0x7a11d
+}
+
 fn record_base(spec: &RunSpec, base_params: usize, task: &TaskData) -> RunRecord {
     RunRecord {
         run_id: spec.run_id(),
@@ -198,6 +243,10 @@ fn record_base(spec: &RunSpec, base_params: usize, task: &TaskData) -> RunRecord
         status: RunStatus::Ok,
         extra: serde_json::Value::Null,
         env: env::environment(),
+        update_analysis: None,
+        selected: None,
+        dev_outcomes: None,
+        memory: None,
     }
 }
 
@@ -238,8 +287,28 @@ pub fn run(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path) ->
         };
     }
     rec.peak_memory_bytes = env::peak_memory_bytes();
+    rec.memory = Some(memory_use(&base.model, &rec));
     rec.env = env::environment();
     rec
+}
+
+/// The run's peak split into the tensors it knows (f32 parameters, AdamW's two moments).
+fn memory_use(model: &Transformer, rec: &RunRecord) -> peftbench_reports::MemoryUse {
+    let mut base = 0u64;
+    model.for_each_weight(&mut |_, t| {
+        base += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+    });
+    let trainable = 4 * (rec.trainable_params + rec.head_params) as u64;
+    let optimizer = 2 * trainable;
+    peftbench_reports::MemoryUse {
+        source: env::peak_memory_source().to_string(),
+        base_weights_bytes: base,
+        trainable_bytes: trainable,
+        optimizer_bytes: optimizer,
+        other_bytes: rec
+            .peak_memory_bytes
+            .saturating_sub(base + trainable + optimizer),
+    }
 }
 
 fn run_inner(
@@ -288,6 +357,8 @@ fn run_inner(
         rec.config["method_resolved"] = v;
     }
 
+    // The weights before training, for the update analyses (tensors share storage: cheap).
+    let before = model.clone();
     let mut ctx = AttachContext::new(&mut model, spec.seed);
     ctx.tokenizer = Some(&base.tokenizer);
     let mut method = config.attach(&mut ctx)?;
@@ -336,7 +407,33 @@ fn run_inner(
         )));
     }
     let pad = base.tokenizer.pad_id;
-    let mut order = Order::new(task.train.len(), spec.seed);
+    // The validation split: one seeded shuffle per task, so every method and seed holds out
+    // the same examples.
+    let n_val = spec
+        .train
+        .validation_examples(task.train.len())
+        .map_err(|e| HarnessError::Config(format!("task `{}`: {e}", task.name)))?;
+    let mut shuffled = Order::new(task.train.len(), task_seed(&task.name));
+    let perm = shuffled.next_batch(task.train.len());
+    let (held, kept) = perm.split_at(n_val);
+    let validation: Vec<Example> = held.iter().map(|&i| task.train[i].clone()).collect();
+    let train_idx: Vec<usize> = if n_val == 0 {
+        (0..task.train.len()).collect()
+    } else {
+        kept.to_vec()
+    };
+    let primary = task.objective.primary_metric();
+    let mut best_validation: Option<f64> = None;
+    // The parameters at the chosen evaluation, when it is not the last: what is saved, so the
+    // saved run reproduces its reported score.
+    let mut chosen_state = None;
+    // AdaLoRA fixes its ranks at step total − tfinal; a state from before that is not the
+    // structure its saved adapter (with the final rank_pattern) describes, so it is not chosen.
+    let selectable_from = match &config {
+        MethodConfig::Adalora(a) => a.total_step.saturating_sub(a.tfinal),
+        _ => 0,
+    };
+    let mut order = Order::new(train_idx.len(), spec.seed);
     let accum = spec.optim.grad_accumulation.max(1);
     let total = spec.train.steps;
     let mut tokens = 0usize;
@@ -365,7 +462,7 @@ fn run_inner(
         method.set_training(true);
         for _ in 0..accum {
             let idx = order.next_batch(spec.train.batch_size);
-            let examples: Vec<&Example> = idx.iter().map(|&i| &task.train[i]).collect();
+            let examples: Vec<&Example> = idx.iter().map(|&i| &task.train[train_idx[i]]).collect();
             let batch = make_batch(&examples, pad, &device)?;
             tokens += batch_tokens(&batch)?;
             let scorer = Scorer {
@@ -403,7 +500,7 @@ fn run_inner(
                 method: method.as_ref(),
                 head: head.as_ref(),
             };
-            let mut m = evaluate(
+            let (mut m, outcomes) = evaluate_outcomes(
                 &task.objective,
                 &scorer,
                 &task.dev,
@@ -413,10 +510,58 @@ fn run_inner(
             )?;
             // An undefined metric (e.g. Pearson of constant predictions) is left out, not NaN.
             m.retain(|_, v| v.is_finite());
+            let mut validation_metrics = BTreeMap::new();
+            let chosen = match spec.train.selection {
+                Selection::Final => step == total,
+                Selection::BestOnValidation => {
+                    validation_metrics = evaluate(
+                        &task.objective,
+                        &scorer,
+                        &validation,
+                        spec.train.eval_batch_size,
+                        pad,
+                        &device,
+                    )?;
+                    validation_metrics.retain(|_, v| v.is_finite());
+                    let v = validation_metrics.get(primary).copied();
+                    let better = match (v, best_validation) {
+                        (Some(v), Some(b)) => {
+                            if lower_is_better(primary) {
+                                v < b
+                            } else {
+                                v > b
+                            }
+                        }
+                        (Some(_), None) => true,
+                        (None, _) => rec.selected.is_none(),
+                    };
+                    let better = (better && step >= selectable_from)
+                        || (step == total && rec.selected.is_none());
+                    if better {
+                        best_validation = v.or(best_validation);
+                    }
+                    better
+                }
+            };
+            if chosen {
+                rec.selected = Some(Selected {
+                    rule: spec.train.selection,
+                    step,
+                    metrics: m.clone(),
+                    validation_examples: validation.len(),
+                    validation_metrics,
+                });
+                rec.dev_outcomes = Some(outcomes);
+                chosen_state = if step == total {
+                    None
+                } else {
+                    Some((method.params().snapshot()?, head_params.snapshot()?))
+                };
+            }
             for (k, v) in &m {
                 if v.is_finite() {
                     let best = rec.metrics_best.entry(k.clone()).or_insert(*v);
-                    let lower_better = k == "response_nll" || k == "perplexity";
+                    let lower_better = lower_is_better(k);
                     if (lower_better && *v < *best) || (!lower_better && *v > *best) {
                         *best = *v;
                     }
@@ -435,6 +580,10 @@ fn run_inner(
     }
     rec.steps = total;
     rec.train_seconds = started.elapsed().as_secs_f64() - eval_seconds;
+    if let Some((m, h)) = &chosen_state {
+        method.params().restore(m)?;
+        head_params.restore(h)?;
+    }
     rec.steps_per_second = total as f64 / rec.train_seconds.max(1e-9);
     rec.tokens_per_second = tokens as f64 / rec.train_seconds.max(1e-9);
     rec.extra = method.summary()?;
@@ -455,6 +604,7 @@ fn run_inner(
         spec.train.batch_size,
         pad,
     )?;
+    rec.update_analysis = analyse_update(spec, &config, method.as_ref(), &before, &model)?;
     std::fs::create_dir_all(adapters_dir).map_err(|source| HarnessError::Io {
         path: adapters_dir.to_path_buf(),
         source,
@@ -480,6 +630,35 @@ fn run_inner(
             .map(|p| p.display().to_string());
     }
     Ok(())
+}
+
+/// The update analyses the suite asked for, of the trained weights (any adapter merged into a
+/// copy) against `initial`.
+fn analyse_update(
+    spec: &RunSpec,
+    config: &MethodConfig,
+    method: &dyn Method,
+    initial: &Transformer,
+    model: &Transformer,
+) -> Result<Option<peftbench_reports::UpdateAnalysis>, HarnessError> {
+    use crate::analysis::Analysis;
+    let amplification = spec.analyses.contains(&Analysis::Amplification);
+    if !amplification && !spec.analyses.contains(&Analysis::EffectiveRank) {
+        return Ok(None);
+    }
+    let mut tuned = model.clone();
+    let merged = method.merge_into(&mut tuned)?;
+    let rank = match config {
+        MethodConfig::Lora(c) => Some(c.rank),
+        _ => None,
+    };
+    let analysis =
+        crate::analysis::update_analysis(initial, &tuned, rank, amplification, spec.seed)?;
+    if merged {
+        // The method tracks whether it is merged; leave it unmerged as it was.
+        method.unmerge_from(&mut tuned)?;
+    }
+    Ok(analysis)
 }
 
 /// Saves the trained method with its head: in PEFT's format (`<run id>/adapter_config.json`
@@ -531,6 +710,11 @@ fn save_adapter(
 
 /// Median milliseconds of a forward pass on one training-sized dev batch, unmerged and (for
 /// methods that can fold into the weights) merged.
+/// Untimed forward passes before the latency is measured.
+const LATENCY_WARMUP: usize = 2;
+/// Timed forward passes; their median is recorded.
+const LATENCY_REPEATS: usize = 7;
+
 fn latency(
     model: &mut Transformer,
     method: &dyn Method,
@@ -544,7 +728,9 @@ fn latency(
     let obj = task.objective;
     let time = |model: &Transformer| -> Result<f64, HarnessError> {
         let mut t = Vec::new();
-        for _ in 0..3 {
+        // Two untimed passes warm caches and malloc's free lists; the median of the timed
+        // ones is the figure.
+        for i in 0..LATENCY_WARMUP + LATENCY_REPEATS {
             let s = Scorer {
                 model,
                 method,
@@ -552,10 +738,12 @@ fn latency(
             };
             let t0 = Instant::now();
             let _ = loss(&obj, &s, &b)?;
-            t.push(t0.elapsed().as_secs_f64() * 1e3);
+            if i >= LATENCY_WARMUP {
+                t.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
         }
         t.sort_by(f64::total_cmp);
-        Ok(t[1])
+        Ok(t[t.len() / 2])
     };
     let mut out = BTreeMap::new();
     out.insert("unmerged".to_string(), time(model)?);

@@ -128,6 +128,11 @@ impl PeftFiles {
         self.dir.join(WEIGHTS_FILE)
     }
 
+    /// The names of the tensors not yet taken.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
     /// A config field, or an error naming it.
     pub fn field(&self, key: &str) -> Result<&Value> {
         self.config

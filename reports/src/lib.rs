@@ -1,17 +1,25 @@
 //! Run records and the reports made from them: CSV tables, PNG plots and a Markdown report.
 
+pub mod analyses;
 pub mod chance;
+pub mod compare;
 pub mod lenient;
 pub mod load;
 pub mod markdown;
+pub mod metrics;
+pub mod outcomes;
 pub mod plots;
 pub mod record;
+pub mod stats;
 pub mod summary;
 pub mod tables;
 
 pub use load::load_records;
 pub use plots::Plot;
-pub use record::{CurvePoint, Environment, RunRecord, RunStatus};
+pub use record::{
+    Amplification, CurvePoint, Environment, MatrixUpdate, MemoryUse, RunRecord, RunStatus,
+    Selected, Selection, UpdateAnalysis,
+};
 pub use summary::{summarize, SummaryRow};
 
 use std::path::{Path, PathBuf};
@@ -86,6 +94,20 @@ pub struct ReportSummary {
 /// into `out_dir` (created if missing). Unreadable records are left out and named in the
 /// report and in [`ReportSummary::skipped`].
 pub fn write_report(results_dir: &Path, out_dir: &Path) -> Result<ReportSummary, ReportError> {
+    write_report_with(results_dir, out_dir, &|_| (Vec::new(), Vec::new()))
+}
+
+/// Makes the subspace comparisons a report shows from its records (reading the adapters the
+/// runs saved), with a line for each adapter that could not be read.
+pub type SubspaceSource<'a> =
+    &'a dyn Fn(&[RunRecord]) -> (Vec<analyses::SubspaceComparison>, Vec<String>);
+
+/// [`write_report`], with the subspace comparisons `subspace` makes from the records.
+pub fn write_report_with(
+    results_dir: &Path,
+    out_dir: &Path,
+    subspace: SubspaceSource,
+) -> Result<ReportSummary, ReportError> {
     let (records, bad) = load::load_records_skipping_bad(results_dir)?;
     let skipped: Vec<String> = bad.iter().map(|e| e.to_string()).collect();
     std::fs::create_dir_all(out_dir).map_err(|source| ReportError::Io {
@@ -102,6 +124,34 @@ pub fn write_report(results_dir: &Path, out_dir: &Path) -> Result<ReportSummary,
     let plots = plots::write_plots(&records, &rows, out_dir)?;
     let report = out_dir.join("REPORT.md");
     let mut text = markdown::render_report(&records, &rows, &plots);
+    let (comparisons, unread) = subspace(&records);
+    let mut plots = plots;
+    let subspace_plots = analyses::write_subspace_plots(&comparisons, out_dir)?;
+    let analysed = analyses::tasks_with_analyses(&records, &comparisons);
+    if !analysed.is_empty() {
+        use std::fmt::Write;
+        let _ = writeln!(
+            text,
+            "## The weight updates
+"
+        );
+        for task in analysed {
+            analyses::render_task(&mut text, &records, &task, &comparisons, &subspace_plots);
+        }
+    }
+    if !unread.is_empty() {
+        use std::fmt::Write;
+        let _ = writeln!(
+            text,
+            "Adapters left out of the subspace similarity:
+"
+        );
+        for u in &unread {
+            let _ = writeln!(text, "- {u}");
+        }
+        let _ = writeln!(text);
+    }
+    plots.extend(subspace_plots);
     markdown::skipped_records(&mut text, &skipped);
     std::fs::write(&report, text).map_err(|source| ReportError::Io {
         path: report.clone(),

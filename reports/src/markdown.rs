@@ -61,6 +61,54 @@ pub fn comparison_sentence(rows: &[SummaryRow], task: &str) -> String {
     }
 }
 
+fn verdict_lists(c: &crate::compare::Comparison) -> [String; 3] {
+    use crate::compare::{describe, Verdict};
+    let pick = |v: Verdict| {
+        let items: Vec<String> = c
+            .groups
+            .iter()
+            .filter(|g| g.verdict(&c.metric) == v)
+            .map(describe)
+            .collect();
+        list_or_none(&items)
+    };
+    [
+        pick(Verdict::Indistinguishable),
+        pick(Verdict::Worse),
+        pick(Verdict::Better),
+    ]
+}
+
+/// The comparison with full fine-tuning as paired tests on the same dev examples; None when
+/// the records kept no per-example outcomes (older records: [`comparison_sentence`]).
+pub fn paired_full_sentence(records: &[RunRecord], task: &str) -> Option<String> {
+    let c = crate::compare::compare_with(records, task, crate::summary::FULL_FINETUNE, &[])?;
+    let n = c.groups.first().map_or(0, |g| g.test.examples);
+    let [same, worse, better] = verdict_lists(&c);
+    Some(format!(
+        "On **{task}**, against full fine-tuning ({} {:.4}, {} seed{}), by a paired bootstrap of \
+         the difference on the same {n} dev examples (difference, 95% CI, Holm-adjusted p over \
+         {} comparisons): indistinguishable at α = 0.05: {same}; worse: {worse}; better: {better}.",
+        c.metric,
+        c.reference_mean,
+        c.reference_runs,
+        if c.reference_runs == 1 { "" } else { "s" },
+        c.groups.len()
+    ))
+}
+
+/// The comparison with the head-only floor as paired tests; None without outcomes.
+pub fn paired_floor_sentence(records: &[RunRecord], task: &str) -> Option<String> {
+    let c = crate::compare::compare_with(records, task, HEAD_ONLY, &[])?;
+    let [same, worse, better] = verdict_lists(&c);
+    Some(format!(
+        "Against the task head trained alone on the frozen base (head_only, {} {:.4}), paired \
+         as above: adding nothing it does not learn alone (indistinguishable): {same}; worse \
+         than it: {worse}; better: {better}.",
+        c.metric, c.reference_mean
+    ))
+}
+
 /// The sentence naming the method × budget groups of `task` that score no higher than the
 /// head-only floor (the task head trained alone on the frozen base); None without that control.
 pub fn floor_sentence(rows: &[SummaryRow], task: &str) -> Option<String> {
@@ -80,6 +128,51 @@ pub fn floor_sentence(rows: &[SummaryRow], task: &str) -> Option<String> {
          methods at or below it, which add nothing the head does not learn alone: {list}.",
         floor.primary_metric
     ))
+}
+
+/// What the reported scores are: which evaluation each run's score comes from.
+pub fn selection_sentence(records: &[RunRecord]) -> String {
+    use crate::Selection;
+    let ok: Vec<&RunRecord> = records
+        .iter()
+        .filter(|r| r.status == RunStatus::Ok)
+        .collect();
+    let rules: Vec<Option<Selection>> = ok
+        .iter()
+        .map(|r| r.selected.as_ref().map(|s| s.rule))
+        .collect();
+    let count = |want: Option<Selection>| rules.iter().filter(|r| **r == want).count();
+    let (fin, val, old) = (
+        count(Some(Selection::Final)),
+        count(Some(Selection::BestOnValidation)),
+        count(None),
+    );
+    let mut parts = Vec::new();
+    if fin > 0 {
+        parts.push(format!(
+            "{fin} runs report the dev score after their last step (`selection = \"final\"`)"
+        ));
+    }
+    if val > 0 {
+        let held = ok
+            .iter()
+            .filter_map(|r| r.selected.as_ref())
+            .map(|s| s.validation_examples)
+            .max()
+            .unwrap_or(0);
+        parts.push(format!(
+            "{val} runs report the dev score at the evaluation best on up to {held} validation examples held out of the training data (`selection = \"best_on_validation\"`)"
+        ));
+    }
+    if old > 0 {
+        parts.push(format!(
+            "{old} runs, recorded before selection was kept, report their best dev evaluation, which the dev set chose (optimistic)"
+        ));
+    }
+    if parts.is_empty() {
+        return "No run finished.".into();
+    }
+    format!("Scores: {}.", parts.join("; "))
 }
 
 /// Reads one environment field of a record as text.
@@ -143,24 +236,32 @@ fn task_table(out: &mut String, rows: &[&SummaryRow]) {
     let metric = rows.first().map_or("score", |r| r.primary_metric.as_str());
     let _ = writeln!(
         out,
-        "| method | budget | lr | trainable params | % of base | {} (mean ± std) | seeds | train s | peak MB | latency unmerged ms | latency merged ms |",
+        "| method | budget | lr | trainable params | % of base | {} (mean ± std over seeds) | 95% CI | seeds | train s | peak MB | latency unmerged ms | latency merged ms |",
         cell(metric)
     );
-    let _ = writeln!(out, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        out,
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for r in rows {
+        // One seed has no spread to show: its interval comes from the dev examples alone.
         let score = match (r.primary_mean, r.primary_std) {
-            (Some(m), Some(s)) => format!("{m:.4} ± {s:.4}"),
+            (Some(m), Some(s)) if r.n_seeds > 1 => format!("{m:.4} ± {s:.4}"),
             (m, _) => opt_num(m, 4),
         };
+        let ci = r
+            .primary_ci
+            .map_or("–".to_string(), |c| format!("[{:.4}, {:.4}]", c.lo, c.hi));
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.0} | {:.4}% | {} | {} | {:.1} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {:.4}% | {} | {} | {} | {:.1} | {:.1} | {} | {} |",
             cell(&r.method),
             cell(&r.budget),
             if r.lr.is_empty() { "–" } else { &r.lr },
             r.trainable_params,
             r.trainable_percent,
             score,
+            ci,
             r.n_seeds,
             r.train_seconds,
             r.peak_memory_mb,
@@ -237,11 +338,12 @@ pub fn render_report(records: &[RunRecord], rows: &[SummaryRow], plots: &[Plot])
     let ok = records.iter().filter(|r| r.status == RunStatus::Ok).count();
     let _ = writeln!(
         out,
-        "{} runs, {ok} ok. Scores are the best dev value of each task's primary metric, \
-         mean ± sample standard deviation over seeds of ok runs; lr is the peak learning rate \
-         (with the task head's own where a run set one); trainable parameters exclude the task \
-         head; MB are 10^6 bytes.\n",
-        records.len()
+        "{} runs, {ok} ok. {} Each is the mean ± sample standard deviation over seeds of ok \
+         runs, with a 95% percentile bootstrap interval over the dev examples (and the seeds); \
+         lr is the peak learning rate (with the task head's own where a run set one); trainable \
+         parameters exclude the task head; MB are 10^6 bytes.\n",
+        records.len(),
+        selection_sentence(records)
     );
     environment(&mut out, records);
 
@@ -257,8 +359,12 @@ pub fn render_report(records: &[RunRecord], rows: &[SummaryRow], plots: &[Plot])
             task_table(&mut out, &task_rows);
             let _ = writeln!(out);
         }
-        let _ = writeln!(out, "{}\n", comparison_sentence(rows, &task));
-        if let Some(line) = floor_sentence(rows, &task) {
+        let full = paired_full_sentence(records, &task)
+            .unwrap_or_else(|| comparison_sentence(rows, &task));
+        let _ = writeln!(out, "{full}\n");
+        if let Some(line) =
+            paired_floor_sentence(records, &task).or_else(|| floor_sentence(rows, &task))
+        {
             let _ = writeln!(out, "{line}\n");
         }
         if let Some(line) = chance_sentence(records, rows, &task) {

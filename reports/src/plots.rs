@@ -39,11 +39,11 @@ pub struct Plot {
     pub task: Option<String>,
 }
 
-type DrawResult = Result<(), Box<dyn std::error::Error>>;
+pub(crate) type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
 /// Registers the embedded font under [`FAMILY`] once per process: plotters' `ab_glyph`
 /// backend finds fonts only in its own registry, never on the system.
-fn ensure_font() -> Result<(), ReportError> {
+pub(crate) fn ensure_font() -> Result<(), ReportError> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| {
         plotters::style::register_font(FAMILY, FontStyle::Normal, DEJAVU_SANS).is_ok()
@@ -57,7 +57,7 @@ fn ensure_font() -> Result<(), ReportError> {
     }
 }
 
-fn font(size: u32) -> TextStyle<'static> {
+pub(crate) fn font(size: u32) -> TextStyle<'static> {
     TextStyle::from((FAMILY, size).into_font())
 }
 
@@ -161,7 +161,7 @@ fn category_label(labels: &[String], v: f64) -> String {
     labels.get(i as usize).cloned().unwrap_or_default()
 }
 
-type Root<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+pub(crate) type Root<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
 /// An image that says why there is nothing to plot, so every link in the report resolves.
 fn placeholder(root: &Root, title: &str, message: &str) -> DrawResult {
@@ -175,7 +175,7 @@ fn placeholder(root: &Root, title: &str, message: &str) -> DrawResult {
     Ok(())
 }
 
-fn draw_to(
+pub(crate) fn draw_to(
     path: &Path,
     size: (u32, u32),
     draw: impl FnOnce(&Root) -> DrawResult,

@@ -139,9 +139,135 @@ pub struct RunRecord {
     pub extra: serde_json::Value,
     /// Environment.
     pub env: Environment,
+    /// The weight update's analyses, when the suite asked for them (`analyses = [...]`) and
+    /// the method's update is a matrix ΔW per projection (LoRA, AdaLoRA, full fine-tuning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_analysis: Option<UpdateAnalysis>,
+    /// Which evaluation the reported dev score comes from; absent in records made before
+    /// selection was kept, whose reported score is the best dev evaluation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selected: Option<Selected>,
+    /// Per-example dev outcomes at the selected evaluation, which intervals and paired tests
+    /// resample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_outcomes: Option<crate::outcomes::Outcomes>,
+    /// What `peak_memory_bytes` measured and what the known tensors take of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryUse>,
+}
+
+/// A run's peak memory, split where the tensors are known.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryUse {
+    /// `heap`: the most live heap bytes during the run (its own); `rss`: the process's
+    /// resident high-water mark, which includes memory earlier runs freed.
+    pub source: String,
+    /// The frozen base model's weights.
+    pub base_weights_bytes: u64,
+    /// The trained parameters (method and head; full fine-tuning's copy of the weights).
+    pub trainable_bytes: u64,
+    /// AdamW's two moments of every trained parameter.
+    pub optimizer_bytes: u64,
+    /// The rest of the peak: activations, gradients, data and workspace.
+    pub other_bytes: u64,
+}
+
+/// How a run's reported evaluation is chosen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection {
+    /// The evaluation after the last step: nothing is chosen.
+    #[default]
+    Final,
+    /// The evaluation that scored best on a validation split carved from the training data;
+    /// the dev set chooses nothing.
+    BestOnValidation,
+}
+
+impl Selection {
+    /// The name a suite writes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Selection::Final => "final",
+            Selection::BestOnValidation => "best_on_validation",
+        }
+    }
+}
+
+/// The evaluation a run reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Selected {
+    /// The rule that chose it.
+    pub rule: Selection,
+    /// Its step.
+    pub step: usize,
+    /// Dev metrics there: the run's reported scores.
+    pub metrics: BTreeMap<String, f64>,
+    /// Validation examples carved from the training data (0 for `final`).
+    pub validation_examples: usize,
+    /// Validation metrics at that step (empty for `final`).
+    pub validation_metrics: BTreeMap<String, f64>,
+}
+
+/// What the LoRA paper (Hu et al. 2021, §7) asks of a fine-tuned weight update ΔW, per
+/// projection matrix.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateAnalysis {
+    /// The share of ΔW's energy Σσ² the effective rank covers (0.9).
+    pub energy_fraction: f64,
+    /// One entry per projection whose ΔW is not zero, in layer order.
+    pub matrices: Vec<MatrixUpdate>,
+}
+
+/// One projection's update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MatrixUpdate {
+    /// `layer3.query`.
+    pub matrix: String,
+    /// `[out, in]`.
+    pub shape: [usize; 2],
+    /// ‖ΔW‖_F.
+    pub delta_norm: f64,
+    /// ‖W‖_F of the base weight.
+    pub base_norm: f64,
+    /// The fewest singular values of ΔW holding `energy_fraction` of its energy.
+    pub effective_rank: usize,
+    /// ΔW's largest singular values (at most 32), descending.
+    pub singular_values: Vec<f64>,
+    /// How much ΔW amplifies directions of W, when asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amplification: Option<Amplification>,
+}
+
+/// The LoRA paper's Table 7 for one matrix, at rank `rank`: U, V are ΔW's top-`rank` left and
+/// right singular vectors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Amplification {
+    /// The rank r of the comparison (LoRA's r; the effective rank for a dense update).
+    pub rank: usize,
+    /// ‖UᵀWV‖_F: how much of W lies in ΔW's directions.
+    pub projected_norm: f64,
+    /// ‖U_WᵀWV_W‖_F with W's own top-r singular vectors (= the root of W's top-r σ²).
+    pub base_top_norm: f64,
+    /// ‖UᵀWV‖_F for random orthonormal U, V of rank r.
+    pub random_norm: f64,
+    /// ‖ΔW‖_F / ‖UᵀWV‖_F: the paper's amplification factor.
+    pub factor: f64,
 }
 
 impl RunRecord {
+    /// The reported value of the run's primary metric: at the selected evaluation, or (in
+    /// records made before selection was kept) the best dev value. None when not finite.
+    pub fn primary_reported(&self) -> Option<f64> {
+        let m = match &self.selected {
+            Some(s) => &s.metrics,
+            None => &self.metrics_best,
+        };
+        m.get(&self.primary_metric)
+            .copied()
+            .filter(|v| v.is_finite())
+    }
+
     /// The peak learning rate the method's parameters trained at (`config.optim.lr`).
     pub fn lr(&self) -> Option<f64> {
         self.optim_rate("lr")

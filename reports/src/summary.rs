@@ -30,10 +30,14 @@ pub struct SummaryRow {
     pub primary_metric: String,
     /// Ok runs (seeds) in the group.
     pub n_seeds: usize,
-    /// Mean over seeds of the best dev value of the primary metric (None when no run has a finite one).
+    /// Mean over seeds of the reported dev value of the primary metric
+    /// ([`RunRecord::primary_reported`]; None when no run has a finite one).
     pub primary_mean: Option<f64>,
     /// Sample standard deviation (n − 1) of the same values; 0 for a single seed.
     pub primary_std: Option<f64>,
+    /// 95% bootstrap interval of the mean over dev examples (and seeds), when every run kept
+    /// its per-example outcomes.
+    pub primary_ci: Option<crate::stats::Interval>,
     /// Mean trainable parameters (head excluded).
     pub trainable_params: f64,
     /// Mean trainable parameters as a percentage of the base model.
@@ -150,7 +154,18 @@ fn summarize_group(
             .collect();
         mean(&v)
     };
-    let primary: Vec<f64> = runs.iter().filter_map(|r| primary_best(r)).collect();
+    let primary: Vec<f64> = runs.iter().filter_map(|r| r.primary_reported()).collect();
+    let outcomes: Option<Vec<&crate::outcomes::Outcomes>> =
+        runs.iter().map(|r| r.dev_outcomes.as_ref()).collect();
+    let primary_ci = outcomes.and_then(|o| {
+        let label = format!("{task}/{method}/{budget}");
+        crate::stats::bootstrap_interval(
+            &o,
+            &runs[0].primary_metric,
+            crate::stats::RESAMPLES,
+            crate::stats::seed_of(&label),
+        )
+    });
     let mut rates: Vec<String> = Vec::new();
     for label in runs.iter().filter_map(|r| r.rate_label()) {
         if !rates.contains(&label) {
@@ -167,6 +182,7 @@ fn summarize_group(
         n_seeds: runs.len(),
         primary_mean: mean(&primary),
         primary_std: sample_std(&primary),
+        primary_ci,
         trainable_params: mean(&field(&|r| r.trainable_params as f64)).unwrap_or(0.0),
         trainable_percent: mean(&field(&|r| r.trainable_percent)).unwrap_or(0.0),
         train_seconds: mean(&field(&|r| r.train_seconds)).unwrap_or(0.0),

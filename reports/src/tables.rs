@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 /// Columns of `runs.csv`.
-pub const RUNS_HEADER: [&str; 29] = [
+pub const RUNS_HEADER: [&str; 32] = [
     "run_id",
     "suite",
     "task",
@@ -37,10 +37,13 @@ pub const RUNS_HEADER: [&str; 29] = [
     "base_params",
     "lr",
     "head_lr",
+    "selection",
+    "selected_step",
+    "primary_reported",
 ];
 
 /// Columns of `summary.csv`.
-pub const SUMMARY_HEADER: [&str; 15] = [
+pub const SUMMARY_HEADER: [&str; 17] = [
     "task",
     "method",
     "budget",
@@ -56,6 +59,8 @@ pub const SUMMARY_HEADER: [&str; 15] = [
     "latency_unmerged_ms_mean",
     "latency_merged_ms_mean",
     "lr",
+    "primary_ci_lo",
+    "primary_ci_hi",
 ];
 
 /// Fixed leading columns of `curves.csv`; one column per metric name follows.
@@ -152,6 +157,9 @@ pub fn write_runs_csv(records: &[RunRecord], path: &Path) -> Result<usize, Repor
             r.base_params.to_string(),
             opt(r.lr()),
             opt(r.head_lr()),
+            opt(r.selected.as_ref().map(|s| s.rule.name())),
+            opt(r.selected.as_ref().map(|s| s.step)),
+            opt(r.primary_reported()),
         ])?;
     }
     t.finish()?;
@@ -179,6 +187,8 @@ pub fn write_summary_csv(rows: &[SummaryRow], path: &Path) -> Result<usize, Repo
             opt(s.latency_unmerged_ms),
             opt(s.latency_merged_ms),
             s.lr.clone(),
+            opt(s.primary_ci.map(|c| c.lo)),
+            opt(s.primary_ci.map(|c| c.hi)),
         ])?;
     }
     t.finish()?;

@@ -134,6 +134,10 @@ fn record(s: Spec) -> RunRecord {
             os: "linux".into(),
             finished_at: 1_700_000_000,
         },
+        update_analysis: None,
+        selected: None,
+        dev_outcomes: None,
+        memory: None,
     }
 }
 
@@ -410,7 +414,7 @@ fn full_report_from_synthetic_records() {
     assert!(md.contains("- `sst2__adapter__1%__1` (diverged): diverged at step 10: loss is NaN"));
     assert!(md.contains("- `sst2__adapter__0.1%__0` (unreachable): budget unreachable: smallest bottleneck exceeds budget"));
     assert!(md.contains("- `cola__full_finetune__full__0` (error): error: out of memory"));
-    assert!(md.contains("| lora | 1% | – | 10007 | 1.0007% | 0.9100 ± 0.0071 | 2 |"));
+    assert!(md.contains("| lora | 1% | – | 10007 | 1.0007% | 0.9100 ± 0.0071 | – | 2 |"));
     for (name, _) in expected {
         assert!(md.contains(&format!("]({name})")), "{name} not embedded");
     }
@@ -606,6 +610,7 @@ fn pretraining_control_is_compared_with_the_pretrained_run() {
         n_seeds: 1,
         primary_mean: Some(mean),
         primary_std: Some(0.0),
+        primary_ci: None,
         trainable_params: 100.0,
         trainable_percent: 3.0,
         train_seconds: 1.0,
