@@ -170,7 +170,7 @@ enum Command {
 }
 
 /// The committed suites, embedded so the binary works from any folder.
-const SUITES: [(&str, &str); 9] = [
+const SUITES: [(&str, &str); 10] = [
     ("default", include_str!("../suites/default.toml")),
     (
         "objectives-minilm-quick",
@@ -192,6 +192,7 @@ const SUITES: [(&str, &str); 9] = [
         include_str!("../suites/sst2-lora-analysis.toml"),
     ),
     ("hh-minilm", include_str!("../suites/hh-minilm.toml")),
+    ("mrpc-minilm", include_str!("../suites/mrpc-minilm.toml")),
 ];
 
 fn minilm_dir() -> PathBuf {
@@ -425,6 +426,9 @@ fn resolve_suite(suite: Option<String>, config: Option<PathBuf>) -> Result<Suite
 
 fn main() -> Result<()> {
     peftbench_backbone::keep_freed_memory();
+    if std::env::var_os("PEFTBENCH_COUNT_HEAP").is_some_and(|v| v == "0") {
+        peftbench_backbone::heap::disable();
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Run {

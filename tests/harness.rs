@@ -176,7 +176,16 @@ fn grid_skips_recorded_runs_and_shards_split_the_grid() {
             r.status
         );
         assert_eq!(r.steps, 6);
-        assert_eq!(r.curve.len(), 2);
+        // Step 0 (the untrained model), a loss point every step, dev metrics at 0, 3 and 6.
+        let steps: Vec<usize> = r.curve.iter().map(|p| p.step).collect();
+        assert_eq!(steps, [0, 1, 2, 3, 4, 5, 6]);
+        let evaluated: Vec<usize> = r
+            .curve
+            .iter()
+            .filter(|p| !p.metrics.is_empty())
+            .map(|p| p.step)
+            .collect();
+        assert_eq!(evaluated, [0, 3, 6]);
         assert!(r.metrics_best.contains_key(&r.primary_metric));
         // The untrained model's dev metrics are kept as the baseline to beat.
         assert!(
@@ -271,8 +280,10 @@ fn head_lr_sets_the_task_heads_own_rate() {
         s.optim.head_lr = head_lr;
         let r = peftbench_harness::run(&s, &base, &tasks["polarity"], tmp.path());
         assert_eq!(r.status, peftbench_reports::RunStatus::Ok, "{:?}", r.status);
+        // The evaluations only (loss-only points carry no metrics).
         r.curve
             .iter()
+            .filter(|p| !p.metrics.is_empty())
             .map(|p| p.metrics.clone())
             .collect::<Vec<_>>()
     };

@@ -60,6 +60,24 @@ fn peftbench(cache: &Path, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Runs the suite text through `peftbench run`; returns the results folder.
+fn run_suite(dir: &Path, cache: &Path, text: &str, extra: &[&str]) -> std::path::PathBuf {
+    let file = dir.join("suite.toml");
+    std::fs::write(&file, text).unwrap();
+    let results = dir.join("results");
+    let mut args = vec![
+        "run",
+        "--config",
+        file.to_str().unwrap(),
+        "--results",
+        results.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out) = peftbench(cache, &args);
+    assert!(ok, "{out}");
+    results
+}
+
 /// A cache holding a random synthetic base, so no process pretrains one.
 fn cache(dir: &Path) -> std::path::PathBuf {
     let cache = dir.join("cache");
@@ -74,20 +92,12 @@ fn cache(dir: &Path) -> std::path::PathBuf {
 fn best_on_validation_runs_keep_outcomes_and_eval_reproduces_them() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = cache(tmp.path());
-    let file = tmp.path().join("selection.toml");
-    std::fs::write(&file, suite("selection = \"best_on_validation\"")).unwrap();
-    let results = tmp.path().join("results");
-    let (ok, text) = peftbench(
+    let results = run_suite(
+        tmp.path(),
         &cache,
-        &[
-            "run",
-            "--config",
-            file.to_str().unwrap(),
-            "--results",
-            results.to_str().unwrap(),
-        ],
+        &suite("selection = \"best_on_validation\""),
+        &[],
     );
-    assert!(ok, "{text}");
     let runs = results.join("selection").join("runs");
     let records = load_records(&runs).unwrap();
     assert_eq!(records.len(), 6);
@@ -133,21 +143,7 @@ fn best_on_validation_runs_keep_outcomes_and_eval_reproduces_them() {
 fn final_selection_reports_the_last_evaluation() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = cache(tmp.path());
-    let file = tmp.path().join("final.toml");
-    std::fs::write(&file, suite("")).unwrap();
-    let results = tmp.path().join("results");
-    let (ok, text) = peftbench(
-        &cache,
-        &[
-            "run",
-            "--config",
-            file.to_str().unwrap(),
-            "--results",
-            results.to_str().unwrap(),
-            "--no-report",
-        ],
-    );
-    assert!(ok, "{text}");
+    let results = run_suite(tmp.path(), &cache, &suite(""), &["--no-report"]);
     for r in load_records(&results.join("selection").join("runs")).unwrap() {
         let s = r.selected.unwrap();
         assert_eq!(

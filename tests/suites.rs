@@ -170,3 +170,51 @@ fn a_method_may_give_its_task_head_its_own_rate() {
         "{e}"
     );
 }
+
+/// The MRPC worked example: a TSV task declared in a suite loads GLUE's MRPC layout, scores
+/// F1 and accuracy, and has an F1 chance level with a standard error.
+#[test]
+fn the_mrpc_example_suite_loads_glue_mrpc_files() {
+    use peftbench_backbone::TextTokenizer;
+    use peftbench_harness::objective::Objective;
+    let s = suite("mrpc-minilm");
+    assert_eq!(
+        s.train.selection,
+        peftbench_reports::Selection::BestOnValidation
+    );
+    let task = &s.tasks[0];
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("glue/MRPC");
+    std::fs::create_dir_all(&dir).unwrap();
+    // GLUE's own header and column order.
+    let mut rows = String::from("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n");
+    for i in 0..20 {
+        let label = u8::from(i % 3 != 0);
+        rows.push_str(&format!(
+            "{label}\t{i}\t{}\tthe cat sat {i}\ta cat sits {i}\n",
+            i + 100
+        ));
+    }
+    std::fs::write(dir.join("train.tsv"), &rows).unwrap();
+    std::fs::write(dir.join("dev.tsv"), &rows).unwrap();
+    let tok_path = tmp.path().join("tokenizer.json");
+    std::fs::write(&tok_path, peftbench_harness::synthetic::tokenizer_json()).unwrap();
+    let tok = TextTokenizer::from_file(&tok_path, task.max_len).unwrap();
+    let data = peftbench_harness::load_task(task, &tok, tmp.path()).unwrap();
+    assert_eq!((data.train.len(), data.dev.len()), (20, 20));
+    assert!(matches!(
+        data.objective,
+        Objective::Classification { num_labels: 2, .. }
+    ));
+    assert_eq!(data.objective.primary_metric(), "f1");
+    let chance =
+        peftbench_harness::chance::chance_level(&data.objective, &data.train, &data.dev).unwrap();
+    // 13 of 20 are paraphrases: F1 of "always 1" is 2·13/(20+13).
+    assert!((chance.value - 26.0 / 33.0).abs() < 1e-12, "{chance:?}");
+    assert!(chance.std_error.is_some_and(|se| se > 0.0));
+    // A missing file names the path it looked for.
+    let e = peftbench_harness::load_task(task, &tok, &tmp.path().join("elsewhere"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("elsewhere/glue/MRPC/train.tsv"), "{e}");
+}

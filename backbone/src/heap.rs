@@ -13,10 +13,25 @@ pub struct CountingAlloc;
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 static ACTIVE: AtomicBool = AtomicBool::new(false);
+/// Set once counting is switched off (`PEFTBENCH_COUNT_HEAP=0`), to measure its cost.
+static OFF: AtomicBool = AtomicBool::new(false);
 
+/// Stops counting (peak readings then fall back to RSS); for measuring the counter's cost.
+pub fn disable() {
+    OFF.store(true, Ordering::Relaxed);
+    ACTIVE.store(false, Ordering::Relaxed);
+}
+
+// Loads before stores: a store (even of the same value) takes the cache line from the other
+// cores, and allocations happen on every worker thread.
 fn grew(n: usize) {
+    if !ACTIVE.load(Ordering::Relaxed) {
+        ACTIVE.store(true, Ordering::Relaxed);
+    }
     let now = LIVE.fetch_add(n, Ordering::Relaxed) + n;
-    PEAK.fetch_max(now, Ordering::Relaxed);
+    if now > PEAK.load(Ordering::Relaxed) {
+        PEAK.fetch_max(now, Ordering::Relaxed);
+    }
 }
 
 fn shrank(n: usize) {
@@ -28,27 +43,27 @@ fn shrank(n: usize) {
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let p = System.alloc(layout);
-        if !p.is_null() {
-            ACTIVE.store(true, Ordering::Relaxed);
+        if !p.is_null() && !OFF.load(Ordering::Relaxed) {
             grew(layout.size());
         }
         p
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         let p = System.alloc_zeroed(layout);
-        if !p.is_null() {
-            ACTIVE.store(true, Ordering::Relaxed);
+        if !p.is_null() && !OFF.load(Ordering::Relaxed) {
             grew(layout.size());
         }
         p
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         System.dealloc(ptr, layout);
-        shrank(layout.size());
+        if !OFF.load(Ordering::Relaxed) {
+            shrank(layout.size());
+        }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let p = System.realloc(ptr, layout, new_size);
-        if !p.is_null() {
+        if !p.is_null() && !OFF.load(Ordering::Relaxed) {
             if new_size >= layout.size() {
                 grew(new_size - layout.size());
             } else {

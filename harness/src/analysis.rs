@@ -42,7 +42,8 @@ pub const ENERGY_FRACTION: f64 = 0.9;
 /// How many of ΔW's singular values a record keeps.
 const KEPT_SINGULAR_VALUES: usize = 32;
 
-fn to_mat(t: &Tensor) -> Result<Mat, HarnessError> {
+/// A 2-D tensor as an f64 matrix.
+pub(crate) fn to_mat(t: &Tensor) -> Result<Mat, HarnessError> {
     let (rows, cols) = t.dims2()?;
     let data = t
         .to_dtype(candle_core::DType::F64)?

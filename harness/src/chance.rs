@@ -37,9 +37,21 @@ pub fn chance_level(obj: &Objective, train: &[Example], dev: &[Example]) -> Opti
                 // standard normal for a predictor independent of them.
                 GlueMetric::Matthews => chance("matthews", 0.0, Some(1.0 / sqrt_n), rule),
                 GlueMetric::PearsonSpearman => chance("pearson", 0.0, correlation_se(n), rule),
-                // F1 of a constant prediction has no simple null spread.
+                // Of the constant predictors, "always positive" has the highest F1: 2q/(1+q)
+                // for a positive share q, whose spread over dev sets of n follows from q's
+                // binomial one by the delta method: |dF1/dq| = 2/(1+q)².
                 GlueMetric::F1Accuracy => {
-                    chance("f1", metrics::f1_binary(&pred, &gold), None, rule)
+                    let q =
+                        gold.iter().filter(|g| **g == 1).count() as f64 / gold.len().max(1) as f64;
+                    let ones = vec![1; gold.len()];
+                    let se = 2.0 / (1.0 + q).powi(2) * (q * (1.0 - q)).sqrt() / sqrt_n;
+                    chance(
+                        "f1",
+                        metrics::f1_binary(&ones, &gold),
+                        Some(se),
+                        "class 1 for every input (the constant prediction with the highest F1)"
+                            .into(),
+                    )
                 }
             })
         }
@@ -133,6 +145,24 @@ mod tests {
         assert_eq!((r.metric.as_str(), r.value), ("pair_accuracy", 0.5));
         assert!(chance_level(&Objective::CausalLm, &dev, &dev).is_none());
         assert!(chance_level(&Objective::Regression, &dev, &[]).is_none());
+    }
+
+    /// F1's chance is "always positive": 2q/(1+q), with the delta-method standard error.
+    #[test]
+    fn f1_chance_is_always_positive_with_a_standard_error() {
+        let obj = Objective::Classification {
+            num_labels: 2,
+            metric: GlueMetric::F1Accuracy,
+        };
+        // A negative majority in training does not matter: F1 of "always 0" is 0.
+        let train: Vec<Example> = [0, 0, 0, 1].map(text).to_vec();
+        let dev: Vec<Example> = [1, 1, 1, 0].map(text).to_vec();
+        let c = chance_level(&obj, &train, &dev).unwrap();
+        let q: f64 = 0.75;
+        assert_eq!(c.metric, "f1");
+        assert!((c.value - 2.0 * q / (1.0 + q)).abs() < 1e-12, "{c:?}");
+        let se = 2.0 / (1.0 + q).powi(2) * (q * (1.0 - q)).sqrt() / 2.0;
+        assert!((c.std_error.unwrap() - se).abs() < 1e-12, "{c:?}");
     }
 
     #[test]

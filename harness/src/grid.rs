@@ -344,8 +344,7 @@ pub fn run_grid_with(
         })?;
         drop(claim);
         let score = rec
-            .metrics_best
-            .get(&rec.primary_metric)
+            .primary_reported()
             .map_or("-".to_string(), |v| format!("{v:.4}"));
         eprintln!(
             "{} {}={score} in {:.1}s",

@@ -3,7 +3,7 @@
 //! one's?) and two seeds at one rank (do independent runs find the same directions?). Read
 //! from the adapters the runs saved, so the report can be made again without training.
 
-use crate::analysis::Analysis;
+use crate::analysis::{to_mat, Analysis};
 use crate::linalg::{orthonormal_columns, right_singular_vectors, subspace_similarity, Mat};
 use crate::HarnessError;
 use peftbench_methods::peft::PeftFiles;
@@ -16,15 +16,6 @@ use std::path::Path;
 struct Factors {
     a: Mat,
     b: Mat,
-}
-
-fn to_mat(t: &candle_core::Tensor) -> Result<Mat, HarnessError> {
-    let (rows, cols) = t.dims2()?;
-    let data = t
-        .to_dtype(candle_core::DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?;
-    Ok(Mat::new(rows, cols, data))
 }
 
 /// `encoder.layer.5.attention.self.query` → `layer5.query`; `model.layers.0.self_attn.q_proj`

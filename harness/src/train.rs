@@ -204,6 +204,50 @@ impl Order {
     }
 }
 
+/// A one-line progress display (step, loss, steps per second, time left) rewritten in place
+/// about once a second, only when stderr is a terminal: logs and CI get the grid's plain
+/// lines alone.
+struct Progress {
+    on: bool,
+    shown: bool,
+    started: Instant,
+    last: Instant,
+}
+
+impl Progress {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        let now = Instant::now();
+        Self {
+            on: std::io::stderr().is_terminal(),
+            shown: false,
+            started: now,
+            last: now,
+        }
+    }
+
+    fn show(&mut self, step: usize, total: usize, loss: f64) {
+        if !self.on || (self.last.elapsed().as_secs_f64() < 1.0 && step != total) {
+            return;
+        }
+        self.last = Instant::now();
+        if !self.shown {
+            // Below the grid's line for this run, which the run's result then ends.
+            eprintln!();
+            self.shown = true;
+        }
+        let rate = step as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+        let left = (total - step) as f64 / rate.max(1e-9);
+        eprint!("\r  step {step}/{total}  loss {loss:.4}  {rate:.2} steps/s  {left:.0}s left   ");
+    }
+
+    fn clear(&self) {
+        if self.shown {
+            eprint!("\r{:70}\r", "");
+        }
+    }
+}
+
 /// The seed of a task's validation split: its name's FNV-1a hash.
 fn task_seed(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -458,6 +502,8 @@ fn run_inner(
     initial.retain(|_, v| v.is_finite());
     let started = Instant::now();
     let mut eval_seconds = 0f64;
+    let log_every = (total / 50).max(1);
+    let mut progress = Progress::new();
     for step in 1..=total {
         method.set_training(true);
         for _ in 0..accum {
@@ -472,6 +518,15 @@ fn run_inner(
             };
             let mut l = loss(&task.objective, &scorer, &batch)?;
             let value = l.to_scalar::<f32>()? as f64;
+            if first_loss.is_none() {
+                // The untrained model's loss on the first batch opens the curve at step 0,
+                // beside its dev metrics.
+                rec.curve.push(CurvePoint {
+                    step: 0,
+                    train_loss: value,
+                    metrics: initial.clone(),
+                });
+            }
             let first = *first_loss.get_or_insert(value);
             if let Some(message) = divergence(value, first) {
                 rec.status = RunStatus::Diverged { step, message };
@@ -492,6 +547,17 @@ fn run_inner(
         }
         let eval_now =
             step == total || (spec.train.eval_every > 0 && step % spec.train.eval_every == 0);
+        progress.show(step, total, loss_sum / loss_n.max(1) as f64);
+        if !eval_now && step % log_every == 0 {
+            // Loss alone, about 50 times a run, so a curve is more than its evaluations.
+            rec.curve.push(CurvePoint {
+                step,
+                train_loss: loss_sum / loss_n.max(1) as f64,
+                metrics: BTreeMap::new(),
+            });
+            loss_sum = 0.0;
+            loss_n = 0;
+        }
         if eval_now {
             let t0 = Instant::now();
             method.set_training(false);
@@ -578,6 +644,7 @@ fn run_inner(
             eval_seconds += t0.elapsed().as_secs_f64();
         }
     }
+    progress.clear();
     rec.steps = total;
     rec.train_seconds = started.elapsed().as_secs_f64() - eval_seconds;
     if let Some((m, h)) = &chosen_state {

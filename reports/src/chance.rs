@@ -76,11 +76,19 @@ pub fn chance_sentence(records: &[RunRecord], rows: &[SummaryRow], task: &str) -
             within.push(label);
         }
     }
+    // Only records made before selection was kept report a best-on-dev score.
+    let chosen_on_dev = records
+        .iter()
+        .any(|r| r.task == task && r.status == crate::RunStatus::Ok && r.selected.is_none());
     s.push_str(&format!(
-        " At least {Z_BEATS_CHANCE} standard errors above it: {}. Not: {}. The scores are each run's best \
-         evaluation, so z is optimistic.",
+        " At least {Z_BEATS_CHANCE} standard errors above it: {}. Not: {}.{}",
         list_or_none(&above),
-        list_or_none(&within)
+        list_or_none(&within),
+        if chosen_on_dev {
+            " The scores are each run's best evaluation, so z is optimistic."
+        } else {
+            ""
+        }
     ));
     Some(s)
 }

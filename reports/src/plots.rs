@@ -2,7 +2,7 @@
 //! images look the same on every machine and never depend on the system's fontconfig.
 
 use crate::summary::{
-    budget_order, budget_rank, methods, tasks, SummaryRow, BYTES_PER_MB, FULL_FINETUNE,
+    budget_order, budget_rank, methods, tasks, SummaryRow, BYTES_PER_MB, FULL_FINETUNE, HEAD_ONLY,
 };
 use crate::{ReportError, RunRecord, RunStatus};
 use plotters::prelude::*;
@@ -194,18 +194,53 @@ pub(crate) fn draw_to(
     })
 }
 
-/// Full fine-tuning's (mean, std) on the task, the dashed reference line.
-fn full_reference(rows: &[&SummaryRow]) -> Option<(f64, f64)> {
-    rows.iter()
-        .filter(|r| r.method == FULL_FINETUNE)
-        .find_map(|r| Some((r.primary_mean?, r.primary_std.unwrap_or(0.0))))
+/// A horizontal reference line on the score plots.
+struct Reference {
+    label: String,
+    value: f64,
+    color: RGBColor,
+}
+
+/// The task's reference lines: full fine-tuning's mean, the head-only floor and chance, so no
+/// plot cuts them off.
+fn references(rows: &[&SummaryRow], chance: Option<f64>) -> Vec<Reference> {
+    let mean_of = |method: &str| {
+        rows.iter()
+            .filter(|r| r.method == method)
+            .find_map(|r| r.primary_mean.filter(|v| v.is_finite()))
+    };
+    let mut out = Vec::new();
+    if let Some(v) = mean_of(FULL_FINETUNE) {
+        out.push(Reference {
+            label: format!("{FULL_FINETUNE} (mean)"),
+            value: v,
+            color: BLACK,
+        });
+    }
+    if let Some(v) = mean_of(HEAD_ONLY) {
+        out.push(Reference {
+            label: format!("{HEAD_ONLY} floor (mean)"),
+            value: v,
+            color: RGBColor(120, 120, 120),
+        });
+    }
+    if let Some(v) = chance.filter(|v| v.is_finite()) {
+        out.push(Reference {
+            label: "chance".into(),
+            value: v,
+            color: RGBColor(200, 40, 40),
+        });
+    }
+    out
 }
 
 struct ScorePoint<'a> {
     method: &'a str,
     x: f64,
     y: f64,
-    err: f64,
+    /// The bar: the 95% interval where outcomes were kept, else mean ± std over seeds.
+    lo: f64,
+    hi: f64,
 }
 
 fn score_points<'a>(
@@ -213,17 +248,30 @@ fn score_points<'a>(
     x: impl Fn(&SummaryRow) -> f64,
 ) -> Vec<ScorePoint<'a>> {
     rows.iter()
-        .filter(|r| r.method != FULL_FINETUNE)
+        .filter(|r| r.method != FULL_FINETUNE && r.method != HEAD_ONLY)
         .filter_map(|r| {
             let y = r.primary_mean.filter(|y| y.is_finite())?;
+            let (lo, hi) = match r.primary_ci {
+                Some(c) => (c.lo.min(y), c.hi.max(y)),
+                None => {
+                    let e = r.primary_std.filter(|s| s.is_finite()).unwrap_or(0.0);
+                    (y - e, y + e)
+                }
+            };
             Some(ScorePoint {
                 method: &r.method,
                 x: x(r),
                 y,
-                err: r.primary_std.filter(|s| s.is_finite()).unwrap_or(0.0),
+                lo,
+                hi,
             })
         })
         .collect()
+}
+
+/// The y-axis label: what the bars are.
+fn bar_label(metric: &str) -> String {
+    format!("{metric} (mean; bars: 95% CI, or ± std over seeds)")
 }
 
 fn distinct_methods<'a>(points: &[ScorePoint<'a>]) -> Vec<&'a str> {
@@ -237,6 +285,7 @@ fn draw_score_vs_params(
     root: &Root,
     task: &str,
     rows: &[&SummaryRow],
+    chance: Option<f64>,
     colors: &Colors,
 ) -> DrawResult {
     let metric = rows.first().map_or("score", |r| r.primary_metric.as_str());
@@ -253,12 +302,12 @@ fn draw_score_vs_params(
             "No parameter-efficient run with a score to plot.",
         );
     };
-    let full = full_reference(rows);
+    let refs = references(rows, chance);
     let (y_lo, y_hi) = padded_range(
         points
             .iter()
-            .flat_map(|p| [p.y - p.err, p.y + p.err])
-            .chain(full.map(|f| f.0)),
+            .flat_map(|p| [p.lo, p.hi])
+            .chain(refs.iter().map(|r| r.value)),
     );
     let mut chart = ChartBuilder::on(root)
         .caption(&title, font(26))
@@ -269,7 +318,7 @@ fn draw_score_vs_params(
     chart
         .configure_mesh()
         .x_desc("trainable parameters (log scale)")
-        .y_desc(format!("{metric} (mean ± std over seeds)"))
+        .y_desc(bar_label(metric))
         .x_label_formatter(&|v| format_count(*v))
         .label_style(font(15))
         .axis_desc_style(font(18))
@@ -283,7 +332,7 @@ fn draw_score_vs_params(
             color.mix(0.4).stroke_width(1),
         ))?;
         chart.draw_series(mine.iter().flat_map(|p| {
-            let (lo, hi) = (p.y - p.err, p.y + p.err);
+            let (lo, hi) = (p.lo, p.hi);
             // Caps a few percent wide in x: on a log axis a ratio is a fixed pixel width.
             [
                 PathElement::new(vec![(p.x, lo), (p.x, hi)], color.stroke_width(2)),
@@ -305,17 +354,18 @@ fn draw_score_vs_params(
             .label(method)
             .legend(move |(x, y)| Circle::new((x, y), 6, color.filled()));
     }
-    if let Some((mean, _)) = full {
+    for r in &refs {
+        let c = r.color;
         chart
             .draw_series(DashedLineSeries::new(
-                [(x_lo, mean), (x_hi, mean)],
+                [(x_lo, r.value), (x_hi, r.value)],
                 10,
                 6,
-                BLACK.stroke_width(2),
+                c.stroke_width(2),
             ))?
-            .label(format!("{FULL_FINETUNE} (mean)"))
-            .legend(|(x, y)| {
-                PathElement::new(vec![(x - 10, y), (x + 10, y)], BLACK.stroke_width(2))
+            .label(r.label.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x - 10, y), (x + 10, y)], c.stroke_width(2))
             });
     }
     chart
@@ -333,13 +383,18 @@ fn draw_score_vs_budget(
     task: &str,
     rows: &[&SummaryRow],
     order: &[String],
+    chance: Option<f64>,
     colors: &Colors,
 ) -> DrawResult {
     let metric = rows.first().map_or("score", |r| r.primary_metric.as_str());
     let title = format!("{task}: {metric} vs budget");
     let mut budgets: Vec<String> = rows
         .iter()
-        .filter(|r| r.method != FULL_FINETUNE && r.primary_mean.is_some_and(f64::is_finite))
+        .filter(|r| {
+            r.method != FULL_FINETUNE
+                && r.method != HEAD_ONLY
+                && r.primary_mean.is_some_and(f64::is_finite)
+        })
         .map(|r| r.budget.clone())
         .collect();
     budgets.sort_by_key(|b| budget_rank(order, b));
@@ -354,12 +409,12 @@ fn draw_score_vs_budget(
             "No parameter-efficient run with a score to plot.",
         );
     }
-    let full = full_reference(rows);
+    let refs = references(rows, chance);
     let (y_lo, y_hi) = padded_range(
         points
             .iter()
-            .flat_map(|p| [p.y - p.err, p.y + p.err])
-            .chain(full.map(|f| f.0)),
+            .flat_map(|p| [p.lo, p.hi])
+            .chain(refs.iter().map(|r| r.value)),
     );
     let n = budgets.len();
     let x_range = -0.5..(n as f64 - 0.5);
@@ -375,7 +430,7 @@ fn draw_score_vs_budget(
         .x_label_formatter(&|v| category_label(&budgets, *v))
         .disable_x_mesh()
         .x_desc("parameter budget")
-        .y_desc(format!("{metric} (mean ± std over seeds)"))
+        .y_desc(bar_label(metric))
         .label_style(font(15))
         .axis_desc_style(font(18))
         .draw()?;
@@ -384,21 +439,19 @@ fn draw_score_vs_budget(
         let color = colors.get(method);
         // Side-by-side offsets so that error bars of different methods do not overlap.
         let shift = (k as f64 - (methods.len() as f64 - 1.0) / 2.0) * 0.06;
-        let mine: Vec<(f64, f64, f64)> = points
+        let mine: Vec<(f64, f64, f64, f64)> = points
             .iter()
             .filter(|p| p.method == *method)
-            .map(|p| (p.x + shift, p.y, p.err))
+            .map(|p| (p.x + shift, p.y, p.lo, p.hi))
             .collect();
         chart.draw_series(LineSeries::new(
             mine.iter().map(|p| (p.0, p.1)),
             color.mix(0.5).stroke_width(1),
         ))?;
-        chart.draw_series(mine.iter().map(|p| {
-            PathElement::new(
-                vec![(p.0, p.1 - p.2), (p.0, p.1 + p.2)],
-                color.stroke_width(2),
-            )
-        }))?;
+        chart.draw_series(
+            mine.iter()
+                .map(|p| PathElement::new(vec![(p.0, p.2), (p.0, p.3)], color.stroke_width(2))),
+        )?;
         chart
             .draw_series(
                 mine.iter()
@@ -407,17 +460,18 @@ fn draw_score_vs_budget(
             .label(*method)
             .legend(move |(x, y)| Circle::new((x, y), 6, color.filled()));
     }
-    if let Some((mean, _)) = full {
+    for r in &refs {
+        let c = r.color;
         chart
             .draw_series(DashedLineSeries::new(
-                [(x_range.start, mean), (x_range.end, mean)],
+                [(x_range.start, r.value), (x_range.end, r.value)],
                 10,
                 6,
-                BLACK.stroke_width(2),
+                c.stroke_width(2),
             ))?
-            .label(format!("{FULL_FINETUNE} (mean)"))
-            .legend(|(x, y)| {
-                PathElement::new(vec![(x - 10, y), (x + 10, y)], BLACK.stroke_width(2))
+            .label(r.label.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x - 10, y), (x + 10, y)], c.stroke_width(2))
             });
     }
     chart
@@ -793,20 +847,24 @@ pub fn write_plots(
     };
     for task in tasks(records) {
         let task_rows: Vec<&SummaryRow> = rows.iter().filter(|r| r.task == task).collect();
+        let chance = records
+            .iter()
+            .filter(|r| r.task == task)
+            .find_map(|r| crate::chance::recorded_chance(r).map(|c| c.value));
         let stem = file_stem(&task);
         add(
             format!("score_vs_params_{stem}.png"),
             format!("{task}: score vs trainable parameters"),
             Some(&task),
             SCORE_VS_PARAMS_SIZE,
-            &|root| draw_score_vs_params(root, &task, &task_rows, &colors),
+            &|root| draw_score_vs_params(root, &task, &task_rows, chance, &colors),
         )?;
         add(
             format!("score_vs_budget_{stem}.png"),
             format!("{task}: score vs budget"),
             Some(&task),
             SCORE_VS_BUDGET_SIZE,
-            &|root| draw_score_vs_budget(root, &task, &task_rows, &order, &colors),
+            &|root| draw_score_vs_budget(root, &task, &task_rows, &order, chance, &colors),
         )?;
         add(
             format!("curves_{stem}.png"),
