@@ -11,6 +11,7 @@ pub mod outcomes;
 pub mod plots;
 pub mod record;
 pub mod stats;
+mod style;
 pub mod summary;
 pub mod tables;
 

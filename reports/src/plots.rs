@@ -1,6 +1,7 @@
 //! PNG plots drawn with plotters' bitmap backend. Text uses an embedded DejaVu Sans, so the
 //! images look the same on every machine and never depend on the system's fontconfig.
 
+use crate::style::{marker_at, method_style};
 use crate::summary::{
     budget_order, budget_rank, methods, tasks, SummaryRow, BYTES_PER_MB, FULL_FINETUNE, HEAD_ONLY,
 };
@@ -72,30 +73,6 @@ pub fn file_stem(task: &str) -> String {
             }
         })
         .collect()
-}
-
-/// Tableau-10: distinguishable colours, assigned to methods by name order so that a method has
-/// the same colour in every plot.
-const PALETTE: [RGBColor; 10] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
-    RGBColor(188, 189, 34),
-    RGBColor(23, 190, 207),
-];
-
-struct Colors(Vec<String>);
-
-impl Colors {
-    fn get(&self, method: &str) -> RGBColor {
-        let i = self.0.iter().position(|m| m == method).unwrap_or(0);
-        PALETTE[i % PALETTE.len()]
-    }
 }
 
 /// Range of the finite values padded by 10 % (or a fixed amount when they are all equal), so
@@ -269,6 +246,26 @@ fn score_points<'a>(
         .collect()
 }
 
+/// Head-only's score with its bar; x is set by the caller.
+fn head_only_point<'a>(rows: &[&'a SummaryRow]) -> Option<ScorePoint<'a>> {
+    let r = rows.iter().find(|r| r.method == HEAD_ONLY)?;
+    let y = r.primary_mean.filter(|y| y.is_finite())?;
+    let (lo, hi) = match r.primary_ci {
+        Some(c) => (c.lo.min(y), c.hi.max(y)),
+        None => {
+            let e = r.primary_std.filter(|s| s.is_finite()).unwrap_or(0.0);
+            (y - e, y + e)
+        }
+    };
+    Some(ScorePoint {
+        method: &r.method,
+        x: 0.0,
+        y,
+        lo,
+        hi,
+    })
+}
+
 /// The y-axis label: what the bars are.
 fn bar_label(metric: &str) -> String {
     format!("{metric} (mean; bars: 95% CI, or ± std over seeds)")
@@ -286,7 +283,6 @@ fn draw_score_vs_params(
     task: &str,
     rows: &[&SummaryRow],
     chance: Option<f64>,
-    colors: &Colors,
 ) -> DrawResult {
     let metric = rows.first().map_or("score", |r| r.primary_metric.as_str());
     let title = format!("{task}: {metric} vs trainable parameters");
@@ -302,10 +298,20 @@ fn draw_score_vs_params(
             "No parameter-efficient run with a score to plot.",
         );
     };
+    // Head-only trains no backbone parameter, so it has no place on a log axis: it gets a
+    // decade of its own at the left edge, with its own marker.
+    let head = head_only_point(rows);
+    let data_lo = x_lo;
+    let x_lo = if head.is_some() { x_lo / 10.0 } else { x_lo };
+    let head = head.map(|mut p| {
+        p.x = x_lo * 3.0;
+        p
+    });
     let refs = references(rows, chance);
     let (y_lo, y_hi) = padded_range(
         points
             .iter()
+            .chain(head.iter())
             .flat_map(|p| [p.lo, p.hi])
             .chain(refs.iter().map(|r| r.value)),
     );
@@ -319,12 +325,20 @@ fn draw_score_vs_params(
         .configure_mesh()
         .x_desc("trainable parameters (log scale)")
         .y_desc(bar_label(metric))
-        .x_label_formatter(&|v| format_count(*v))
+        // The head-only decade is not a parameter count: its ticks stay unlabelled.
+        .x_label_formatter(&|v| {
+            if *v < data_lo * 0.999 {
+                String::new()
+            } else {
+                format_count(*v)
+            }
+        })
         .label_style(font(15))
         .axis_desc_style(font(18))
         .draw()?;
     for method in distinct_methods(&points) {
-        let color = colors.get(method);
+        let style = method_style(method);
+        let color = style.color;
         let mut mine: Vec<&ScorePoint> = points.iter().filter(|p| p.method == method).collect();
         mine.sort_by(|a, b| a.x.total_cmp(&b.x));
         chart.draw_series(LineSeries::new(
@@ -347,12 +361,31 @@ fn draw_score_vs_params(
             ]
         }))?;
         chart
-            .draw_series(
-                mine.iter()
-                    .map(|p| Circle::new((p.x, p.y), 6, color.filled())),
-            )?
+            .draw_series(mine.iter().map(|p| marker_at(style, (p.x, p.y), 6)))?
             .label(method)
-            .legend(move |(x, y)| Circle::new((x, y), 6, color.filled()));
+            .legend(move |(x, y)| marker_at(style, (x, y), 6));
+    }
+    if let Some(p) = head {
+        let style = method_style(HEAD_ONLY);
+        chart.draw_series([PathElement::new(
+            vec![(p.x, p.lo), (p.x, p.hi)],
+            style.color.stroke_width(2),
+        )])?;
+        chart.draw_series(DashedLineSeries::new(
+            [(data_lo, y_lo), (data_lo, y_hi)],
+            4,
+            4,
+            BLACK.mix(0.5).stroke_width(1),
+        ))?;
+        chart.draw_series([Text::new(
+            "0",
+            (p.x, y_lo),
+            font(15).pos(Pos::new(HPos::Center, VPos::Bottom)),
+        )])?;
+        chart
+            .draw_series([marker_at(style, (p.x, p.y), 6)])?
+            .label(format!("{HEAD_ONLY} (0 trainable)"))
+            .legend(move |(x, y)| marker_at(style, (x, y), 6));
     }
     for r in &refs {
         let c = r.color;
@@ -384,7 +417,6 @@ fn draw_score_vs_budget(
     rows: &[&SummaryRow],
     order: &[String],
     chance: Option<f64>,
-    colors: &Colors,
 ) -> DrawResult {
     let metric = rows.first().map_or("score", |r| r.primary_metric.as_str());
     let title = format!("{task}: {metric} vs budget");
@@ -436,7 +468,8 @@ fn draw_score_vs_budget(
         .draw()?;
     let methods = distinct_methods(&points);
     for (k, method) in methods.iter().enumerate() {
-        let color = colors.get(method);
+        let style = method_style(method);
+        let color = style.color;
         // Side-by-side offsets so that error bars of different methods do not overlap.
         let shift = (k as f64 - (methods.len() as f64 - 1.0) / 2.0) * 0.06;
         let mine: Vec<(f64, f64, f64, f64)> = points
@@ -453,12 +486,9 @@ fn draw_score_vs_budget(
                 .map(|p| PathElement::new(vec![(p.0, p.2), (p.0, p.3)], color.stroke_width(2))),
         )?;
         chart
-            .draw_series(
-                mine.iter()
-                    .map(|p| Circle::new((p.0, p.1), 6, color.filled())),
-            )?
+            .draw_series(mine.iter().map(|p| marker_at(style, (p.0, p.1), 6)))?
             .label(*method)
-            .legend(move |(x, y)| Circle::new((x, y), 6, color.filled()));
+            .legend(move |(x, y)| marker_at(style, (x, y), 6));
     }
     for r in &refs {
         let c = r.color;
@@ -531,13 +561,7 @@ fn loss_lines(records: &[RunRecord], task: &str, order: &[String]) -> Vec<LossLi
     lines
 }
 
-fn draw_curves(
-    root: &Root,
-    task: &str,
-    records: &[RunRecord],
-    order: &[String],
-    colors: &Colors,
-) -> DrawResult {
+fn draw_curves(root: &Root, task: &str, records: &[RunRecord], order: &[String]) -> DrawResult {
     let title = format!("{task}: training loss (mean over seeds, largest budget per method)");
     let lines = loss_lines(records, task, order);
     if lines.is_empty() {
@@ -573,7 +597,8 @@ fn draw_curves(
         points,
     } in &lines
     {
-        let color = colors.get(method);
+        let style = method_style(method);
+        let color = style.color;
         chart
             .draw_series(LineSeries::new(
                 points.iter().copied(),
@@ -585,7 +610,7 @@ fn draw_curves(
             });
         // A one-point line draws nothing; a marker keeps it visible.
         if points.len() == 1 {
-            chart.draw_series(points.iter().map(|p| Circle::new(*p, 5, color.filled())))?;
+            chart.draw_series(points.iter().map(|p| marker_at(style, *p, 5)))?;
         }
     }
     chart
@@ -599,19 +624,27 @@ fn draw_curves(
 }
 
 /// Horizontal bars (method names on the y axis have room for long names like `prefix_tuning`).
+/// A bar with several values is stacked in `parts`' colours (and gets a legend); a bar with one
+/// is in its method's colour.
 fn draw_bars(
     area: &Root,
     title: &str,
     unit: &str,
-    bars: &[(String, f64)],
-    colors: &Colors,
+    bars: &[(String, Vec<f64>)],
+    parts: &[(&str, RGBColor)],
 ) -> DrawResult {
+    // Stacked bars get a key in a strip of their own below the chart, where no bar can hide it.
+    let (area, key) = if parts.is_empty() {
+        (area.clone(), None)
+    } else {
+        let h = area.dim_in_pixel().1 as i32;
+        let (a, k) = area.split_vertically(h - 36);
+        (a, Some(k))
+    };
+    let area = &area;
     let names: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
-    let max = bars
-        .iter()
-        .map(|b| b.1)
-        .filter(|v| v.is_finite())
-        .fold(0.0, f64::max);
+    let total = |v: &[f64]| v.iter().filter(|x| x.is_finite() && **x > 0.0).sum::<f64>();
+    let max = bars.iter().map(|b| total(&b.1)).fold(0.0, f64::max);
     let x_hi = if max > 0.0 { max * 1.25 } else { 1.0 };
     let n = bars.len();
     // Reversed y range: the first method (by name) at the top.
@@ -630,59 +663,109 @@ fn draw_bars(
         .label_style(font(15))
         .axis_desc_style(font(17))
         .draw()?;
-    for (i, (method, value)) in bars.iter().enumerate() {
-        if !value.is_finite() || *value < 0.0 {
-            continue;
-        }
+    for (i, (method, values)) in bars.iter().enumerate() {
         let y = i as f64;
-        let color = colors.get(method);
-        chart.draw_series([Rectangle::new(
-            [(0.0, y - 0.35), (*value, y + 0.35)],
-            color.filled(),
-        )])?;
-        chart.draw_series([Text::new(
-            format!(" {value:.1}"),
-            (*value, y),
-            font(14).pos(Pos::new(HPos::Left, VPos::Center)),
-        )])?;
+        let mut x = 0.0;
+        for (k, v) in values.iter().enumerate() {
+            if !v.is_finite() || *v <= 0.0 {
+                continue;
+            }
+            let color = match parts.get(k) {
+                Some((_, c)) if values.len() > 1 => *c,
+                _ => method_style(method).color,
+            };
+            chart.draw_series([Rectangle::new(
+                [(x, y - 0.35), (x + v, y + 0.35)],
+                color.filled(),
+            )])?;
+            x += v;
+        }
+        if x > 0.0 {
+            chart.draw_series([Text::new(
+                format!(" {x:.1}"),
+                (x, y),
+                font(14).pos(Pos::new(HPos::Left, VPos::Center)),
+            )])?;
+        }
+    }
+    if let Some(key) = key {
+        let mut x = 20;
+        for (label, color) in parts {
+            key.draw(&Rectangle::new([(x, 8), (x + 14, 22)], color.filled()))?;
+            key.draw(&Text::new(
+                label.to_string(),
+                (x + 20, 15),
+                font(14).pos(Pos::new(HPos::Left, VPos::Center)),
+            ))?;
+            x += 28 + 8 * label.len() as i32;
+        }
     }
     Ok(())
 }
 
-fn draw_time_memory(root: &Root, records: &[RunRecord], colors: &Colors) -> DrawResult {
+/// The parts of a peak, bottom to top, with their colours.
+const MEMORY_PARTS: [(&str, RGBColor); 4] = [
+    ("base weights", RGBColor(160, 160, 160)),
+    ("trained parameters", RGBColor(31, 119, 180)),
+    ("AdamW state", RGBColor(255, 127, 14)),
+    ("activations, gradients, rest", RGBColor(44, 160, 44)),
+];
+
+fn draw_time_memory(root: &Root, records: &[RunRecord]) -> DrawResult {
     let title = "Training cost per method (mean over all ok runs)";
-    let mut per_method: BTreeMap<&str, (f64, f64, usize)> = BTreeMap::new();
+    // Seconds, peak MB, the peak's parts in MB (when every run recorded them), run count.
+    let mut per_method: BTreeMap<&str, (f64, f64, Option<[f64; 4]>, usize)> = BTreeMap::new();
     for r in records.iter().filter(|r| r.status == RunStatus::Ok) {
-        let e = per_method.entry(&r.method).or_insert((0.0, 0.0, 0));
+        let e = per_method
+            .entry(&r.method)
+            .or_insert((0.0, 0.0, Some([0.0; 4]), 0));
         e.0 += r.train_seconds;
         e.1 += r.peak_memory_bytes as f64 / BYTES_PER_MB;
-        e.2 += 1;
+        e.2 = match (e.2, &r.memory) {
+            (Some(acc), Some(m)) => {
+                let parts = [
+                    m.base_weights_bytes,
+                    m.trainable_bytes,
+                    m.optimizer_bytes,
+                    m.other_bytes,
+                ];
+                Some(std::array::from_fn(|i| {
+                    acc[i] + parts[i] as f64 / BYTES_PER_MB
+                }))
+            }
+            _ => None,
+        };
+        e.3 += 1;
     }
     if per_method.is_empty() {
         return placeholder(root, title, "No ok runs.");
     }
     let seconds: Vec<(String, f64)> = per_method
         .iter()
-        .map(|(m, v)| (m.to_string(), v.0 / v.2 as f64))
+        .map(|(m, v)| (m.to_string(), v.0 / v.3 as f64))
         .collect();
-    let memory: Vec<(String, f64)> = per_method
+    let split = per_method.values().all(|v| v.2.is_some());
+    let memory: Vec<(String, Vec<f64>)> = per_method
         .iter()
-        .map(|(m, v)| (m.to_string(), v.1 / v.2 as f64))
+        .map(|(m, v)| {
+            let n = v.3 as f64;
+            let parts = match v.2 {
+                Some(p) if split => p.iter().map(|x| x / n).collect(),
+                _ => vec![v.1 / n],
+            };
+            (m.to_string(), parts)
+        })
         .collect();
     let panels = root.split_evenly((1, 2));
-    draw_bars(
-        &panels[0],
-        "Mean training time",
-        "seconds",
-        &seconds,
-        colors,
-    )?;
+    let time: Vec<(String, Vec<f64>)> = seconds.into_iter().map(|(m, s)| (m, vec![s])).collect();
+    draw_bars(&panels[0], "Mean training time", "seconds", &time, &[])?;
+    let parts: &[(&str, RGBColor)] = if split { &MEMORY_PARTS } else { &[] };
     draw_bars(
         &panels[1],
         "Mean peak memory",
         "MB (10^6 bytes)",
         &memory,
-        colors,
+        parts,
     )?;
     Ok(())
 }
@@ -827,7 +910,6 @@ pub fn write_plots(
         return Ok(Vec::new());
     }
     ensure_font()?;
-    let colors = Colors(methods(records));
     let order = budget_order(records);
     let mut plots = Vec::new();
     let mut add = |file_name: String,
@@ -857,21 +939,21 @@ pub fn write_plots(
             format!("{task}: score vs trainable parameters"),
             Some(&task),
             SCORE_VS_PARAMS_SIZE,
-            &|root| draw_score_vs_params(root, &task, &task_rows, chance, &colors),
+            &|root| draw_score_vs_params(root, &task, &task_rows, chance),
         )?;
         add(
             format!("score_vs_budget_{stem}.png"),
             format!("{task}: score vs budget"),
             Some(&task),
             SCORE_VS_BUDGET_SIZE,
-            &|root| draw_score_vs_budget(root, &task, &task_rows, &order, chance, &colors),
+            &|root| draw_score_vs_budget(root, &task, &task_rows, &order, chance),
         )?;
         add(
             format!("curves_{stem}.png"),
             format!("{task}: training loss"),
             Some(&task),
             CURVES_SIZE,
-            &|root| draw_curves(root, &task, records, &order, &colors),
+            &|root| draw_curves(root, &task, records, &order),
         )?;
     }
     add(
@@ -879,7 +961,7 @@ pub fn write_plots(
         "training time and peak memory per method".into(),
         None,
         TIME_MEMORY_SIZE,
-        &|root| draw_time_memory(root, records, &colors),
+        &|root| draw_time_memory(root, records),
     )?;
     if let Some(grid) = rank_grid(records) {
         add(

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 /// Columns of `runs.csv`.
-pub const RUNS_HEADER: [&str; 32] = [
+pub const RUNS_HEADER: [&str; 37] = [
     "run_id",
     "suite",
     "task",
@@ -40,6 +40,11 @@ pub const RUNS_HEADER: [&str; 32] = [
     "selection",
     "selected_step",
     "primary_reported",
+    "memory_source",
+    "memory_base_weights_mb",
+    "memory_trainable_mb",
+    "memory_optimizer_mb",
+    "memory_other_mb",
 ];
 
 /// Columns of `summary.csv`.
@@ -73,6 +78,10 @@ pub const CURVES_HEADER: [&str; 7] = [
     "step",
     "train_loss",
 ];
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / BYTES_PER_MB
+}
 
 /// Empty cell for a missing value, so spreadsheets see a blank rather than a sentinel.
 fn opt<T: ToString>(v: Option<T>) -> String {
@@ -160,6 +169,11 @@ pub fn write_runs_csv(records: &[RunRecord], path: &Path) -> Result<usize, Repor
             opt(r.selected.as_ref().map(|s| s.rule.name())),
             opt(r.selected.as_ref().map(|s| s.step)),
             opt(r.primary_reported()),
+            opt(r.memory.as_ref().map(|m| m.source.clone())),
+            opt(r.memory.as_ref().map(|m| mb(m.base_weights_bytes))),
+            opt(r.memory.as_ref().map(|m| mb(m.trainable_bytes))),
+            opt(r.memory.as_ref().map(|m| mb(m.optimizer_bytes))),
+            opt(r.memory.as_ref().map(|m| mb(m.other_bytes))),
         ])?;
     }
     t.finish()?;
