@@ -80,7 +80,7 @@ fn steps_vs_budget(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(10));
     for mult in [1usize, 4, 16] {
         for m in matched_methods(&base, reference * mult) {
-            if matches!(m, MethodConfig::FullFinetune) {
+            if matches!(m, MethodConfig::FullFinetune(_)) {
                 continue;
             }
             let mut s = setup(&base, &m);

@@ -379,14 +379,11 @@ fn methods(model: Option<PathBuf>) -> Result<()> {
         None => None,
     };
     println!(
-        "{:<14} {:<20} {:>10}  trainable parameters",
+        "{:<14} {:<24} {:>10}  trainable parameters",
         "method", "size knob", "count"
     );
-    // The head-only control closes the list: the floor the eight methods are measured against.
-    for m in MethodConfig::defaults()
-        .into_iter()
-        .chain([MethodConfig::HeadOnly])
-    {
+    // Registration order: the controls (full fine-tuning, head-only) close the list.
+    for m in MethodConfig::all() {
         let knob = m
             .knob()
             .map_or("-".to_string(), |k| format!("{}={}", k.name, k.value));
@@ -397,7 +394,7 @@ fn methods(model: Option<PathBuf>) -> Result<()> {
             None => "-".into(),
         };
         println!(
-            "{:<14} {:<20} {:>10}  {}",
+            "{:<14} {:<24} {:>10}  {}",
             m.name(),
             knob,
             count,

@@ -33,7 +33,7 @@ pub fn pretrain(
     if sequences.is_empty() {
         return Err(HarnessError::Config("pretraining corpus is empty".into()));
     }
-    let method = MethodConfig::FullFinetune.attach(&mut AttachContext::new(model, cfg.seed))?;
+    let method = MethodConfig::full_finetune().attach(&mut AttachContext::new(model, cfg.seed))?;
     let mut opt = AdamW::new(method.params().vars(), cfg.optim.clone())?;
     let examples: Vec<Example> = sequences
         .iter()

@@ -686,7 +686,7 @@ fn run_inner(
         &spec.run_id(),
     )?;
     rec.adapter_bytes = bytes;
-    if matches!(config, MethodConfig::FullFinetune) {
+    if matches!(config, MethodConfig::FullFinetune(_)) {
         // A full copy of the model per run is not worth keeping: its size is recorded.
         let _ = std::fs::remove_file(&saved);
     } else {

@@ -709,3 +709,32 @@ impl Method for AdaLora {
         )
     }
 }
+
+impl crate::MethodSpec for AdaLoraConfig {
+    fn name(&self) -> &'static str {
+        "adalora"
+    }
+    fn formula(&self) -> &'static str {
+        "Σ_targets init_r·(in + out + 1)"
+    }
+    fn validate(&self, model: &ModelConfig) -> Result<()> {
+        AdaLoraConfig::validate(self, model)
+    }
+    fn num_trainable(&self, model: &peftbench_backbone::Transformer) -> Result<usize> {
+        AdaLoraConfig::num_trainable(self, &model.config)
+    }
+    fn knob(&self) -> Option<crate::Knob> {
+        Some(crate::Knob {
+            name: "target_r",
+            value: self.target_r,
+        })
+    }
+    fn set_knob(&mut self, value: usize) {
+        // The budget falls from init_r to target_r; keep PEFT's 1.5× head room.
+        self.target_r = value;
+        self.init_r = (value * 3).div_ceil(2).max(value + 1);
+    }
+    fn attach(&self, ctx: &mut AttachContext) -> Result<Box<dyn Method>> {
+        Ok(Box::new(AdaLora::attach(self, ctx)?))
+    }
+}

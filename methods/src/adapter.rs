@@ -304,3 +304,33 @@ impl Adapter {
         })
     }
 }
+
+impl crate::MethodSpec for AdapterConfig {
+    fn name(&self) -> &'static str {
+        "adapter"
+    }
+    fn formula(&self) -> &'static str {
+        match self.variant {
+            AdapterVariant::Houlsby => "layers · 2 · (2·hidden·bottleneck + bottleneck + hidden)",
+            AdapterVariant::Pfeiffer => "layers · (2·hidden·bottleneck + bottleneck + hidden)",
+        }
+    }
+    fn validate(&self, model: &ModelConfig) -> Result<()> {
+        AdapterConfig::validate(self, model)
+    }
+    fn num_trainable(&self, model: &peftbench_backbone::Transformer) -> Result<usize> {
+        Ok(AdapterConfig::num_trainable(self, &model.config))
+    }
+    fn knob(&self) -> Option<crate::Knob> {
+        Some(crate::Knob {
+            name: "bottleneck",
+            value: self.bottleneck,
+        })
+    }
+    fn set_knob(&mut self, value: usize) {
+        self.bottleneck = value;
+    }
+    fn attach(&self, ctx: &mut AttachContext) -> Result<Box<dyn crate::Method>> {
+        Ok(Box::new(Adapter::attach(self, ctx)?))
+    }
+}

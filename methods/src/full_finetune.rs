@@ -3,7 +3,31 @@
 
 use crate::error::Result;
 use crate::{AttachContext, Method};
-use peftbench_backbone::{Intervention, TrainableParams};
+use peftbench_backbone::{Intervention, TrainableParams, Transformer};
+use serde::{Deserialize, Serialize};
+
+/// Full fine-tuning has nothing to configure but its optimizer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FullFinetuneConfig {}
+
+impl crate::MethodSpec for FullFinetuneConfig {
+    fn name(&self) -> &'static str {
+        "full_finetune"
+    }
+    fn formula(&self) -> &'static str {
+        "every backbone weight"
+    }
+    fn num_trainable(&self, model: &Transformer) -> Result<usize> {
+        Ok(model.num_parameters())
+    }
+    fn fixed_budget(&self) -> Option<&'static str> {
+        Some("full")
+    }
+    fn attach(&self, ctx: &mut AttachContext) -> Result<Box<dyn Method>> {
+        Ok(Box::new(FullFinetune::attach(ctx)?))
+    }
+}
 
 /// Full fine-tuning attached to a model (its weights are now variables).
 pub struct FullFinetune {

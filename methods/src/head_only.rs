@@ -3,7 +3,34 @@
 //! with it was learnt by the head, not by the method.
 
 use crate::{AttachContext, Method};
-use peftbench_backbone::{Intervention, TrainableParams};
+use peftbench_backbone::{Intervention, TrainableParams, Transformer};
+use serde::{Deserialize, Serialize};
+
+/// Head-only has nothing to configure but its optimizer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadOnlyConfig {}
+
+impl crate::MethodSpec for HeadOnlyConfig {
+    fn name(&self) -> &'static str {
+        "head_only"
+    }
+    fn formula(&self) -> &'static str {
+        "0 (only the task head trains)"
+    }
+    fn num_trainable(&self, _model: &Transformer) -> crate::Result<usize> {
+        Ok(0)
+    }
+    fn fixed_budget(&self) -> Option<&'static str> {
+        Some("none")
+    }
+    fn in_defaults(&self) -> bool {
+        false
+    }
+    fn attach(&self, ctx: &mut AttachContext) -> crate::Result<Box<dyn Method>> {
+        Ok(Box::new(HeadOnly::attach(ctx)))
+    }
+}
 
 /// The frozen base with no trainable parameters of its own.
 #[derive(Default)]

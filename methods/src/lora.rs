@@ -330,3 +330,30 @@ impl Lora {
         })
     }
 }
+
+impl crate::MethodSpec for LoraConfig {
+    fn name(&self) -> &'static str {
+        "lora"
+    }
+    fn formula(&self) -> &'static str {
+        "Σ_targets r·(in + out)"
+    }
+    fn validate(&self, model: &ModelConfig) -> Result<()> {
+        LoraConfig::validate(self, model)
+    }
+    fn num_trainable(&self, model: &Transformer) -> Result<usize> {
+        LoraConfig::num_trainable(self, &model.config)
+    }
+    fn knob(&self) -> Option<crate::Knob> {
+        Some(crate::Knob {
+            name: "rank",
+            value: self.rank,
+        })
+    }
+    fn set_knob(&mut self, value: usize) {
+        self.rank = value;
+    }
+    fn attach(&self, ctx: &mut AttachContext) -> Result<Box<dyn Method>> {
+        Ok(Box::new(Lora::attach(self, ctx)?))
+    }
+}

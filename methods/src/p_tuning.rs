@@ -233,3 +233,35 @@ impl Method for PTuning {
         }))
     }
 }
+
+impl crate::MethodSpec for PTuningConfig {
+    fn name(&self) -> &'static str {
+        "p_tuning"
+    }
+    fn formula(&self) -> &'static str {
+        match self.encoder_type {
+            PromptEncoderType::Lstm => {
+                "p·hidden + LSTM(2 layers, 2 directions, e) + 2·e·e + e + e·hidden + hidden"
+            }
+            PromptEncoderType::Mlp => "p·hidden + (hidden·e + e) + (e·e + e) + (e·hidden + hidden)",
+        }
+    }
+    fn validate(&self, model: &ModelConfig) -> Result<()> {
+        PTuningConfig::validate(self, model)
+    }
+    fn num_trainable(&self, model: &peftbench_backbone::Transformer) -> Result<usize> {
+        Ok(PTuningConfig::num_trainable(self, &model.config))
+    }
+    fn knob(&self) -> Option<crate::Knob> {
+        Some(crate::Knob {
+            name: "encoder_hidden_size",
+            value: self.encoder_hidden_size,
+        })
+    }
+    fn set_knob(&mut self, value: usize) {
+        self.encoder_hidden_size = value;
+    }
+    fn attach(&self, ctx: &mut AttachContext) -> Result<Box<dyn crate::Method>> {
+        Ok(Box::new(PTuning::attach(self, ctx)?))
+    }
+}

@@ -147,3 +147,30 @@ impl Method for PTuningV2 {
         Ok(Some(state))
     }
 }
+
+impl crate::MethodSpec for PTuningV2Config {
+    fn name(&self) -> &'static str {
+        "p_tuning_v2"
+    }
+    fn formula(&self) -> &'static str {
+        "p·2·layers·kv_dim"
+    }
+    fn validate(&self, model: &ModelConfig) -> Result<()> {
+        PTuningV2Config::validate(self, model)
+    }
+    fn num_trainable(&self, model: &peftbench_backbone::Transformer) -> Result<usize> {
+        Ok(PTuningV2Config::num_trainable(self, &model.config))
+    }
+    fn knob(&self) -> Option<crate::Knob> {
+        Some(crate::Knob {
+            name: "num_virtual_tokens",
+            value: self.num_virtual_tokens,
+        })
+    }
+    fn set_knob(&mut self, value: usize) {
+        self.num_virtual_tokens = value;
+    }
+    fn attach(&self, ctx: &mut AttachContext) -> Result<Box<dyn crate::Method>> {
+        Ok(Box::new(PTuningV2::attach(self, ctx)?))
+    }
+}

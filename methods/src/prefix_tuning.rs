@@ -236,3 +236,30 @@ impl PrefixTable {
         Ok(Self::new(model, table))
     }
 }
+
+impl crate::MethodSpec for PrefixTuningConfig {
+    fn name(&self) -> &'static str {
+        "prefix_tuning"
+    }
+    fn formula(&self) -> &'static str {
+        "p·hidden + (hidden·mid + mid) + (mid·2·layers·kv_dim + 2·layers·kv_dim); kept: p·2·layers·kv_dim"
+    }
+    fn validate(&self, model: &ModelConfig) -> Result<()> {
+        PrefixTuningConfig::validate(self, model)
+    }
+    fn num_trainable(&self, model: &peftbench_backbone::Transformer) -> Result<usize> {
+        Ok(PrefixTuningConfig::num_trainable(self, &model.config))
+    }
+    fn knob(&self) -> Option<crate::Knob> {
+        Some(crate::Knob {
+            name: "encoder_hidden_size",
+            value: self.encoder_hidden_size,
+        })
+    }
+    fn set_knob(&mut self, value: usize) {
+        self.encoder_hidden_size = value;
+    }
+    fn attach(&self, ctx: &mut AttachContext) -> Result<Box<dyn crate::Method>> {
+        Ok(Box::new(PrefixTuning::attach(self, ctx)?))
+    }
+}

@@ -200,3 +200,30 @@ impl PromptTuning {
         })
     }
 }
+
+impl crate::MethodSpec for PromptTuningConfig {
+    fn name(&self) -> &'static str {
+        "prompt_tuning"
+    }
+    fn formula(&self) -> &'static str {
+        "p·hidden"
+    }
+    fn validate(&self, model: &ModelConfig) -> Result<()> {
+        PromptTuningConfig::validate(self, model)
+    }
+    fn num_trainable(&self, model: &peftbench_backbone::Transformer) -> Result<usize> {
+        Ok(PromptTuningConfig::num_trainable(self, &model.config))
+    }
+    fn knob(&self) -> Option<crate::Knob> {
+        Some(crate::Knob {
+            name: "num_virtual_tokens",
+            value: self.num_virtual_tokens,
+        })
+    }
+    fn set_knob(&mut self, value: usize) {
+        self.num_virtual_tokens = value;
+    }
+    fn attach(&self, ctx: &mut AttachContext) -> Result<Box<dyn crate::Method>> {
+        Ok(Box::new(PromptTuning::attach(self, ctx)?))
+    }
+}

@@ -130,7 +130,7 @@ fn any_method() -> impl Strategy<Value = MethodConfig> {
             prefix_projection: flag,
             encoder_hidden_size: n + 2,
         }),
-        _ => MethodConfig::FullFinetune,
+        _ => MethodConfig::full_finetune(),
     })
 }
 
@@ -442,7 +442,7 @@ proptest! {
 
     #[test]
     fn frozen_weights_stay_bit_identical_and_only_method_and_head_get_gradients((f, heads, hd, layers, seed) in shape(), method in any_method()) {
-        prop_assume!(method != MethodConfig::FullFinetune);
+        prop_assume!(method != MethodConfig::full_finetune());
         let mut m = model(FAMILIES[f], heads, hd, layers, seed);
         let before = m.clone();
         let mut attached = method.attach(&mut AttachContext::new(&mut m, seed)).unwrap();
