@@ -7,7 +7,7 @@ the way a user would (`PeftModel.from_pretrained`, inference mode) to score fixe
 Each case folder holds the adapter as PEFT saved it, `inputs.json` and `expected.safetensors`
 (the reloaded model's logits, and its logits before saving).
 
-    ~/.cache/torch-venv/bin/python scripts/peft-fixtures.py [--minilm DIR] [--out DIR]
+    ~/.cache/torch-venv/bin/python scripts/peft-fixtures.py [--minilm DIR] [--out DIR] [--only NAME ...]
 
 Needs torch, transformers < 4.57 and peft 0.21.2 (the README's recipe).
 """
@@ -20,6 +20,8 @@ import shutil
 import torch
 from peft import (
     AdaLoraConfig,
+    IA3Config,
+    LNTuningConfig,
     LoraConfig,
     PeftModel,
     PrefixTuningConfig,
@@ -65,7 +67,12 @@ def train(model, ids, mask, labels, steps, lr, causal, allocate=False):
     model.eval()
 
 
+ONLY = None
+
+
 def case(out, name, make_base, config, vocab, causal, steps=4, lr=2e-2, allocate=False):
+    if ONLY and name not in ONLY:
+        return
     torch.manual_seed(0)
     model = get_peft_model(make_base(), config)
     ids, mask = inputs(vocab, seed=len(name))
@@ -108,7 +115,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", default=os.path.expanduser("~/.cache/peftbench/all-MiniLM-L6-v2"))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "peft"))
+    ap.add_argument("--only", nargs="*", help="make only these cases")
     a = ap.parse_args()
+    global ONLY
+    ONLY = a.only
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(2)
@@ -161,6 +171,10 @@ def main():
         v,
         False,
     )
+    case(out, "minilm-ln-tuning", minilm, LNTuningConfig(task_type=seq, target_modules=["LayerNorm"]), v, False)
+    # PEFT's BERT default: key, value and `output.dense` (which also matches attention.output.dense),
+    # the dense ones scaled on their input.
+    case(out, "minilm-ia3", minilm, IA3Config(task_type=seq), v, False, lr=5e-2)
 
     gpt2 = tiny_base(out, "tiny-gpt2", GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64), AutoModelForCausalLM)
     case(out, "tiny-gpt2-lora", gpt2, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True), 96, True)
@@ -174,6 +188,8 @@ def main():
         AutoModelForCausalLM,
     )
     case(out, "tiny-llama-lora", llama, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), 96, True)
+    case(out, "tiny-llama-ia3", llama, IA3Config(task_type=TaskType.CAUSAL_LM), 96, True, lr=5e-2)
+    case(out, "tiny-llama-ln-tuning", llama, LNTuningConfig(task_type=TaskType.CAUSAL_LM), 96, True)
 
 
 if __name__ == "__main__":

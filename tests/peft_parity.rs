@@ -85,7 +85,7 @@ fn base_for(case: &str) -> Option<Transformer> {
     }
 }
 
-const CASES: [&str; 10] = [
+const CASES: [&str; 14] = [
     "minilm-lora",
     "minilm-rslora",
     "minilm-adalora",
@@ -96,6 +96,10 @@ const CASES: [&str; 10] = [
     "minilm-ptuning-lstm",
     "tiny-gpt2-lora",
     "tiny-llama-lora",
+    "minilm-ln-tuning",
+    "tiny-llama-ln-tuning",
+    "minilm-ia3",
+    "tiny-llama-ia3",
 ];
 
 #[test]
@@ -385,6 +389,10 @@ fn merge_writes_a_model_that_matches_the_unmerged_adapter() {
         "minilm-adalora",
         "tiny-llama-lora",
         "tiny-gpt2-lora",
+        "minilm-ln-tuning",
+        "tiny-llama-ln-tuning",
+        "minilm-ia3",
+        "tiny-llama-ia3",
     ] {
         let Some(model) = base_for(name) else { return };
         let base_dir = if name.starts_with("minilm") {

@@ -2,7 +2,7 @@
 //! what an adapter saved for (or by) PEFT calls each projection and head.
 
 use crate::config::{Family, ModelConfig};
-use crate::intervention::{Proj, Site};
+use crate::intervention::{NormSite, Proj, Site};
 
 /// The transformers model class an adapter belongs to (PEFT's `task_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +109,25 @@ pub fn module_path(cfg: &ModelConfig, site: Site) -> String {
             Proj::Up | Proj::Gate | Proj::Down => format!("layers.{l}.mlp.{leaf}"),
         },
     }
+}
+
+/// The module path of a norm inside the backbone (`encoder.layer.0.output.LayerNorm`,
+/// `h.0.ln_2`, `layers.0.post_attention_layernorm`); None where the family has no such norm.
+pub fn norm_path(cfg: &ModelConfig, site: NormSite) -> Option<String> {
+    Some(match (cfg.family, site) {
+        (Family::Bert, NormSite::Embeddings) => "embeddings.LayerNorm".into(),
+        (Family::Bert, NormSite::Attention(l)) => {
+            format!("encoder.layer.{l}.attention.output.LayerNorm")
+        }
+        (Family::Bert, NormSite::Ffn(l)) => format!("encoder.layer.{l}.output.LayerNorm"),
+        (Family::Gpt2, NormSite::Attention(l)) => format!("h.{l}.ln_1"),
+        (Family::Gpt2, NormSite::Ffn(l)) => format!("h.{l}.ln_2"),
+        (Family::Gpt2, NormSite::Final) => "ln_f".into(),
+        (Family::Llama, NormSite::Attention(l)) => format!("layers.{l}.input_layernorm"),
+        (Family::Llama, NormSite::Ffn(l)) => format!("layers.{l}.post_attention_layernorm"),
+        (Family::Llama, NormSite::Final) => "norm".into(),
+        _ => return None,
+    })
 }
 
 /// The module path of one transformer layer inside the backbone (`encoder.layer.3`, `h.3`,

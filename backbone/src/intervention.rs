@@ -91,6 +91,39 @@ pub enum Block {
     Ffn,
 }
 
+/// One normalisation layer of the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NormSite {
+    /// After the embeddings (BERT-style encoders).
+    Embeddings,
+    /// Around a layer's attention.
+    Attention(usize),
+    /// Around a layer's feed-forward block.
+    Ffn(usize),
+    /// After the last layer (pre-norm decoders).
+    Final,
+}
+
+impl std::fmt::Display for NormSite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NormSite::Embeddings => write!(f, "embeddings.norm"),
+            NormSite::Attention(l) => write!(f, "layer{l}.attn_norm"),
+            NormSite::Ffn(l) => write!(f, "layer{l}.ffn_norm"),
+            NormSite::Final => write!(f, "final_norm"),
+        }
+    }
+}
+
+/// Parameters that stand in for a norm's own: its gain, and its bias where it has one.
+#[derive(Debug, Clone)]
+pub struct NormParams {
+    /// Gain `[hidden]`.
+    pub weight: Tensor,
+    /// Bias `[hidden]` (LayerNorm only).
+    pub bias: Option<Tensor>,
+}
+
 /// Key and value vectors prepended to one layer's attention, each `[len, kv_heads·head_dim]`
 /// (shared by the batch) or `[batch, len, kv_heads·head_dim]`.
 #[derive(Debug, Clone)]
@@ -116,9 +149,20 @@ impl KvPrefix {
 
 /// Hooks a method implements; the backbone calls them during forward.
 pub trait Intervention {
-    /// Transforms the output of projection `site`, given that projection's input.
+    /// Transforms the input of projection `site` before the projection sees it ((IA)³'s
+    /// feed-forward scaling). The default passes it through untouched.
+    fn project_input(&self, _site: Site, input: &Tensor) -> Result<Tensor> {
+        Ok(input.clone())
+    }
+
+    /// Transforms the output of projection `site`, given that projection's (transformed) input.
     fn project(&self, _site: Site, _input: &Tensor, output: Tensor) -> Result<Tensor> {
         Ok(output)
+    }
+
+    /// Parameters to use in place of norm `site`'s own (LN tuning's trained copies), if any.
+    fn norm_params(&self, _site: NormSite) -> Option<NormParams> {
+        None
     }
 
     /// Transforms a sublayer's output before its residual add.

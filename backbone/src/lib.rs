@@ -27,9 +27,11 @@ pub use error::{BackboneError, Result};
 pub use heads::{lm_logits, pool, HeadKind, Pooling, SequenceHead};
 pub use hf_names::HfTask;
 pub use init::Initializer;
-pub use intervention::{Block, Intervention, KvPrefix, NoIntervention, Proj, Site};
+pub use intervention::{
+    Block, Intervention, KvPrefix, NoIntervention, NormParams, NormSite, Proj, Site,
+};
 pub use linear::Linear;
 pub use load::{load_model_dir, save_model_dir};
-pub use model::{Encoded, Inputs, Transformer};
+pub use model::{Encoded, Inputs, Norm, Transformer};
 pub use params::TrainableParams;
 pub use tokenizer::{pad_rows, TextTokenizer};

@@ -2,7 +2,7 @@
 
 use crate::config::{Activation, Family, ModelConfig};
 use crate::error::{BackboneError, Result};
-use crate::intervention::{Block, Intervention, KvPrefix, Proj, Site};
+use crate::intervention::{Block, Intervention, KvPrefix, NormParams, NormSite, Proj, Site};
 use crate::linear::Linear;
 use crate::ops;
 use candle_core::{DType, Device, Tensor};
@@ -34,6 +34,27 @@ impl Norm {
         match self {
             Norm::Layer { weight, bias, eps } => ops::layer_norm(x, weight, bias, *eps),
             Norm::Rms { weight, eps } => ops::rms_norm(x, weight, *eps),
+        }
+    }
+
+    /// Normalises with the intervention's parameters for `site` when it has some.
+    fn apply(
+        &self,
+        iv: &dyn Intervention,
+        site: NormSite,
+        x: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        match (iv.norm_params(site), self) {
+            (None, _) => self.forward(x),
+            (
+                Some(NormParams {
+                    weight,
+                    bias: Some(b),
+                }),
+                Norm::Layer { eps, .. },
+            ) => ops::layer_norm(x, &weight, &b, *eps),
+            (Some(p), Norm::Layer { bias, eps, .. }) => ops::layer_norm(x, &p.weight, bias, *eps),
+            (Some(p), Norm::Rms { eps, .. }) => ops::rms_norm(x, &p.weight, *eps),
         }
     }
 
@@ -195,6 +216,42 @@ impl Transformer {
         self.layers.get(site.layer).and_then(|l| l.proj(site.proj))
     }
 
+    /// Every norm the model has, in forward order.
+    pub fn norm_sites(&self) -> Vec<NormSite> {
+        let mut out = Vec::new();
+        if self.embeddings.norm.is_some() {
+            out.push(NormSite::Embeddings);
+        }
+        for l in 0..self.layers.len() {
+            out.push(NormSite::Attention(l));
+            out.push(NormSite::Ffn(l));
+        }
+        if self.final_norm.is_some() {
+            out.push(NormSite::Final);
+        }
+        out
+    }
+
+    /// The norm at `site`.
+    pub fn norm(&self, site: NormSite) -> Option<&Norm> {
+        match site {
+            NormSite::Embeddings => self.embeddings.norm.as_ref(),
+            NormSite::Attention(l) => self.layers.get(l).map(|l| &l.attn_norm),
+            NormSite::Ffn(l) => self.layers.get(l).map(|l| &l.ffn_norm),
+            NormSite::Final => self.final_norm.as_ref(),
+        }
+    }
+
+    /// The norm at `site`, mutably (LN tuning merges into it).
+    pub fn norm_mut(&mut self, site: NormSite) -> Option<&mut Norm> {
+        match site {
+            NormSite::Embeddings => self.embeddings.norm.as_mut(),
+            NormSite::Attention(l) => self.layers.get_mut(l).map(|l| &mut l.attn_norm),
+            NormSite::Ffn(l) => self.layers.get_mut(l).map(|l| &mut l.ffn_norm),
+            NormSite::Final => self.final_norm.as_mut(),
+        }
+    }
+
     /// The projection at `site`, mutably (LoRA merges into it).
     pub fn linear_mut(&mut self, site: Site) -> Option<&mut Linear> {
         self.layers
@@ -325,7 +382,7 @@ impl Transformer {
             token_mask
         };
 
-        let mut h = self.embed(inputs, prefix.as_ref(), shift, kv_len)?;
+        let mut h = self.embed(inputs, prefix.as_ref(), shift, kv_len, iv)?;
         let bias = attention_bias(&mask, kv_len, cfg.is_causal())?;
         let rope = if cfg.family == Family::Llama {
             Some(ops::rope_tables(
@@ -343,7 +400,7 @@ impl Transformer {
             h = self.layer_forward(i, layer, &h, &bias, rope.as_ref(), prefix_i, iv)?;
         }
         if let Some(n) = &self.final_norm {
-            h = n.forward(&h)?;
+            h = n.apply(iv, NormSite::Final, &h)?;
         }
         Ok(Encoded {
             hidden: h,
@@ -358,6 +415,7 @@ impl Transformer {
         prefix: Option<&Tensor>,
         prefix_shifts: bool,
         kv_len: usize,
+        iv: &dyn Intervention,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let e = &self.embeddings;
@@ -416,7 +474,7 @@ impl Transformer {
             x = (x + te)?;
         }
         if let Some(n) = &e.norm {
-            x = n.forward(&x)?;
+            x = n.apply(iv, NormSite::Embeddings, &x)?;
         }
         Ok(x)
     }
@@ -436,24 +494,26 @@ impl Transformer {
         let attn_in = if post_norm {
             h.clone()
         } else {
-            layer.attn_norm.forward(h)?
+            layer.attn_norm.apply(iv, NormSite::Attention(i), h)?
         };
         let a = self.attention(i, layer, &attn_in, bias, rope, prefix, iv)?;
         let a = iv.after_block(i, Block::Attention, a)?;
         let h = if post_norm {
-            layer.attn_norm.forward(&(h + a)?)?
+            layer
+                .attn_norm
+                .apply(iv, NormSite::Attention(i), &(h + a)?)?
         } else {
             (h + a)?
         };
         let ffn_in = if post_norm {
             h.clone()
         } else {
-            layer.ffn_norm.forward(&h)?
+            layer.ffn_norm.apply(iv, NormSite::Ffn(i), &h)?
         };
         let f = self.feed_forward(i, layer, &ffn_in, iv)?;
         let f = iv.after_block(i, Block::Ffn, f)?;
         let h = if post_norm {
-            layer.ffn_norm.forward(&(h + f)?)?
+            layer.ffn_norm.apply(iv, NormSite::Ffn(i), &(h + f)?)?
         } else {
             (h + f)?
         };
@@ -475,9 +535,9 @@ impl Transformer {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim());
         let site = |proj| Site { layer: i, proj };
-        let mut q = iv.project(site(Proj::Query), x, layer.query.forward(x)?)?;
-        let mut k = iv.project(site(Proj::Key), x, layer.key.forward(x)?)?;
-        let mut v = iv.project(site(Proj::Value), x, layer.value.forward(x)?)?;
+        let mut q = project(iv, site(Proj::Query), &layer.query, x)?;
+        let mut k = project(iv, site(Proj::Key), &layer.key, x)?;
+        let mut v = project(iv, site(Proj::Value), &layer.value, x)?;
         // Attention takes token-major [b, len, heads·d]; RoPE works on [b, heads, len, d].
         if let Some((cos, sin)) = rope {
             let rotate = |y: &Tensor, n: usize| -> candle_core::Result<Tensor> {
@@ -505,7 +565,7 @@ impl Transformer {
         }
         let scale = 1.0 / (d as f64).sqrt();
         let ctx = ops::attention(&q, &k, &v, bias, nh, nkv, scale)?;
-        Ok(iv.project(site(Proj::AttnOut), &ctx, layer.attn_out.forward(&ctx)?)?)
+        project(iv, site(Proj::AttnOut), &layer.attn_out, &ctx)
     }
 
     fn feed_forward(
@@ -516,15 +576,15 @@ impl Transformer {
         iv: &dyn Intervention,
     ) -> Result<Tensor> {
         let site = |proj| Site { layer: i, proj };
-        let up = iv.project(site(Proj::Up), x, layer.up.forward(x)?)?;
+        let up = project(iv, site(Proj::Up), &layer.up, x)?;
         let inner = match &layer.gate {
             Some(gate) => {
-                let g = iv.project(site(Proj::Gate), x, gate.forward(x)?)?;
+                let g = project(iv, site(Proj::Gate), gate, x)?;
                 (ops::activate(&g, self.config.activation)? * up)?
             }
             None => ops::activate(&up, self.config.activation)?,
         };
-        Ok(iv.project(site(Proj::Down), &inner, layer.down.forward(&inner)?)?)
+        project(iv, site(Proj::Down), &layer.down, &inner)
     }
 }
 
@@ -552,4 +612,10 @@ pub fn attention_bias(mask: &Tensor, kv_len: usize, causal: bool) -> Result<Tens
 /// Whether the family uses SwiGLU.
 pub fn gated(act: Activation, family: Family) -> bool {
     family == Family::Llama && act == Activation::Silu
+}
+
+/// One projection with the intervention's hooks on its input and its output.
+fn project(iv: &dyn Intervention, site: Site, lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    let x = iv.project_input(site, x)?;
+    Ok(iv.project(site, &x, lin.forward(&x)?)?)
 }

@@ -101,6 +101,10 @@ methods! {
     PTuning(crate::PTuningConfig),
     /// P-Tuning v2 (deep prompts).
     PTuningV2(crate::PTuningV2Config),
+    /// (IA)³: learned rescaling of keys, values and feed-forward activations.
+    Ia3(crate::Ia3Config),
+    /// LN tuning: only the norms train.
+    LnTuning(crate::LnTuningConfig),
     /// Full fine-tuning: every weight trainable.
     FullFinetune(crate::FullFinetuneConfig),
     /// The control with nothing trainable but the task head; not among the defaults.
