@@ -84,7 +84,7 @@ fn randomize(params: &TrainableParams, seed: u64, std: f64) {
 
 /// Every method with small random size knobs.
 fn any_method() -> impl Strategy<Value = MethodConfig> {
-    (0usize..8, 1usize..5, 0usize..4, any::<bool>()).prop_map(|(k, n, p, flag)| match k {
+    (0usize..10, 1usize..5, 0usize..4, any::<bool>()).prop_map(|(k, n, p, flag)| match k {
         0 => MethodConfig::Lora(LoraConfig {
             rank: n,
             use_rslora: flag,
@@ -130,8 +130,28 @@ fn any_method() -> impl Strategy<Value = MethodConfig> {
             prefix_projection: flag,
             encoder_hidden_size: n + 2,
         }),
+        7 => MethodConfig::Ia3(Ia3Config {
+            target_modules: flag.then(|| Targets(vec!["query".into(), "up".into(), "down".into()])),
+            feedforward_modules: flag.then(|| Targets(vec!["down".into()])),
+        }),
+        8 => MethodConfig::LnTuning(LnTuningConfig {
+            target_modules: if flag {
+                vec!["all".into()]
+            } else {
+                vec!["attn_norm".into()]
+            },
+        }),
         _ => MethodConfig::full_finetune(),
     })
+}
+
+/// Sets every variable of a method to 1 plus noise (scaling vectors away from their identity).
+fn randomize_around_one(params: &TrainableParams, seed: u64, std: f64) {
+    let mut init = Initializer::new(seed);
+    for (_, v) in params.entries() {
+        let noise = init.normal(v.shape(), std, v.device()).unwrap();
+        v.set(&(noise + 1.0).unwrap()).unwrap();
+    }
 }
 
 fn shape() -> impl Strategy<Value = (usize, usize, usize, usize, u64)> {
@@ -210,6 +230,66 @@ proptest! {
         for s in m.sites() {
             let d = max_abs(&m.linear(s).unwrap().weight, &before.linear(s).unwrap().weight);
             prop_assert!(d <= 1e-6, "{} differs by {}", s, d);
+        }
+    }
+
+    #[test]
+    fn ia3_at_ones_is_the_identity((f, heads, hd, layers, seed) in shape(), len in 1usize..7) {
+        let mut m = model(FAMILIES[f], heads, hd, layers, seed);
+        let x = batch(&[len, len.max(2) - 1], seed);
+        let base = hidden(&m, &x, &NoIntervention);
+        let cfg = Ia3Config { target_modules: Some(Targets(vec!["all-linear".into()])), feedforward_modules: Some(Targets(vec!["down".into(), "attn_out".into()])) };
+        let ia3 = Ia3::attach(&cfg, &mut AttachContext::new(&mut m, seed)).unwrap();
+        prop_assert_eq!(max_abs(&hidden(&m, &x, &ia3), &base), 0.0);
+    }
+
+    #[test]
+    fn ia3_merged_forward_equals_unmerged_and_unmerge_restores((f, heads, hd, layers, seed) in shape()) {
+        let mut m = model(FAMILIES[f], heads, hd, layers, seed);
+        let before = m.clone();
+        let x = batch(&[6, 4], seed);
+        let cfg = Ia3Config { target_modules: Some(Targets(vec!["all-linear".into()])), feedforward_modules: Some(Targets(vec!["down".into(), "up".into()])) };
+        let ia3 = Ia3::attach(&cfg, &mut AttachContext::new(&mut m, seed)).unwrap();
+        randomize_around_one(ia3.params(), seed ^ 7, 0.2);
+        let unmerged = hidden(&m, &x, &ia3);
+        // A LayerNorm over 2 values outputs ±1 whatever the scale, so only wider models show it.
+        if m.config.hidden_size > 2 {
+            prop_assert!(max_abs(&unmerged, &hidden(&m, &x, &NoIntervention)) > 0.0, "the vectors change nothing");
+        }
+        ia3.merge_into(&mut m).unwrap();
+        let merged = hidden(&m, &x, &ia3);
+        prop_assert!(max_rel(&merged, &unmerged) <= 1e-4, "rel diff {}", max_rel(&merged, &unmerged));
+        ia3.unmerge_from(&mut m).unwrap();
+        for s in m.sites() {
+            let d = max_rel(&m.linear(s).unwrap().weight, &before.linear(s).unwrap().weight);
+            prop_assert!(d <= 1e-6, "{} differs by {}", s, d);
+        }
+    }
+
+    #[test]
+    fn ln_tuning_at_init_is_the_identity_and_merges_exactly((f, heads, hd, layers, seed) in shape()) {
+        let mut m = model(FAMILIES[f], heads, hd, layers, seed);
+        let before = m.clone();
+        let x = batch(&[5, 3], seed);
+        let base = hidden(&m, &x, &NoIntervention);
+        let ln = LnTuning::attach(&LnTuningConfig::default(), &mut AttachContext::new(&mut m, seed)).unwrap();
+        prop_assert_eq!(max_abs(&hidden(&m, &x, &ln), &base), 0.0);
+        prop_assert_eq!(ln.norms().len(), m.norm_sites().len());
+        randomize_around_one(ln.params(), seed ^ 9, 0.2);
+        let unmerged = hidden(&m, &x, &ln);
+        prop_assert!(max_abs(&unmerged, &base) > 0.0, "the trained norms change nothing");
+        ln.merge_into(&mut m).unwrap();
+        // Merging swaps the same tensors in: the same arithmetic, the same bits.
+        prop_assert_eq!(max_abs(&hidden(&m, &x, &ln), &unmerged), 0.0);
+        ln.unmerge_from(&mut m).unwrap();
+        prop_assert_eq!(max_abs(&hidden(&m, &x, &NoIntervention), &base), 0.0);
+        for s in m.norm_sites() {
+            let (mut a, mut b) = (m.clone(), before.clone());
+            let ta: Vec<Tensor> = a.norm_mut(s).unwrap().tensors_mut().into_iter().map(|(_, t)| t.clone()).collect();
+            let tb: Vec<Tensor> = b.norm_mut(s).unwrap().tensors_mut().into_iter().map(|(_, t)| t.clone()).collect();
+            for (x, y) in ta.iter().zip(&tb) {
+                prop_assert_eq!(max_abs(x, y), 0.0, "{} not restored", s);
+            }
         }
     }
 
