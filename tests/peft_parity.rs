@@ -299,6 +299,10 @@ lr = 1e-2
 num_virtual_tokens = 4
 [methods.p_tuning_v2]
 lr = 1e-2
+[methods.ia3]
+lr = 1e-2
+[methods.ln_tuning]
+lr = 1e-2
 [methods.head_only]
 lr = 1e-2
 [[tasks]]
@@ -319,7 +323,7 @@ objective = "sft"
     run_grid(&suite, &base, &tasks, &results, Shard::ALL).unwrap();
     let runs = results.join("saved/runs");
     let records = peftbench_reports::load_records(&runs).unwrap();
-    assert_eq!(records.len(), 16);
+    assert_eq!(records.len(), 20);
     for r in &records {
         assert_eq!(r.status, peftbench_reports::RunStatus::Ok, "{}", r.run_id);
         let path = runs.join(
@@ -473,4 +477,57 @@ fn merge_writes_a_model_that_matches_the_unmerged_adapter() {
         .unwrap();
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("PROMPT_TUNING adapter does not fold"));
+}
+
+/// BitFit has no PEFT type: its offsets go under this project's own, on BERT and GPT-2 bases,
+/// and read back to the same logits; a bias-free Llama base is refused with the reason.
+#[test]
+fn bitfit_written_here_reads_back_bit_for_bit() {
+    use peftbench_methods::{AttachContext, BitFitConfig, MethodConfig};
+    for name in ["minilm-lora", "tiny-gpt2-lora", "tiny-llama-lora"] {
+        let Some(mut model) = base_for(name) else {
+            return;
+        };
+        let cfg = MethodConfig::BitFit(BitFitConfig::default());
+        let attached = cfg.attach(&mut AttachContext::new(&mut model, 3));
+        if name.contains("llama") {
+            let e = attached.err().expect("refused").to_string();
+            assert!(e.contains("no bias terms"), "{e}");
+            continue;
+        }
+        let method = attached.unwrap();
+        let mut init = peftbench_backbone::Initializer::new(5);
+        for (_, v) in method.params().entries() {
+            v.set(&init.normal(v.shape(), 0.1, v.device()).unwrap())
+                .unwrap();
+        }
+        let task = if name.starts_with("minilm") {
+            HfTask::SeqCls
+        } else {
+            HfTask::CausalLm
+        };
+        let state = method.peft_state(&model.config, task).unwrap().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        peft::write(tmp.path(), &state, &model.config, task, "base", None).unwrap();
+        let b = peft::read(tmp.path(), &model).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(b.peft_type, peftbench_methods::bitfit::PEFT_TYPE);
+        let x = inputs(&fixtures().join(name));
+        let hidden = |iv: &dyn peftbench_backbone::Intervention| {
+            model
+                .forward(&x, iv)
+                .unwrap()
+                .hidden
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (ours, read) = (hidden(method.as_ref()), hidden(b.method.as_ref()));
+        assert_eq!(ours, read, "{name}");
+        assert_ne!(
+            ours,
+            hidden(&peftbench_backbone::NoIntervention),
+            "{name}: BitFit changed nothing"
+        );
+    }
 }

@@ -4,6 +4,7 @@
 
 pub mod adalora;
 pub mod adapter;
+pub mod bitfit;
 pub mod defaults;
 pub mod error;
 pub mod full_finetune;
@@ -22,6 +23,7 @@ mod registry;
 
 pub use adalora::{AdaLora, AdaLoraConfig};
 pub use adapter::{Adapter, AdapterConfig, AdapterVariant};
+pub use bitfit::{BitFit, BitFitConfig};
 pub use error::{MethodError, Result};
 pub use full_finetune::{FullFinetune, FullFinetuneConfig};
 pub use head_only::{HeadOnly, HeadOnlyConfig};

@@ -105,6 +105,9 @@ methods! {
     Ia3(crate::Ia3Config),
     /// LN tuning: only the norms train.
     LnTuning(crate::LnTuningConfig),
+    /// BitFit: only the biases train.
+    #[serde(rename = "bitfit")]
+    BitFit(crate::BitFitConfig),
     /// Full fine-tuning: every weight trainable.
     FullFinetune(crate::FullFinetuneConfig),
     /// The control with nothing trainable but the task head; not among the defaults.
@@ -200,6 +203,15 @@ mod tests {
     fn a_fixed_method_refuses_a_size_key() {
         let e = toml::from_str::<MethodConfig>("method = \"full_finetune\"\nrank = 8").unwrap_err();
         assert!(e.to_string().contains("rank"), "{e}");
+    }
+
+    /// The tag a config is parsed by is the name the method reports.
+    #[test]
+    fn each_tag_is_the_methods_name() {
+        for m in MethodConfig::all() {
+            let v = serde_json::to_value(&m).unwrap();
+            assert_eq!(v["method"], m.name(), "{m:?}");
+        }
     }
 
     #[test]

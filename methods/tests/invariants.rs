@@ -84,7 +84,7 @@ fn randomize(params: &TrainableParams, seed: u64, std: f64) {
 
 /// Every method with small random size knobs.
 fn any_method() -> impl Strategy<Value = MethodConfig> {
-    (0usize..10, 1usize..5, 0usize..4, any::<bool>()).prop_map(|(k, n, p, flag)| match k {
+    (0usize..11, 1usize..5, 0usize..4, any::<bool>()).prop_map(|(k, n, p, flag)| match k {
         0 => MethodConfig::Lora(LoraConfig {
             rank: n,
             use_rslora: flag,
@@ -141,6 +141,7 @@ fn any_method() -> impl Strategy<Value = MethodConfig> {
                 vec!["attn_norm".into()]
             },
         }),
+        9 => MethodConfig::BitFit(BitFitConfig { norm_biases: flag }),
         _ => MethodConfig::full_finetune(),
     })
 }
@@ -294,6 +295,38 @@ proptest! {
     }
 
     #[test]
+    fn bitfit_at_init_is_the_identity_and_merges((f, heads, hd, layers, seed) in shape(), norms in any::<bool>()) {
+        let mut m = model(FAMILIES[f], heads, hd, layers, seed);
+        let before = m.clone();
+        let x = batch(&[5, 3], seed);
+        let base = hidden(&m, &x, &NoIntervention);
+        let cfg = BitFitConfig { norm_biases: norms };
+        let attached = MethodConfig::BitFit(cfg.clone()).attach(&mut AttachContext::new(&mut m, seed));
+        if FAMILIES[f] == "llama" {
+            let e = attached.err().expect("a bias-free model is refused").to_string();
+            prop_assert!(e.contains("no bias"), "{}", e);
+            return Ok(());
+        }
+        let bf = attached.unwrap();
+        prop_assert_eq!(max_abs(&hidden(&m, &x, bf.as_ref()), &base), 0.0);
+        randomize(bf.params(), seed ^ 11, 0.2);
+        let unmerged = hidden(&m, &x, bf.as_ref());
+        // A LayerNorm over 2 values outputs ±1: only its own bias shows through there.
+        if m.config.hidden_size > 2 || norms {
+            prop_assert!(max_abs(&unmerged, &base) > 0.0, "the offsets change nothing");
+        }
+        bf.merge_into(&mut m).unwrap();
+        let merged = hidden(&m, &x, bf.as_ref());
+        prop_assert!(max_rel(&merged, &unmerged) <= 1e-4, "rel diff {}", max_rel(&merged, &unmerged));
+        // Only biases moved: every projection weight is bit-identical.
+        for s in m.sites() {
+            prop_assert_eq!(max_abs(&m.linear(s).unwrap().weight, &before.linear(s).unwrap().weight), 0.0);
+        }
+        bf.unmerge_from(&mut m).unwrap();
+        prop_assert!(max_rel(&hidden(&m, &x, &NoIntervention), &base) <= 1e-5);
+    }
+
+    #[test]
     fn adapter_zero_up_projection_is_identity((f, heads, hd, layers, seed) in shape(), m_ in 1usize..6, houlsby in any::<bool>()) {
         let mut m = model(FAMILIES[f], heads, hd, layers, seed);
         let x = batch(&[4, 6], seed);
@@ -394,6 +427,8 @@ proptest! {
     #[test]
     fn padding_never_changes_outputs_at_real_tokens((f, heads, hd, layers, seed) in shape(), method in any_method(), len in 1usize..6, extra in 1usize..4) {
         let mut m = model(FAMILIES[f], heads, hd, layers, seed);
+        // BitFit refuses bias-free (Llama-style) models.
+        prop_assume!(method.validate(&m.config).is_ok());
         let attached = method.attach(&mut AttachContext::new(&mut m, seed)).unwrap();
         randomize(attached.params(), seed ^ 4, 0.05);
         let alone = batch(&[len], seed);
@@ -411,6 +446,8 @@ proptest! {
     #[test]
     fn mean_pooling_reads_only_the_inputs_own_tokens((f, heads, hd, layers, seed) in shape(), method in any_method(), len in 1usize..6, extra in 0usize..4) {
         let mut m = model(FAMILIES[f], heads, hd, layers, seed);
+        // BitFit refuses bias-free (Llama-style) models.
+        prop_assume!(method.validate(&m.config).is_ok());
         let attached = method.attach(&mut AttachContext::new(&mut m, seed)).unwrap();
         randomize(attached.params(), seed ^ 6, 0.05);
         let x = batch(&[len, len + extra], seed);
@@ -427,6 +464,8 @@ proptest! {
     #[test]
     fn decoder_position_never_sees_later_tokens((f, heads, hd, layers, seed) in (1usize..3, 1usize..4, prop::sample::select(vec![2usize, 4]), 1usize..3, any::<u64>()), method in any_method(), len in 2usize..7, cut in 0usize..5) {
         let mut m = model(FAMILIES[f], heads, hd, layers, seed);
+        // BitFit refuses bias-free (Llama-style) models.
+        prop_assume!(method.validate(&m.config).is_ok());
         let attached = method.attach(&mut AttachContext::new(&mut m, seed)).unwrap();
         randomize(attached.params(), seed ^ 5, 0.05);
         let t = cut % (len - 1);
@@ -459,6 +498,8 @@ proptest! {
     #[test]
     fn trainable_count_matches_variables_and_formula((f, heads, hd, layers, seed) in shape(), method in any_method()) {
         let mut m = model(FAMILIES[f], heads, hd, layers, seed);
+        // BitFit refuses bias-free (Llama-style) models.
+        prop_assume!(method.validate(&m.config).is_ok());
         let formula = method.num_trainable(&m).unwrap();
         let attached = method.attach(&mut AttachContext::new(&mut m, seed)).unwrap();
         let counted: usize = attached.params().vars().iter().map(|v| v.elem_count()).sum();
@@ -524,6 +565,8 @@ proptest! {
     fn frozen_weights_stay_bit_identical_and_only_method_and_head_get_gradients((f, heads, hd, layers, seed) in shape(), method in any_method()) {
         prop_assume!(method != MethodConfig::full_finetune());
         let mut m = model(FAMILIES[f], heads, hd, layers, seed);
+        // BitFit refuses bias-free (Llama-style) models.
+        prop_assume!(method.validate(&m.config).is_ok());
         let before = m.clone();
         let mut attached = method.attach(&mut AttachContext::new(&mut m, seed)).unwrap();
         let (head, hp) = with_head(&m, seed);
@@ -547,6 +590,8 @@ proptest! {
     #[test]
     fn save_then_load_gives_identical_outputs((f, heads, hd, layers, seed) in shape(), method in any_method()) {
         let mut m1 = model(FAMILIES[f], heads, hd, layers, seed);
+        // BitFit refuses bias-free (Llama-style) models.
+        prop_assume!(method.validate(&m1.config).is_ok());
         let mut m2 = m1.clone();
         let a = method.attach(&mut AttachContext::new(&mut m1, seed)).unwrap();
         randomize(a.params(), seed ^ 6, 0.05);
@@ -562,6 +607,8 @@ proptest! {
 
     #[test]
     fn same_seed_gives_identical_trained_parameters((f, heads, hd, layers, seed) in shape(), method in any_method()) {
+        // BitFit refuses bias-free (Llama-style) models.
+        prop_assume!(method.validate(&model(FAMILIES[f], heads, hd, layers, seed).config).is_ok());
         let run = || {
             let mut m = model(FAMILIES[f], heads, hd, layers, seed);
             let mut attached = method.attach(&mut AttachContext::new(&mut m, seed)).unwrap();
