@@ -19,6 +19,8 @@ import time
 import torch
 from peft import (
     AdaLoraConfig,
+    IA3Config,
+    LNTuningConfig,
     LoraConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -57,6 +59,10 @@ def configs(total_steps):
             encoder_reparameterization_type=PromptEncoderReparameterizationType.MLP,
             encoder_hidden_size=128,
         ),
+        "ia3": IA3Config(task_type=SEQ_CLS),
+        "ln_tuning": LNTuningConfig(task_type=SEQ_CLS, target_modules=["LayerNorm"]),
+        # PEFT has no BitFit: the plain model with only its biases (and the head) trainable.
+        "bitfit": "bitfit",
     }
 
 
@@ -80,7 +86,12 @@ def main():
         if wanted and name not in wanted:
             continue
         model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
-        if cfg is not None:
+        if cfg == "bitfit":
+            for n, p in model.named_parameters():
+                p.requires_grad_(n.endswith(".bias") and not n.startswith("bert.pooler"))
+            for p in model.classifier.parameters():
+                p.requires_grad_(True)
+        elif cfg is not None:
             model = get_peft_model(model, cfg)
         model.train()
         # Dropout off, as in peftbench's backbone, so both do the same arithmetic.
