@@ -294,3 +294,67 @@ fn head_lr_sets_the_task_heads_own_rate() {
     assert!(frozen.iter().all(|m| m == &frozen[0]), "{frozen:?}");
     assert_ne!(frozen, default, "the head learns at the method's rate");
 }
+
+/// LoRA+ in the optimizer: on the first AdamW step (each element moves by about the rate),
+/// B's largest move is `loraplus_lr_ratio` times A's.
+#[test]
+fn lora_plus_moves_b_at_the_ratio_times_as_its_rate() {
+    use peftbench_harness::optim::{AdamW, OptimConfig};
+    use peftbench_methods::{AttachContext, LoraConfig, LoraPlusConfig};
+    let mut m = common::tiny_model("bert", 4);
+    let cfg = MethodConfig::LoraPlus(LoraPlusConfig(LoraConfig {
+        rank: 2,
+        loraplus_lr_ratio: Some(8.0),
+        ..Default::default()
+    }));
+    let method = cfg.attach(&mut AttachContext::new(&mut m, 4)).unwrap();
+    // B starts at zero, which leaves A without a gradient: move B off zero first.
+    let mut init = peftbench_backbone::Initializer::new(9);
+    for (name, v) in method.params().entries() {
+        if name.ends_with(".lora_B") {
+            v.set(&init.normal(v.shape(), 0.1, v.device()).unwrap())
+                .unwrap();
+        }
+    }
+    let before = method.params().snapshot().unwrap();
+    let x = peftbench_backbone::pad_rows(&[vec![3, 5, 7, 9], vec![4, 6, 8]], None, 0, &Device::Cpu)
+        .unwrap();
+    let loss = m
+        .forward(&x, method.as_ref())
+        .unwrap()
+        .hidden
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let optim = OptimConfig {
+        lr: 1e-3,
+        weight_decay: 0.0,
+        max_grad_norm: 0.0,
+        // |Δ| = rate · |g| / (|g| + eps): a tiny eps makes every step the rate itself.
+        eps: 1e-20,
+        ..Default::default()
+    };
+    let mut opt = AdamW::with_groups(method.lr_groups(), optim).unwrap();
+    opt.accumulate(&grads).unwrap();
+    opt.step(1e-3).unwrap();
+    let mut largest = std::collections::HashMap::new();
+    for (name, v) in method.params().entries() {
+        let d: f32 = (v.as_tensor() - &before[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let kind = if name.ends_with(".lora_B") { "B" } else { "A" };
+        let e = largest.entry(kind).or_insert(0f32);
+        *e = e.max(d);
+    }
+    let ratio = largest["B"] / largest["A"];
+    assert!((ratio - 8.0).abs() < 0.01, "B moved {ratio}× as far as A");
+}

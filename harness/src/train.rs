@@ -436,13 +436,9 @@ fn run_inner(
     }
     // The head's rate is a multiple of the method's, so it follows the same schedule.
     let head_scale = spec.optim.head_lr.map_or(1.0, |h| h / spec.optim.lr);
-    let mut opt = AdamW::with_groups(
-        vec![
-            (method.params().vars(), 1.0),
-            (head_params.vars(), head_scale),
-        ],
-        spec.optim.clone(),
-    )?;
+    let mut groups = method.lr_groups();
+    groups.push((head_params.vars(), head_scale));
+    let mut opt = AdamW::with_groups(groups, spec.optim.clone())?;
 
     if task.train.is_empty() || task.dev.is_empty() {
         return Err(HarnessError::Config(format!(
@@ -717,6 +713,7 @@ fn analyse_update(
     let merged = method.merge_into(&mut tuned)?;
     let rank = match config {
         MethodConfig::Lora(c) => Some(c.rank),
+        MethodConfig::LoraPlus(c) => Some(c.0.rank),
         _ => None,
     };
     let analysis =

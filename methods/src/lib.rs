@@ -29,7 +29,7 @@ pub use full_finetune::{FullFinetune, FullFinetuneConfig};
 pub use head_only::{HeadOnly, HeadOnlyConfig};
 pub use ia3::{Ia3, Ia3Config};
 pub use ln_tuning::{LnTuning, LnTuningConfig};
-pub use lora::{Lora, LoraConfig};
+pub use lora::{Lora, LoraConfig, LoraPlusConfig};
 pub use p_tuning::{PTuning, PTuningConfig, PromptEncoderType};
 pub use p_tuning_v2::{PTuningV2, PTuningV2Config};
 pub use prefix_tuning::{PrefixTable, PrefixTuning, PrefixTuningConfig};
@@ -75,6 +75,12 @@ pub trait Method: Intervention {
     fn name(&self) -> &'static str;
     /// The variables it trains (not counting the task head).
     fn params(&self) -> &TrainableParams;
+    /// The trained variables in optimizer groups, each with its multiple of the learning
+    /// rate (LoRA+ trains B faster than A). Every variable of [`Method::params`] is in exactly
+    /// one group.
+    fn lr_groups(&self) -> Vec<(Vec<candle_core::Var>, f64)> {
+        vec![(self.params().vars(), 1.0)]
+    }
     /// Switches training-only behaviour (dropout) on or off.
     fn set_training(&self, _training: bool) {}
     /// A term added to the task loss (AdaLoRA's orthogonality regulariser).

@@ -29,6 +29,9 @@ pub struct LoraConfig {
     /// Which projections get an update.
     #[serde(default)]
     pub target_modules: Targets,
+    /// LoRA+: B's learning rate as a multiple of A's (unset: the same rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loraplus_lr_ratio: Option<f64>,
 }
 
 fn default_alpha() -> f64 {
@@ -43,6 +46,7 @@ impl Default for LoraConfig {
             lora_dropout: 0.0,
             use_rslora: false,
             target_modules: Targets::default(),
+            loraplus_lr_ratio: None,
         }
     }
 }
@@ -61,6 +65,14 @@ impl LoraConfig {
     pub fn validate(&self, model: &ModelConfig) -> Result<()> {
         if self.rank == 0 {
             return Err(invalid("lora", "rank must be at least 1"));
+        }
+        if let Some(r) = self.loraplus_lr_ratio {
+            if !(r.is_finite() && r > 0.0) {
+                return Err(invalid(
+                    "lora",
+                    format!("loraplus_lr_ratio must be finite and > 0, got {r}"),
+                ));
+            }
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(invalid(
@@ -241,6 +253,20 @@ impl Method for Lora {
     fn set_training(&self, training: bool) {
         self.training.set(training);
     }
+    /// With LoRA+, the B factors in a group of their own at `loraplus_lr_ratio` × the rate.
+    fn lr_groups(&self) -> Vec<(Vec<candle_core::Var>, f64)> {
+        let Some(ratio) = self.config.loraplus_lr_ratio else {
+            return vec![(self.params.vars(), 1.0)];
+        };
+        let (b, a): (Vec<_>, Vec<_>) = self
+            .params
+            .entries()
+            .iter()
+            .partition(|(name, _)| name.ends_with(".lora_B"));
+        let vars =
+            |v: Vec<&(String, candle_core::Var)>| v.into_iter().map(|(_, x)| x.clone()).collect();
+        vec![(vars(a), 1.0), (vars(b), ratio)]
+    }
     fn merge_into(&self, model: &mut Transformer) -> Result<bool> {
         self.merge(model)?;
         Ok(true)
@@ -303,6 +329,7 @@ impl Lora {
                 .unwrap_or(0.0),
             use_rslora: files.flag("use_rslora"),
             target_modules: Targets::default(),
+            loraplus_lr_ratio: None,
         };
         let found =
             crate::peft::read_lora_pairs(r, model, &config, "lora_A.weight", "lora_B.weight")?;
@@ -355,5 +382,51 @@ impl crate::MethodSpec for LoraConfig {
     }
     fn attach(&self, ctx: &mut AttachContext) -> Result<Box<dyn Method>> {
         Ok(Box::new(Lora::attach(self, ctx)?))
+    }
+}
+
+/// LoRA+ (Hayou et al. 2024): LoRA whose B factors learn `loraplus_lr_ratio` times faster than
+/// A (16 unless set). The adapter is a plain LoRA; only the optimizer differs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LoraPlusConfig(pub LoraConfig);
+
+/// The paper's and PEFT's `create_loraplus_optimizer` default.
+pub const LORAPLUS_DEFAULT_RATIO: f64 = 16.0;
+
+impl LoraPlusConfig {
+    /// The LoRA configuration with the ratio filled in.
+    pub fn lora(&self) -> LoraConfig {
+        LoraConfig {
+            loraplus_lr_ratio: Some(self.0.loraplus_lr_ratio.unwrap_or(LORAPLUS_DEFAULT_RATIO)),
+            ..self.0.clone()
+        }
+    }
+}
+
+impl crate::MethodSpec for LoraPlusConfig {
+    fn name(&self) -> &'static str {
+        "lora_plus"
+    }
+    fn formula(&self) -> &'static str {
+        "Σ_targets r·(in + out)"
+    }
+    fn validate(&self, model: &ModelConfig) -> Result<()> {
+        self.lora().validate(model)
+    }
+    fn num_trainable(&self, model: &Transformer) -> Result<usize> {
+        self.lora().num_trainable(&model.config)
+    }
+    fn knob(&self) -> Option<crate::Knob> {
+        Some(crate::Knob {
+            name: "rank",
+            value: self.0.rank,
+        })
+    }
+    fn set_knob(&mut self, value: usize) {
+        self.0.rank = value;
+    }
+    fn attach(&self, ctx: &mut AttachContext) -> Result<Box<dyn Method>> {
+        Ok(Box::new(Lora::attach(&self.lora(), ctx)?))
     }
 }

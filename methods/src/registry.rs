@@ -89,6 +89,8 @@ macro_rules! methods {
 methods! {
     /// LoRA.
     Lora(crate::LoraConfig),
+    /// LoRA+: LoRA with B at a multiple of A's learning rate.
+    LoraPlus(crate::LoraPlusConfig),
     /// AdaLoRA.
     Adalora(crate::AdaLoraConfig),
     /// Bottleneck adapters (Houlsby or Pfeiffer).

@@ -84,7 +84,7 @@ fn randomize(params: &TrainableParams, seed: u64, std: f64) {
 
 /// Every method with small random size knobs.
 fn any_method() -> impl Strategy<Value = MethodConfig> {
-    (0usize..11, 1usize..5, 0usize..4, any::<bool>()).prop_map(|(k, n, p, flag)| match k {
+    (0usize..12, 1usize..5, 0usize..4, any::<bool>()).prop_map(|(k, n, p, flag)| match k {
         0 => MethodConfig::Lora(LoraConfig {
             rank: n,
             use_rslora: flag,
@@ -142,8 +142,16 @@ fn any_method() -> impl Strategy<Value = MethodConfig> {
             },
         }),
         9 => MethodConfig::BitFit(BitFitConfig { norm_biases: flag }),
+        10 => MethodConfig::LoraPlus(LoraPlusConfig(LoraConfig {
+            rank: n,
+            ..Default::default()
+        })),
         _ => MethodConfig::full_finetune(),
     })
+}
+
+fn lora_plus_default() -> f64 {
+    peftbench_methods::lora::LORAPLUS_DEFAULT_RATIO
 }
 
 /// Sets every variable of a method to 1 plus noise (scaling vectors away from their identity).
@@ -324,6 +332,27 @@ proptest! {
         }
         bf.unmerge_from(&mut m).unwrap();
         prop_assert!(max_rel(&hidden(&m, &x, &NoIntervention), &base) <= 1e-5);
+    }
+
+    #[test]
+    fn lora_plus_puts_every_b_in_a_group_at_the_ratio((f, heads, hd, layers, seed) in shape(), rank in 1usize..5, ratio in 0.5f64..64.0, set in any::<bool>()) {
+        let mut m = model(FAMILIES[f], heads, hd, layers, seed);
+        let lora = LoraConfig { rank, loraplus_lr_ratio: set.then_some(ratio), target_modules: Targets(vec!["all-linear".into()]), ..Default::default() };
+        let want = if set { ratio } else { lora_plus_default() };
+        let attached = MethodConfig::LoraPlus(LoraPlusConfig(lora)).attach(&mut AttachContext::new(&mut m, seed)).unwrap();
+        let groups = attached.lr_groups();
+        prop_assert_eq!(groups.len(), 2);
+        let names: std::collections::HashMap<_, _> = attached.params().entries().iter().map(|(n, v)| (v.as_tensor().id(), n.clone())).collect();
+        let (a, b) = (&groups[0], &groups[1]);
+        prop_assert_eq!(a.1, 1.0);
+        prop_assert_eq!(b.1, want);
+        prop_assert!(a.0.iter().all(|v| names[&v.as_tensor().id()].ends_with(".lora_A")));
+        prop_assert!(b.0.iter().all(|v| names[&v.as_tensor().id()].ends_with(".lora_B")));
+        prop_assert_eq!(a.0.len() + b.0.len(), attached.params().entries().len());
+        prop_assert_eq!(a.0.len(), b.0.len());
+        // Plain LoRA keeps one group at the rate.
+        let plain = MethodConfig::Lora(LoraConfig { rank, ..Default::default() }).attach(&mut AttachContext::new(&mut model(FAMILIES[f], heads, hd, layers, seed), seed)).unwrap();
+        prop_assert_eq!(plain.lr_groups().len(), 1);
     }
 
     #[test]

@@ -714,7 +714,8 @@ const MEMORY_PARTS: [(&str, RGBColor); 4] = [
 fn draw_time_memory(root: &Root, records: &[RunRecord]) -> DrawResult {
     let title = "Training cost per method (mean over all ok runs)";
     // Seconds, peak MB, the peak's parts in MB (when every run recorded them), run count.
-    let mut per_method: BTreeMap<&str, (f64, f64, Option<[f64; 4]>, usize)> = BTreeMap::new();
+    type Sums = (f64, f64, Option<[f64; 4]>, usize);
+    let mut per_method: BTreeMap<&str, Sums> = BTreeMap::new();
     for r in records.iter().filter(|r| r.status == RunStatus::Ok) {
         let e = per_method
             .entry(&r.method)
