@@ -85,7 +85,7 @@ fn base_for(case: &str) -> Option<Transformer> {
     }
 }
 
-const CASES: [&str; 14] = [
+const CASES: [&str; 16] = [
     "minilm-lora",
     "minilm-rslora",
     "minilm-adalora",
@@ -100,6 +100,8 @@ const CASES: [&str; 14] = [
     "tiny-llama-ln-tuning",
     "minilm-ia3",
     "tiny-llama-ia3",
+    "minilm-dora",
+    "tiny-llama-dora",
 ];
 
 #[test]
@@ -397,6 +399,8 @@ fn merge_writes_a_model_that_matches_the_unmerged_adapter() {
         "tiny-llama-ln-tuning",
         "minilm-ia3",
         "tiny-llama-ia3",
+        "minilm-dora",
+        "tiny-llama-dora",
     ] {
         let Some(model) = base_for(name) else { return };
         let base_dir = if name.starts_with("minilm") {

@@ -714,6 +714,7 @@ fn analyse_update(
     let rank = match config {
         MethodConfig::Lora(c) => Some(c.rank),
         MethodConfig::LoraPlus(c) => Some(c.0.rank),
+        MethodConfig::Dora(c) => Some(c.0.rank),
         _ => None,
     };
     let analysis =

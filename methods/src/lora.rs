@@ -304,10 +304,17 @@ impl Method for Lora {
 impl Lora {
     /// A LoRA read from PEFT's format: per-module ranks and scalings as saved.
     pub fn from_peft(r: &mut crate::peft::PeftReader, model: &ModelConfig) -> Result<Self> {
-        let files = &r.files;
-        if files.flag("use_dora") {
-            return Err(files.config_error("use_dora: DoRA adapters are not implemented here"));
+        if r.files.flag("use_dora") {
+            return Err(r
+                .files
+                .config_error("use_dora: a DoRA adapter is read as DoRA, not plain LoRA"));
         }
+        Self::from_peft_factors(r, model)
+    }
+
+    /// LoRA's factors as PEFT saved them, whatever else the adapter holds (DoRA's magnitudes).
+    pub fn from_peft_factors(r: &mut crate::peft::PeftReader, model: &ModelConfig) -> Result<Self> {
+        let files = &r.files;
         if files
             .config
             .get("bias")

@@ -391,6 +391,9 @@ pub fn read(dir: &Path, model: &Transformer) -> Result<LoadedAdapter> {
         backbone: base_prefix(cfg, task),
     };
     let method: Box<dyn Method> = match peft_type.as_str() {
+        "LORA" if reader.files.flag("use_dora") => {
+            Box::new(crate::dora::Dora::from_peft(&mut reader, model)?)
+        }
         "LORA" => Box::new(crate::lora::Lora::from_peft(&mut reader, cfg)?),
         "ADALORA" => Box::new(crate::adalora::AdaLora::from_peft(&mut reader, cfg)?),
         // PEFT saves P-Tuning's encoder output: at inference it is a plain soft prompt.

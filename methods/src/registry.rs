@@ -91,6 +91,8 @@ methods! {
     Lora(crate::LoraConfig),
     /// LoRA+: LoRA with B at a multiple of A's learning rate.
     LoraPlus(crate::LoraPlusConfig),
+    /// DoRA: LoRA with magnitude and direction trained apart.
+    Dora(crate::DoraConfig),
     /// AdaLoRA.
     Adalora(crate::AdaLoraConfig),
     /// Bottleneck adapters (Houlsby or Pfeiffer).

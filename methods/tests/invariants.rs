@@ -84,7 +84,7 @@ fn randomize(params: &TrainableParams, seed: u64, std: f64) {
 
 /// Every method with small random size knobs.
 fn any_method() -> impl Strategy<Value = MethodConfig> {
-    (0usize..12, 1usize..5, 0usize..4, any::<bool>()).prop_map(|(k, n, p, flag)| match k {
+    (0usize..13, 1usize..5, 0usize..4, any::<bool>()).prop_map(|(k, n, p, flag)| match k {
         0 => MethodConfig::Lora(LoraConfig {
             rank: n,
             use_rslora: flag,
@@ -353,6 +353,52 @@ proptest! {
         // Plain LoRA keeps one group at the rate.
         let plain = MethodConfig::Lora(LoraConfig { rank, ..Default::default() }).attach(&mut AttachContext::new(&mut model(FAMILIES[f], heads, hd, layers, seed), seed)).unwrap();
         prop_assert_eq!(plain.lr_groups().len(), 1);
+    }
+
+    #[test]
+    fn dora_equals_the_base_at_init_and_merged_equals_unmerged((f, heads, hd, layers, seed) in shape(), rank in 1usize..5) {
+        let mut m = model(FAMILIES[f], heads, hd, layers, seed);
+        let before = m.clone();
+        let x = batch(&[6, 4], seed);
+        let base = hidden(&m, &x, &NoIntervention);
+        let cfg = DoraConfig(LoraConfig { rank, target_modules: Targets(vec!["all-linear".into()]), ..Default::default() });
+        let dora = Dora::attach(&cfg, &mut AttachContext::new(&mut m, seed)).unwrap();
+        prop_assert_eq!(max_abs(&hidden(&m, &x, &dora), &base), 0.0);
+        // B and the magnitudes off their initial values.
+        let mut init = Initializer::new(seed ^ 13);
+        for (name, v) in dora.params().entries() {
+            let noise = init.normal(v.shape(), 0.1, v.device()).unwrap();
+            if name.ends_with(".lora_magnitude") {
+                let t = (v.as_tensor().detach().copy().unwrap() * (noise + 1.0).unwrap()).unwrap();
+                v.set(&t).unwrap();
+            } else if name.ends_with(".lora_B") {
+                v.set(&noise).unwrap();
+            }
+        }
+        let unmerged = hidden(&m, &x, &dora);
+        if m.config.hidden_size > 2 {
+            prop_assert!(max_abs(&unmerged, &base) > 0.0, "DoRA changed nothing");
+        }
+        dora.merge_into(&mut m).unwrap();
+        let merged = hidden(&m, &x, &dora);
+        prop_assert!(max_rel(&merged, &unmerged) <= 1e-4, "rel diff {}", max_rel(&merged, &unmerged));
+        dora.unmerge_from(&mut m).unwrap();
+        for s in m.sites() {
+            prop_assert_eq!(max_abs(&m.linear(s).unwrap().weight, &before.linear(s).unwrap().weight), 0.0);
+        }
+    }
+
+    #[test]
+    fn dora_magnitude_starts_at_the_row_norms_of_w((f, heads, hd, layers, seed) in shape(), rank in 1usize..5) {
+        let mut m = model(FAMILIES[f], heads, hd, layers, seed);
+        let cfg = DoraConfig(LoraConfig { rank, target_modules: Targets(vec!["all-linear".into()]), ..Default::default() });
+        let dora = Dora::attach(&cfg, &mut AttachContext::new(&mut m, seed)).unwrap();
+        for site in dora.lora().pairs().keys() {
+            let w = &m.linear(*site).unwrap().weight;
+            let want = w.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+            let got = dora.params().get(&format!("{site}.lora_magnitude")).unwrap();
+            prop_assert!(max_rel(got.as_tensor(), &want) <= 1e-6, "{}", site);
+        }
     }
 
     #[test]
