@@ -85,7 +85,7 @@ fn base_for(case: &str) -> Option<Transformer> {
     }
 }
 
-const CASES: [&str; 16] = [
+const CASES: [&str; 18] = [
     "minilm-lora",
     "minilm-rslora",
     "minilm-adalora",
@@ -102,6 +102,8 @@ const CASES: [&str; 16] = [
     "tiny-llama-ia3",
     "minilm-dora",
     "tiny-llama-dora",
+    "minilm-vera",
+    "tiny-llama-vera",
 ];
 
 #[test]
@@ -401,6 +403,8 @@ fn merge_writes_a_model_that_matches_the_unmerged_adapter() {
         "tiny-llama-ia3",
         "minilm-dora",
         "tiny-llama-dora",
+        "minilm-vera",
+        "tiny-llama-vera",
     ] {
         let Some(model) = base_for(name) else { return };
         let base_dir = if name.starts_with("minilm") {

@@ -21,6 +21,7 @@ pub mod prefix_kv;
 pub mod prefix_tuning;
 pub mod prompt_tuning;
 mod registry;
+pub mod vera;
 
 pub use adalora::{AdaLora, AdaLoraConfig};
 pub use adapter::{Adapter, AdapterConfig, AdapterVariant};
@@ -37,6 +38,7 @@ pub use p_tuning_v2::{PTuningV2, PTuningV2Config};
 pub use prefix_tuning::{PrefixTable, PrefixTuning, PrefixTuningConfig};
 pub use prompt_tuning::{PromptInit, PromptTuning, PromptTuningConfig};
 pub use registry::{Knob, MethodConfig, MethodSpec};
+pub use vera::{Vera, VeraConfig};
 
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;

@@ -407,13 +407,14 @@ pub fn read(dir: &Path, model: &Transformer) -> Result<LoadedAdapter> {
             cfg,
         )?),
         crate::bitfit::PEFT_TYPE => Box::new(crate::bitfit::BitFit::from_peft(&mut reader, model)?),
+        crate::vera::PEFT_TYPE => Box::new(crate::vera::Vera::from_peft(&mut reader, cfg)?),
         crate::ia3::PEFT_TYPE => Box::new(crate::ia3::Ia3::from_peft(&mut reader, cfg)?),
         crate::ln_tuning::PEFT_TYPE => Box::new(crate::ln_tuning::LnTuning::from_peft(&mut reader, cfg)?),
         crate::adapter::PEFT_TYPE => Box::new(crate::adapter::Adapter::from_peft(&mut reader, cfg)?),
         crate::head_only::PEFT_TYPE => Box::new(crate::head_only::HeadOnly::default()),
         other => {
             return Err(files.config_error(format!(
-                "peft_type `{other}` is not one this project reads (LORA, ADALORA, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, IA3, LN_TUNING, {}, {}, {})",
+                "peft_type `{other}` is not one this project reads (LORA, ADALORA, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, VERA, IA3, LN_TUNING, {}, {}, {})",
                 crate::adapter::PEFT_TYPE,
                 crate::bitfit::PEFT_TYPE,
                 crate::head_only::PEFT_TYPE

@@ -93,6 +93,8 @@ methods! {
     LoraPlus(crate::LoraPlusConfig),
     /// DoRA: LoRA with magnitude and direction trained apart.
     Dora(crate::DoraConfig),
+    /// VeRA: shared frozen random factors, trained scaling vectors.
+    Vera(crate::VeraConfig),
     /// AdaLoRA.
     Adalora(crate::AdaLoraConfig),
     /// Bottleneck adapters (Houlsby or Pfeiffer).

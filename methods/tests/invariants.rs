@@ -84,7 +84,7 @@ fn randomize(params: &TrainableParams, seed: u64, std: f64) {
 
 /// Every method with small random size knobs.
 fn any_method() -> impl Strategy<Value = MethodConfig> {
-    (0usize..13, 1usize..5, 0usize..4, any::<bool>()).prop_map(|(k, n, p, flag)| match k {
+    (0usize..14, 1usize..5, 0usize..4, any::<bool>()).prop_map(|(k, n, p, flag)| match k {
         0 => MethodConfig::Lora(LoraConfig {
             rank: n,
             use_rslora: flag,
@@ -398,6 +398,37 @@ proptest! {
             let want = w.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
             let got = dora.params().get(&format!("{site}.lora_magnitude")).unwrap();
             prop_assert!(max_rel(got.as_tensor(), &want) <= 1e-6, "{}", site);
+        }
+    }
+
+    #[test]
+    fn vera_is_the_identity_at_init_merges_and_remakes_its_matrices_from_the_seed((f, heads, hd, layers, seed) in shape(), r in 1usize..6, key in any::<u64>()) {
+        let mut m = model(FAMILIES[f], heads, hd, layers, seed);
+        let before = m.clone();
+        let x = batch(&[6, 4], seed);
+        let base = hidden(&m, &x, &NoIntervention);
+        let cfg = VeraConfig { r, target_modules: Targets(vec!["all-linear".into()]), projection_prng_key: key, ..Default::default() };
+        let vera = Vera::attach(&cfg, &mut AttachContext::new(&mut m, seed)).unwrap();
+        prop_assert_eq!(max_abs(&hidden(&m, &x, &vera), &base), 0.0);
+        // The shared matrices depend on the key alone, not on the run's seed.
+        let again = Vera::attach(&cfg, &mut AttachContext::new(&mut m.clone(), seed ^ 99)).unwrap();
+        let mc = m.config.clone();
+        let (sa, sb) = (vera.peft_state(&mc, peftbench_backbone::HfTask::FeatureExtraction), again.peft_state(&mc, peftbench_backbone::HfTask::FeatureExtraction));
+        if FAMILIES[f] != "gpt2" {
+            let (sa, sb) = (sa.unwrap().unwrap(), sb.unwrap().unwrap());
+            for k in 0..2 {
+                prop_assert_eq!(max_abs(&sa.tensors[k].1, &sb.tensors[k].1), 0.0);
+            }
+        }
+        randomize(vera.params(), seed ^ 17, 0.3);
+        let unmerged = hidden(&m, &x, &vera);
+        vera.merge_into(&mut m).unwrap();
+        let merged = hidden(&m, &x, &vera);
+        prop_assert!(max_rel(&merged, &unmerged) <= 1e-4, "rel diff {}", max_rel(&merged, &unmerged));
+        vera.unmerge_from(&mut m).unwrap();
+        for s in m.sites() {
+            let d = max_abs(&m.linear(s).unwrap().weight, &before.linear(s).unwrap().weight);
+            prop_assert!(d <= 1e-6, "{} differs by {}", s, d);
         }
     }
 
