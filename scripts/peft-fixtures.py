@@ -22,6 +22,7 @@ from peft import (
     AdaLoraConfig,
     IA3Config,
     LNTuningConfig,
+    LoHaConfig,
     LoraConfig,
     PeftModel,
     VeraConfig,
@@ -174,6 +175,7 @@ def main():
     )
     case(out, "minilm-dora", minilm, LoraConfig(task_type=seq, r=4, lora_alpha=8, target_modules=["query", "value"], use_dora=True), v, False)
     case(out, "minilm-vera", minilm, VeraConfig(task_type=seq, r=16, target_modules=["query", "value", "intermediate.dense"]), v, False, lr=5e-2)
+    case(out, "minilm-loha", minilm, LoHaConfig(task_type=seq, r=4, alpha=8, target_modules=["query", "value"]), v, False)
     case(out, "minilm-ln-tuning", minilm, LNTuningConfig(task_type=seq, target_modules=["LayerNorm"]), v, False)
     # PEFT's BERT default: key, value and `output.dense` (which also matches attention.output.dense),
     # the dense ones scaled on their input.
@@ -193,6 +195,7 @@ def main():
     case(out, "tiny-llama-lora", llama, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), 96, True)
     case(out, "tiny-llama-dora", llama, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True), 96, True)
     case(out, "tiny-llama-vera", llama, VeraConfig(task_type=TaskType.CAUSAL_LM, r=8, target_modules=["q_proj", "v_proj", "down_proj"]), 96, True, lr=5e-2)
+    case(out, "tiny-llama-loha", llama, LoHaConfig(task_type=TaskType.CAUSAL_LM, r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), 96, True)
     case(out, "tiny-llama-ia3", llama, IA3Config(task_type=TaskType.CAUSAL_LM), 96, True, lr=5e-2)
     case(out, "tiny-llama-ln-tuning", llama, LNTuningConfig(task_type=TaskType.CAUSAL_LM), 96, True)
 

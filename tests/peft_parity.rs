@@ -85,7 +85,7 @@ fn base_for(case: &str) -> Option<Transformer> {
     }
 }
 
-const CASES: [&str; 18] = [
+const CASES: [&str; 20] = [
     "minilm-lora",
     "minilm-rslora",
     "minilm-adalora",
@@ -104,6 +104,8 @@ const CASES: [&str; 18] = [
     "tiny-llama-dora",
     "minilm-vera",
     "tiny-llama-vera",
+    "minilm-loha",
+    "tiny-llama-loha",
 ];
 
 #[test]
@@ -405,6 +407,8 @@ fn merge_writes_a_model_that_matches_the_unmerged_adapter() {
         "tiny-llama-dora",
         "minilm-vera",
         "tiny-llama-vera",
+        "minilm-loha",
+        "tiny-llama-loha",
     ] {
         let Some(model) = base_for(name) else { return };
         let base_dir = if name.starts_with("minilm") {

@@ -95,6 +95,8 @@ methods! {
     Dora(crate::DoraConfig),
     /// VeRA: shared frozen random factors, trained scaling vectors.
     Vera(crate::VeraConfig),
+    /// LoHa: a Hadamard product of two low-rank products.
+    Loha(crate::LohaConfig),
     /// AdaLoRA.
     Adalora(crate::AdaLoraConfig),
     /// Bottleneck adapters (Houlsby or Pfeiffer).

@@ -84,7 +84,7 @@ fn randomize(params: &TrainableParams, seed: u64, std: f64) {
 
 /// Every method with small random size knobs.
 fn any_method() -> impl Strategy<Value = MethodConfig> {
-    (0usize..14, 1usize..5, 0usize..4, any::<bool>()).prop_map(|(k, n, p, flag)| match k {
+    (0usize..15, 1usize..5, 0usize..4, any::<bool>()).prop_map(|(k, n, p, flag)| match k {
         0 => MethodConfig::Lora(LoraConfig {
             rank: n,
             use_rslora: flag,
@@ -426,6 +426,27 @@ proptest! {
         let merged = hidden(&m, &x, &vera);
         prop_assert!(max_rel(&merged, &unmerged) <= 1e-4, "rel diff {}", max_rel(&merged, &unmerged));
         vera.unmerge_from(&mut m).unwrap();
+        for s in m.sites() {
+            let d = max_abs(&m.linear(s).unwrap().weight, &before.linear(s).unwrap().weight);
+            prop_assert!(d <= 1e-6, "{} differs by {}", s, d);
+        }
+    }
+
+    #[test]
+    fn loha_gives_zero_delta_at_init_and_merges((f, heads, hd, layers, seed) in shape(), r in 1usize..5) {
+        let mut m = model(FAMILIES[f], heads, hd, layers, seed);
+        let before = m.clone();
+        let x = batch(&[6, 4], seed);
+        let base = hidden(&m, &x, &NoIntervention);
+        let cfg = LohaConfig { r, target_modules: Targets(vec!["all-linear".into()]), ..Default::default() };
+        let loha = Loha::attach(&cfg, &mut AttachContext::new(&mut m, seed)).unwrap();
+        prop_assert_eq!(max_abs(&hidden(&m, &x, &loha), &base), 0.0);
+        randomize(loha.params(), seed ^ 19, 0.3);
+        let unmerged = hidden(&m, &x, &loha);
+        loha.merge_into(&mut m).unwrap();
+        let merged = hidden(&m, &x, &loha);
+        prop_assert!(max_rel(&merged, &unmerged) <= 1e-4, "rel diff {}", max_rel(&merged, &unmerged));
+        loha.unmerge_from(&mut m).unwrap();
         for s in m.sites() {
             let d = max_abs(&m.linear(s).unwrap().weight, &before.linear(s).unwrap().weight);
             prop_assert!(d <= 1e-6, "{} differs by {}", s, d);
