@@ -23,6 +23,7 @@ from peft import (
     IA3Config,
     LNTuningConfig,
     LoHaConfig,
+    LoKrConfig,
     LoraConfig,
     PeftModel,
     VeraConfig,
@@ -176,6 +177,8 @@ def main():
     case(out, "minilm-dora", minilm, LoraConfig(task_type=seq, r=4, lora_alpha=8, target_modules=["query", "value"], use_dora=True), v, False)
     case(out, "minilm-vera", minilm, VeraConfig(task_type=seq, r=16, target_modules=["query", "value", "intermediate.dense"]), v, False, lr=5e-2)
     case(out, "minilm-loha", minilm, LoHaConfig(task_type=seq, r=4, alpha=8, target_modules=["query", "value"]), v, False)
+    # decompose_both with r = 4: both Kronecker factors of every 384-wide projection (16 x 24) decomposed.
+    case(out, "minilm-lokr", minilm, LoKrConfig(task_type=seq, r=4, alpha=8, target_modules=["query", "value"], decompose_both=True), v, False)
     case(out, "minilm-ln-tuning", minilm, LNTuningConfig(task_type=seq, target_modules=["LayerNorm"]), v, False)
     # PEFT's BERT default: key, value and `output.dense` (which also matches attention.output.dense),
     # the dense ones scaled on their input.
@@ -196,6 +199,7 @@ def main():
     case(out, "tiny-llama-dora", llama, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True), 96, True)
     case(out, "tiny-llama-vera", llama, VeraConfig(task_type=TaskType.CAUSAL_LM, r=8, target_modules=["q_proj", "v_proj", "down_proj"]), 96, True, lr=5e-2)
     case(out, "tiny-llama-loha", llama, LoHaConfig(task_type=TaskType.CAUSAL_LM, r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), 96, True)
+    case(out, "tiny-llama-lokr", llama, LoKrConfig(task_type=TaskType.CAUSAL_LM, r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]), 96, True)
     case(out, "tiny-llama-ia3", llama, IA3Config(task_type=TaskType.CAUSAL_LM), 96, True, lr=5e-2)
     case(out, "tiny-llama-ln-tuning", llama, LNTuningConfig(task_type=TaskType.CAUSAL_LM), 96, True)
 

@@ -37,7 +37,7 @@ pub fn merge(model_dir: &Path, adapter: &Path, out: &Path) -> Result<()> {
     let (mut model, a) = load(model_dir, adapter)?;
     if !a.method.merge_into(&mut model)? {
         bail!(
-            "{}: a {} adapter does not fold into the weights (only LORA, DoRA, ADALORA, VERA, LOHA, IA3, LN_TUNING and PEFTBENCH_BITFIT do)",
+            "{}: a {} adapter does not fold into the weights (only LORA, DoRA, ADALORA, VERA, LOHA, LOKR, IA3, LN_TUNING and PEFTBENCH_BITFIT do)",
             adapter.display(),
             a.peft_type
         );

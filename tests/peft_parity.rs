@@ -85,7 +85,7 @@ fn base_for(case: &str) -> Option<Transformer> {
     }
 }
 
-const CASES: [&str; 20] = [
+const CASES: [&str; 22] = [
     "minilm-lora",
     "minilm-rslora",
     "minilm-adalora",
@@ -106,6 +106,8 @@ const CASES: [&str; 20] = [
     "tiny-llama-vera",
     "minilm-loha",
     "tiny-llama-loha",
+    "minilm-lokr",
+    "tiny-llama-lokr",
 ];
 
 #[test]
@@ -409,6 +411,8 @@ fn merge_writes_a_model_that_matches_the_unmerged_adapter() {
         "tiny-llama-vera",
         "minilm-loha",
         "tiny-llama-loha",
+        "minilm-lokr",
+        "tiny-llama-lokr",
     ] {
         let Some(model) = base_for(name) else { return };
         let base_dir = if name.starts_with("minilm") {

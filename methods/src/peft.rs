@@ -407,6 +407,7 @@ pub fn read(dir: &Path, model: &Transformer) -> Result<LoadedAdapter> {
             cfg,
         )?),
         crate::bitfit::PEFT_TYPE => Box::new(crate::bitfit::BitFit::from_peft(&mut reader, model)?),
+        crate::lokr::PEFT_TYPE => Box::new(crate::lokr::Lokr::from_peft(&mut reader, cfg)?),
         crate::loha::PEFT_TYPE => Box::new(crate::loha::Loha::from_peft(&mut reader, cfg)?),
         crate::vera::PEFT_TYPE => Box::new(crate::vera::Vera::from_peft(&mut reader, cfg)?),
         crate::ia3::PEFT_TYPE => Box::new(crate::ia3::Ia3::from_peft(&mut reader, cfg)?),
@@ -415,7 +416,7 @@ pub fn read(dir: &Path, model: &Transformer) -> Result<LoadedAdapter> {
         crate::head_only::PEFT_TYPE => Box::new(crate::head_only::HeadOnly::default()),
         other => {
             return Err(files.config_error(format!(
-                "peft_type `{other}` is not one this project reads (LORA, ADALORA, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, VERA, LOHA, IA3, LN_TUNING, {}, {}, {})",
+                "peft_type `{other}` is not one this project reads (LORA, ADALORA, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, VERA, LOHA, LOKR, IA3, LN_TUNING, {}, {}, {})",
                 crate::adapter::PEFT_TYPE,
                 crate::bitfit::PEFT_TYPE,
                 crate::head_only::PEFT_TYPE

@@ -97,6 +97,8 @@ methods! {
     Vera(crate::VeraConfig),
     /// LoHa: a Hadamard product of two low-rank products.
     Loha(crate::LohaConfig),
+    /// LoKr: a Kronecker product of two factors.
+    Lokr(crate::LokrConfig),
     /// AdaLoRA.
     Adalora(crate::AdaLoraConfig),
     /// Bottleneck adapters (Houlsby or Pfeiffer).

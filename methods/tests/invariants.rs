@@ -84,7 +84,7 @@ fn randomize(params: &TrainableParams, seed: u64, std: f64) {
 
 /// Every method with small random size knobs.
 fn any_method() -> impl Strategy<Value = MethodConfig> {
-    (0usize..15, 1usize..5, 0usize..4, any::<bool>()).prop_map(|(k, n, p, flag)| match k {
+    (0usize..16, 1usize..5, 0usize..4, any::<bool>()).prop_map(|(k, n, p, flag)| match k {
         0 => MethodConfig::Lora(LoraConfig {
             rank: n,
             use_rslora: flag,
@@ -451,6 +451,34 @@ proptest! {
             let d = max_abs(&m.linear(s).unwrap().weight, &before.linear(s).unwrap().weight);
             prop_assert!(d <= 1e-6, "{} differs by {}", s, d);
         }
+    }
+
+    #[test]
+    fn lokr_gives_zero_delta_at_init_and_merges((f, heads, hd, layers, seed) in shape(), r in 1usize..5, both in any::<bool>()) {
+        let mut m = model(FAMILIES[f], heads, hd, layers, seed);
+        let before = m.clone();
+        let x = batch(&[6, 4], seed);
+        let base = hidden(&m, &x, &NoIntervention);
+        let cfg = LokrConfig { r, decompose_both: both, target_modules: Targets(vec!["all-linear".into()]), ..Default::default() };
+        let lokr = Lokr::attach(&cfg, &mut AttachContext::new(&mut m, seed)).unwrap();
+        prop_assert_eq!(max_abs(&hidden(&m, &x, &lokr), &base), 0.0);
+        randomize(lokr.params(), seed ^ 23, 0.3);
+        let unmerged = hidden(&m, &x, &lokr);
+        lokr.merge_into(&mut m).unwrap();
+        let merged = hidden(&m, &x, &lokr);
+        prop_assert!(max_rel(&merged, &unmerged) <= 1e-4, "rel diff {}", max_rel(&merged, &unmerged));
+        lokr.unmerge_from(&mut m).unwrap();
+        for s in m.sites() {
+            let d = max_abs(&m.linear(s).unwrap().weight, &before.linear(s).unwrap().weight);
+            prop_assert!(d <= 1e-6, "{} differs by {}", s, d);
+        }
+    }
+
+    #[test]
+    fn lokr_factorization_multiplies_back_with_the_smaller_first(dim in 1usize..5000, factor in prop::sample::select(vec![-1i64, 2, 3, 4, 8, 16])) {
+        let (m, n) = peftbench_methods::lokr::factorization(dim, factor);
+        prop_assert_eq!(m * n, dim);
+        prop_assert!(m <= n);
     }
 
     #[test]
