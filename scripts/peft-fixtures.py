@@ -179,6 +179,9 @@ def main():
     case(out, "minilm-loha", minilm, LoHaConfig(task_type=seq, r=4, alpha=8, target_modules=["query", "value"]), v, False)
     # decompose_both with r = 4: both Kronecker factors of every 384-wide projection (16 x 24) decomposed.
     case(out, "minilm-lokr", minilm, LoKrConfig(task_type=seq, r=4, alpha=8, target_modules=["query", "value"], decompose_both=True), v, False)
+    # Initial factors only (no step): PiSSA's and OLoRA's A and B from W, to compare up to sign.
+    case(out, "minilm-pissa-init", minilm, LoraConfig(task_type=seq, r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights="pissa"), v, False, steps=0)
+    case(out, "minilm-olora-init", minilm, LoraConfig(task_type=seq, r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights="olora"), v, False, steps=0)
     case(out, "minilm-ln-tuning", minilm, LNTuningConfig(task_type=seq, target_modules=["LayerNorm"]), v, False)
     # PEFT's BERT default: key, value and `output.dense` (which also matches attention.output.dense),
     # the dense ones scaled on their input.

@@ -12,6 +12,7 @@ pub mod heap;
 pub mod hf_names;
 pub mod init;
 pub mod intervention;
+pub mod linalg;
 pub mod linear;
 pub mod load;
 pub mod model;

@@ -8,7 +8,7 @@ pub mod claim;
 pub mod data;
 pub mod env;
 pub mod grid;
-pub mod linalg;
+pub use peftbench_backbone::linalg;
 pub mod metrics;
 pub mod objective;
 pub mod optim;

@@ -2,6 +2,7 @@
 //! A is Kaiming-uniform and B zero, as in PEFT, so training starts from the unchanged model.
 
 use crate::error::{invalid, Result};
+use crate::lora_init::{factors, LoraInit};
 use crate::peft::PeftState;
 use crate::{AttachContext, Method, Targets};
 use candle_core::{Tensor, D};
@@ -32,6 +33,9 @@ pub struct LoraConfig {
     /// LoRA+: B's learning rate as a multiple of A's (unset: the same rate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loraplus_lr_ratio: Option<f64>,
+    /// How A and B start (PEFT's `init_lora_weights`).
+    #[serde(default, skip_serializing_if = "LoraInit::is_default")]
+    pub init: LoraInit,
 }
 
 fn default_alpha() -> f64 {
@@ -47,6 +51,7 @@ impl Default for LoraConfig {
             use_rslora: false,
             target_modules: Targets::default(),
             loraplus_lr_ratio: None,
+            init: LoraInit::Kaiming,
         }
     }
 }
@@ -116,25 +121,39 @@ pub struct Lora {
     merged: Cell<bool>,
     training: Cell<bool>,
     rng: RefCell<peftbench_backbone::Initializer>,
+    /// PiSSA's and OLoRA's initial factors: the base now lacks s·B₀·A₀, so a saved adapter
+    /// carries −B₀·A₀ beside B·A to apply to the original base.
+    initial: BTreeMap<Site, (Tensor, Tensor)>,
 }
 
 impl Lora {
-    /// Creates A (Kaiming-uniform) and B (zero) for every targeted projection.
+    /// Creates A and B for every targeted projection as `init` says (Kaiming: A uniform, B
+    /// zero); PiSSA and OLoRA also replace each targeted weight with its residual.
     pub fn attach(config: &LoraConfig, ctx: &mut AttachContext) -> Result<Self> {
         config.validate(&ctx.model.config)?;
         let mut params = TrainableParams::new();
         let mut pairs = BTreeMap::new();
+        let mut initial = BTreeMap::new();
         let dev = ctx.model.device().clone();
         for site in config.target_modules.sites(&ctx.model.config, "lora")? {
-            let (inp, out) = crate::site_shape(&ctx.model.config, site.proj);
-            let a = params.add(
-                format!("{site}.lora_A"),
-                ctx.init.kaiming_uniform(config.rank, inp, &dev)?,
+            let lin = ctx
+                .model
+                .linear_mut(site)
+                .ok_or_else(|| invalid("lora", format!("the model has no projection {site}")))?;
+            let (a0, b0, residual) = factors(
+                config.init,
+                &lin.weight,
+                config.rank,
+                config.scaling(),
+                &mut ctx.init,
+                &dev,
             )?;
-            let b = params.add(
-                format!("{site}.lora_B"),
-                Tensor::zeros((out, config.rank), candle_core::DType::F32, &dev)?,
-            )?;
+            if let Some(w) = residual {
+                lin.weight = w;
+                initial.insert(site, (a0.clone(), b0.clone()));
+            }
+            let a = params.add(format!("{site}.lora_A"), a0)?;
+            let b = params.add(format!("{site}.lora_B"), b0)?;
             pairs.insert(
                 site,
                 LoraPair {
@@ -151,6 +170,7 @@ impl Lora {
             merged: Cell::new(false),
             training: Cell::new(false),
             rng: RefCell::new(peftbench_backbone::Initializer::new(ctx.seed ^ 0x10a)),
+            initial,
         })
     }
 
@@ -280,11 +300,30 @@ impl Method for Lora {
         model: &ModelConfig,
         _task: peftbench_backbone::HfTask,
     ) -> Result<Option<PeftState>> {
-        let pairs: Vec<crate::peft::LoraFactors> = self
-            .pairs
-            .iter()
-            .map(|(s, p)| (*s, p.a.detach(), p.b.detach(), p.scaling))
-            .collect();
+        // PiSSA / OLoRA: B·A − B₀·A₀ is one LoRA of rank 2r with the same scaling, relative to
+        // the original base (PEFT's conversion on save).
+        let mut pairs: Vec<crate::peft::LoraFactors> = Vec::new();
+        for (s, p) in &self.pairs {
+            let (a, b) = match self.initial.get(s) {
+                None => (p.a.detach(), p.b.detach()),
+                Some((a0, b0)) => (
+                    Tensor::cat(&[&p.a.detach(), a0], 0)?,
+                    Tensor::cat(&[&p.b.detach(), &b0.neg()?], 1)?,
+                ),
+            };
+            pairs.push((*s, a, b, p.scaling));
+        }
+        let (rank, alpha) = if self.initial.is_empty() {
+            (self.config.rank, self.config.lora_alpha)
+        } else {
+            let r2 = 2 * self.config.rank;
+            let root = if self.config.use_rslora {
+                (r2 as f64).sqrt()
+            } else {
+                r2 as f64
+            };
+            (r2, self.config.scaling() * root)
+        };
         let mut config = serde_json::Map::new();
         config.insert("lora_dropout".into(), self.config.lora_dropout.into());
         config.insert("bias".into(), "none".into());
@@ -293,8 +332,8 @@ impl Method for Lora {
             "LORA",
             model,
             &pairs,
-            self.config.rank,
-            self.config.lora_alpha,
+            rank,
+            alpha,
             self.config.use_rslora,
             config,
         )?))
@@ -337,6 +376,7 @@ impl Lora {
             use_rslora: files.flag("use_rslora"),
             target_modules: Targets::default(),
             loraplus_lr_ratio: None,
+            init: LoraInit::Kaiming,
         };
         let found =
             crate::peft::read_lora_pairs(r, model, &config, "lora_A.weight", "lora_B.weight")?;
@@ -361,6 +401,7 @@ impl Lora {
             merged: Cell::new(false),
             training: Cell::new(false),
             rng: RefCell::new(peftbench_backbone::Initializer::new(0x10a)),
+            initial: BTreeMap::new(),
         })
     }
 }

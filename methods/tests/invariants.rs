@@ -86,9 +86,16 @@ fn randomize(params: &TrainableParams, seed: u64, std: f64) {
 fn any_method() -> impl Strategy<Value = MethodConfig> {
     (0usize..16, 1usize..5, 0usize..4, any::<bool>()).prop_map(|(k, n, p, flag)| match k {
         0 => MethodConfig::Lora(LoraConfig {
-            rank: n,
             use_rslora: flag,
             target_modules: Targets(vec!["all-linear".into()]),
+            // Factors from W need rank ≤ the smallest side (2 in the smallest models).
+            init: [
+                LoraInit::Kaiming,
+                LoraInit::Gaussian,
+                LoraInit::Pissa,
+                LoraInit::Olora,
+            ][p],
+            rank: if p >= 2 { n.min(2) } else { n },
             ..Default::default()
         }),
         1 => MethodConfig::Adalora(AdaLoraConfig {
@@ -482,6 +489,34 @@ proptest! {
     }
 
     #[test]
+    fn pissa_and_olora_residual_plus_update_is_w_and_save_converts_to_the_original_base((f, heads, hd, layers, seed) in (0usize..3, 1usize..4, prop::sample::select(vec![4usize, 8]), 1usize..3, any::<u64>()), rank in 1usize..4, olora in any::<bool>()) {
+        let original = model(FAMILIES[f], heads, hd, layers, seed);
+        let mut m = original.clone();
+        let init = if olora { LoraInit::Olora } else { LoraInit::Pissa };
+        let cfg = LoraConfig { rank, init, target_modules: Targets(vec!["query".into(), "value".into()]), ..Default::default() };
+        let lora = Lora::attach(&cfg, &mut AttachContext::new(&mut m, seed)).unwrap();
+        for (site, pair) in lora.pairs() {
+            let rebuilt = (&m.linear(*site).unwrap().weight + (pair.b.matmul(&pair.a).unwrap() * pair.scaling).unwrap()).unwrap();
+            let w = &original.linear(*site).unwrap().weight;
+            prop_assert!(max_rel(&rebuilt, w) <= 1e-5, "{}: residual + s·B·A is {} from W", site, max_rel(&rebuilt, w));
+        }
+        let x = batch(&[5, 3], seed);
+        randomize(lora.params(), seed ^ 29, 0.2);
+        let trained = hidden(&m, &x, &lora);
+        if FAMILIES[f] == "gpt2" {
+            return Ok(());
+        }
+        // Saved in PEFT's form, the adapter applies to the original base.
+        let task = peftbench_backbone::HfTask::FeatureExtraction;
+        let state = lora.peft_state(&original.config, task).unwrap().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        peft::write(dir.path(), &state, &original.config, task, "base", None).unwrap();
+        let read = peft::read(dir.path(), &original).unwrap();
+        let again = hidden(&original, &x, read.method.as_ref());
+        prop_assert!(max_rel(&again, &trained) <= 1e-4, "rel diff {}", max_rel(&again, &trained));
+    }
+
+    #[test]
     fn adapter_zero_up_projection_is_identity((f, heads, hd, layers, seed) in shape(), m_ in 1usize..6, houlsby in any::<bool>()) {
         let mut m = model(FAMILIES[f], heads, hd, layers, seed);
         let x = batch(&[4, 6], seed);
@@ -722,8 +757,9 @@ proptest! {
         let mut m = model(FAMILIES[f], heads, hd, layers, seed);
         // BitFit refuses bias-free (Llama-style) models.
         prop_assume!(method.validate(&m.config).is_ok());
-        let before = m.clone();
         let mut attached = method.attach(&mut AttachContext::new(&mut m, seed)).unwrap();
+        // The base as training starts: PiSSA and OLoRA replace W by its residual at attach.
+        let before = m.clone();
         let (head, hp) = with_head(&m, seed);
         let grads = train_steps(&m, attached.as_mut(), &head, &hp, 2, seed);
         let mut frozen = Vec::new();
