@@ -21,12 +21,15 @@ from peft import (
     AdaLoraConfig,
     IA3Config,
     LNTuningConfig,
+    LoHaConfig,
+    LoKrConfig,
     LoraConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptEncoderReparameterizationType,
     PromptTuningConfig,
     TaskType,
+    VeraConfig,
     get_peft_model,
 )
 from transformers import AutoModelForSequenceClassification
@@ -59,6 +62,11 @@ def configs(total_steps):
             encoder_reparameterization_type=PromptEncoderReparameterizationType.MLP,
             encoder_hidden_size=128,
         ),
+        "lora_plus": LoraConfig(task_type=SEQ_CLS, r=8, lora_alpha=16, target_modules=["query", "value"]),
+        "dora": LoraConfig(task_type=SEQ_CLS, r=8, lora_alpha=16, target_modules=["query", "value"], use_dora=True),
+        "vera": VeraConfig(task_type=SEQ_CLS, r=256, target_modules=["query", "value"]),
+        "loha": LoHaConfig(task_type=SEQ_CLS, r=8, alpha=8, target_modules=["query", "value"]),
+        "lokr": LoKrConfig(task_type=SEQ_CLS, r=8, alpha=8, target_modules=["query", "value"]),
         "ia3": IA3Config(task_type=SEQ_CLS),
         "ln_tuning": LNTuningConfig(task_type=SEQ_CLS, target_modules=["LayerNorm"]),
         # PEFT has no BitFit: the plain model with only its biases (and the head) trainable.
@@ -98,8 +106,14 @@ def main():
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        if name == "lora_plus":
+            # LoRA+: B in a group of its own at 16x the rate (PEFT's create_loraplus_optimizer).
+            b = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+            rest = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" not in n]
+            opt = torch.optim.AdamW([{"params": rest, "lr": 1e-4}, {"params": b, "lr": 16e-4}])
+        else:
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-4)
         setups[name] = (model, opt)
 
     def step(model, opt):

@@ -51,7 +51,7 @@ const MARKERS: [Marker; 8] = [
 ];
 
 /// The methods the project ships, each with its own colour and marker.
-const KNOWN: [(&str, usize, Marker); 9] = [
+const KNOWN: [(&str, usize, Marker); 18] = [
     ("lora", 0, Marker::Circle),
     ("adalora", 1, Marker::Square),
     ("adapter", 2, Marker::TriangleUp),
@@ -61,6 +61,15 @@ const KNOWN: [(&str, usize, Marker); 9] = [
     ("p_tuning_v2", 6, Marker::Plus),
     ("full_finetune", 7, Marker::Pentagon),
     ("head_only", 7, Marker::HollowSquare),
+    // The LoRA family keeps LoRA's blue or its neighbours, each with its own marker.
+    ("lora_plus", 0, Marker::Square),
+    ("dora", 0, Marker::TriangleUp),
+    ("vera", 9, Marker::Circle),
+    ("loha", 9, Marker::Square),
+    ("lokr", 9, Marker::TriangleUp),
+    ("ia3", 8, Marker::Circle),
+    ("ln_tuning", 8, Marker::Square),
+    ("bitfit", 8, Marker::TriangleUp),
 ];
 
 /// A method's style: the table's for a shipped method, otherwise one derived from a hash of the
