@@ -51,7 +51,7 @@ const MARKERS: [Marker; 8] = [
 ];
 
 /// The methods the project ships, each with its own colour and marker.
-const KNOWN: [(&str, usize, Marker); 18] = [
+const KNOWN: [(&str, usize, Marker); 17] = [
     ("lora", 0, Marker::Circle),
     ("adalora", 1, Marker::Square),
     ("adapter", 2, Marker::TriangleUp),
