@@ -133,10 +133,16 @@ pub fn compare_with(
     })
 }
 
-/// `lora 0.1% (−0.0040 [−0.0210, 0.0120], p = 0.61)`.
+/// `lora 0.1% (−0.0040 [−0.0210, 0.0120], p = 0.61)`; `p ≤ 0.008` where no resample crossed
+/// zero, since the bootstrap cannot resolve a smaller p.
 pub fn describe(p: &Paired) -> String {
+    let p_value = if p.test.p_at_floor {
+        format!("p ≤ {:.3}", p.p_holm)
+    } else {
+        format!("p = {:.2}", p.p_holm)
+    };
     format!(
-        "{} {} ({:+.4} [{:+.4}, {:+.4}], p = {:.2})",
-        p.method, p.budget, p.test.difference, p.test.interval.lo, p.test.interval.hi, p.p_holm
+        "{} {} ({:+.4} [{:+.4}, {:+.4}], {p_value})",
+        p.method, p.budget, p.test.difference, p.test.interval.lo, p.test.interval.hi
     )
 }

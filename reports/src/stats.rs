@@ -26,6 +26,9 @@ pub struct PairedTest {
     pub interval: Interval,
     /// Two-sided bootstrap p-value of "no difference".
     pub p: f64,
+    /// No resample crossed zero: `p` is the smallest value the resamples can resolve, an
+    /// upper bound rather than an estimate.
+    pub p_at_floor: bool,
     /// Dev examples both were scored on.
     pub examples: usize,
 }
@@ -167,6 +170,7 @@ pub fn paired_test(
         difference,
         interval: interval(diffs)?,
         p,
+        p_at_floor: below.min(above) == 0.0,
         examples: n,
     })
 }
@@ -223,10 +227,13 @@ mod tests {
         let bad = bernoulli(400, 0.65, 2);
         let t = paired_test(&[&good], &[&bad], "accuracy", 1000, 3).unwrap();
         assert!(t.p < 0.01 && t.interval.lo > 0.0, "{t:?}");
+        // 0.2 apart on 400 examples: no resample reaches zero, so p is the floor 2/(k+1).
+        assert!(t.p_at_floor && (t.p - 2.0 / 1001.0).abs() < 1e-12, "{t:?}");
         let same = paired_test(&[&good], &[&good], "accuracy", 1000, 3).unwrap();
         assert_eq!(same.difference, 0.0);
         assert_eq!((same.interval.lo, same.interval.hi), (0.0, 0.0));
         assert_eq!(same.p, 1.0);
+        assert!(!same.p_at_floor);
     }
 
     #[test]
