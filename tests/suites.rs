@@ -10,7 +10,17 @@ fn suite(name: &str) -> Suite {
 }
 
 #[test]
-fn committed_suites_parse_and_cover_all_eight_methods() {
+fn committed_suites_parse_and_cover_the_eight_mission_methods() {
+    let mission = [
+        "lora",
+        "adalora",
+        "adapter",
+        "prefix_tuning",
+        "prompt_tuning",
+        "p_tuning",
+        "p_tuning_v2",
+        "full_finetune",
+    ];
     for name in [
         "default",
         "glue-minilm-quick",
@@ -29,8 +39,30 @@ fn committed_suites_parse_and_cover_all_eight_methods() {
             .map(|(m, _)| m.name())
             .filter(|m| *m != "head_only")
             .collect();
-        assert_eq!(methods.len(), 8, "{name}: {methods:?}");
+        for m in mission {
+            assert!(methods.contains(m), "{name} lacks {m}: {methods:?}");
+        }
     }
+    // glue-minilm-quick runs every method; the default suite every one a Llama-style base
+    // takes (BitFit needs biases).
+    let quick: std::collections::BTreeSet<&str> = suite("glue-minilm-quick")
+        .methods
+        .iter()
+        .map(|(m, _)| m.name())
+        .collect();
+    let all: std::collections::BTreeSet<&str> = peftbench_methods::MethodConfig::defaults()
+        .iter()
+        .map(|m| m.name())
+        .collect();
+    assert_eq!(quick, all);
+    let default: std::collections::BTreeSet<&str> =
+        suite("default").methods.iter().map(|(m, _)| m.name()).collect();
+    let every: std::collections::BTreeSet<&str> = peftbench_methods::MethodConfig::defaults()
+        .iter()
+        .map(|m| m.name())
+        .filter(|m| *m != "bitfit")
+        .collect();
+    assert_eq!(default, every);
     // The single-task suites add the head-only floor: one run per seed, budget `none`.
     for name in ["rte-minilm", "cola-minilm"] {
         let runs = suite(name).runs();
@@ -47,10 +79,10 @@ fn committed_suites_parse_and_cover_all_eight_methods() {
 fn glue_suites_have_the_promised_grid() {
     // glue-minilm: 4 tasks × (7 PEFT methods × 2 budgets + full fine-tuning) × 3 seeds.
     assert_eq!(suite("glue-minilm").runs().len(), 4 * (7 * 2 + 1) * 3);
-    // glue-minilm-quick: 2 tasks × (7 × 1 + 1) × 2 seeds.
-    assert_eq!(suite("glue-minilm-quick").runs().len(), 2 * 8 * 2);
-    // default: 3 tasks × (8 methods + the LoRA random-init control), one seed.
-    assert_eq!(suite("default").runs().len(), 3 * 9);
+    // glue-minilm-quick: 2 tasks × 16 methods × 2 seeds.
+    assert_eq!(suite("glue-minilm-quick").runs().len(), 2 * 16 * 2);
+    // default: 3 tasks × (15 methods + the LoRA random-init control), one seed.
+    assert_eq!(suite("default").runs().len(), 3 * 16);
 }
 
 #[test]
@@ -218,3 +250,4 @@ fn the_mrpc_example_suite_loads_glue_mrpc_files() {
         .to_string();
     assert!(e.contains("elsewhere/glue/MRPC/train.tsv"), "{e}");
 }
+
