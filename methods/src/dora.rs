@@ -24,14 +24,7 @@ pub struct DoraConfig(pub LoraConfig);
 impl DoraConfig {
     /// Checks the configuration against a model.
     pub fn validate(&self, model: &ModelConfig) -> Result<()> {
-        self.0.validate(model)?;
-        if self.0.lora_dropout > 0.0 {
-            return Err(invalid(
-                NAME,
-                "lora_dropout > 0 is not implemented for DoRA (PEFT then recomputes W·x on the dropped input)",
-            ));
-        }
-        Ok(())
+        self.0.validate(model)
     }
 
     /// Closed form: LoRA's Σ r·(in + out) plus one magnitude per output row of each target.
@@ -164,13 +157,20 @@ impl Intervention for Dora {
             return Ok(output);
         }
         // PEFT's form: out + (m/‖·‖ − 1)·(W·x) + (m/‖·‖)·s·B·A·x, with W·x the output less its
-        // bias; at m = ‖W‖ and B = 0 this adds exact zeros.
+        // bias; at m = ‖W‖ and B = 0 this adds exact zeros. With dropout in training, x is the
+        // dropped input in both terms, so W·x is computed again on it, as PEFT does.
         let scale = (&part.magnitude / self.norms(site)?)?;
-        let base = match &part.bias {
-            Some(b) => output.broadcast_sub(b)?,
-            None => output.clone(),
+        let (x, base) = match self.lora.dropped(input)? {
+            Some(x) => {
+                let base = x.broadcast_matmul(&part.weight.t()?)?;
+                (x, base)
+            }
+            None => match &part.bias {
+                Some(b) => (input.clone(), output.broadcast_sub(b)?),
+                None => (input.clone(), output.clone()),
+            },
         };
-        let low = input.broadcast_matmul(&pair.a.t()?)?;
+        let low = x.broadcast_matmul(&pair.a.t()?)?;
         let up = (low.broadcast_matmul(&pair.b.t()?)? * pair.scaling)?;
         let dora = (base.broadcast_mul(&(&scale - 1.0)?)? + up.broadcast_mul(&scale)?)?;
         output + dora
@@ -183,6 +183,9 @@ impl Method for Dora {
     }
     fn params(&self) -> &TrainableParams {
         &self.params
+    }
+    fn set_training(&self, training: bool) {
+        self.lora.set_training(training);
     }
     /// W ← (m/‖W + s·B·A‖) ⊙ (W + s·B·A), row by row; the bias stays.
     fn merge_into(&self, model: &mut Transformer) -> Result<bool> {

@@ -243,6 +243,18 @@ pub(crate) fn dropout(
     Ok((x * Tensor::from_vec(keep, x.shape(), x.device())?)?)
 }
 
+impl Lora {
+    /// The input with this step's dropout mask applied, when training with dropout.
+    pub(crate) fn dropped(&self, input: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if !(self.training.get() && self.config.lora_dropout > 0.0) {
+            return Ok(None);
+        }
+        dropout(input, self.config.lora_dropout, &self.rng)
+            .map(Some)
+            .map_err(candle_core::Error::wrap)
+    }
+}
+
 impl Intervention for Lora {
     fn project(&self, site: Site, input: &Tensor, output: Tensor) -> candle_core::Result<Tensor> {
         let Some(pair) = self.pairs.get(&site) else {
@@ -251,11 +263,7 @@ impl Intervention for Lora {
         if self.merged.get() {
             return Ok(output);
         }
-        let x = if self.training.get() && self.config.lora_dropout > 0.0 {
-            dropout(input, self.config.lora_dropout, &self.rng).map_err(candle_core::Error::wrap)?
-        } else {
-            input.clone()
-        };
+        let x = self.dropped(input)?.unwrap_or_else(|| input.clone());
         let low = x.broadcast_matmul(&pair.a.t()?)?;
         let up = low.broadcast_matmul(&pair.b.t()?)?;
         debug_assert_eq!(up.dim(D::Minus1)?, output.dim(D::Minus1)?);

@@ -396,6 +396,45 @@ proptest! {
     }
 
     #[test]
+    fn dora_dropout_acts_only_in_training_and_on_both_terms((f, heads, hd, layers, seed) in shape(), rank in 1usize..4, p in 0.1f64..0.6) {
+        let x = batch(&[6, 4], seed);
+        let attach = |dropout: f64, m: &mut Transformer| {
+            let cfg = DoraConfig(LoraConfig { rank, lora_dropout: dropout, target_modules: Targets(vec!["all-linear".into()]), ..Default::default() });
+            Dora::attach(&cfg, &mut AttachContext::new(m, seed)).unwrap()
+        };
+        let mut m = model(FAMILIES[f], heads, hd, layers, seed);
+        let base = hidden(&m, &x, &NoIntervention);
+        let dora = attach(p, &mut m);
+        dora.set_training(true);
+        // At init DoRA adds exact zeros, whatever the mask.
+        prop_assert_eq!(max_abs(&hidden(&m, &x, &dora), &base), 0.0);
+        // Magnitudes off ‖W‖ with B still zero: the only change is (m/‖W‖ − 1)·W·x̃, so the
+        // mask shows unless W·x is (wrongly) taken from the undropped output.
+        let mut init = Initializer::new(seed ^ 29);
+        for (name, v) in dora.params().entries() {
+            if name.ends_with(".lora_magnitude") {
+                let noise = init.normal(v.shape(), 0.2, v.device()).unwrap();
+                let t = (v.as_tensor().detach().copy().unwrap() * (noise + 1.0).unwrap()).unwrap();
+                v.set(&t).unwrap();
+            }
+        }
+        let trained = hidden(&m, &x, &dora);
+        dora.set_training(false);
+        let eval = hidden(&m, &x, &dora);
+        if m.config.hidden_size > 2 {
+            prop_assert!(max_abs(&trained, &eval) > 0.0, "dropout left the base term alone");
+        }
+        // Out of training, dropout is off: the same parameters without dropout give the same output.
+        let mut m0 = model(FAMILIES[f], heads, hd, layers, seed);
+        let plain = attach(0.0, &mut m0);
+        for ((n0, v0), (n, v)) in plain.params().entries().into_iter().zip(dora.params().entries()) {
+            prop_assert_eq!(n0, n);
+            v0.set(v.as_tensor()).unwrap();
+        }
+        prop_assert_eq!(max_abs(&hidden(&m0, &x, &plain), &eval), 0.0);
+    }
+
+    #[test]
     fn dora_magnitude_starts_at_the_row_norms_of_w((f, heads, hd, layers, seed) in shape(), rank in 1usize..5) {
         let mut m = model(FAMILIES[f], heads, hd, layers, seed);
         let cfg = DoraConfig(LoraConfig { rank, target_modules: Targets(vec!["all-linear".into()]), ..Default::default() });
