@@ -17,6 +17,8 @@ pub(crate) enum Marker {
     Pentagon,
     /// Unfilled square: the head-only floor, which sits off the parameter axis.
     HollowSquare,
+    /// Unfilled circle: a method trained from random initialisation, in the method's colour.
+    HollowCircle,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -72,9 +74,16 @@ const KNOWN: [(&str, usize, Marker); 17] = [
     ("bitfit", 8, Marker::TriangleUp),
 ];
 
-/// A method's style: the table's for a shipped method, otherwise one derived from a hash of the
-/// name (stable across runs and reports, though two unknown names may share it).
+/// A method's style: the table's for a shipped method, its method's colour unfilled for a
+/// random-initialisation control, otherwise one derived from a hash of the name (stable across
+/// runs and reports, though two unknown names may share it).
 pub(crate) fn method_style(method: &str) -> MethodStyle {
+    if let Some(base) = method.strip_suffix(crate::markdown::RANDOM_INIT_SUFFIX) {
+        return MethodStyle {
+            color: method_style(base).color,
+            marker: Marker::HollowCircle,
+        };
+    }
     if let Some((_, c, m)) = KNOWN.iter().find(|(name, _, _)| *name == method) {
         return MethodStyle {
             color: PALETTE[*c],
@@ -129,6 +138,7 @@ impl<C, DB: DrawingBackend> Drawable<DB> for MarkerElement<C> {
         };
         match self.style.marker {
             Marker::Circle => backend.draw_circle((x, y), s as u32, &fill, true),
+            Marker::HollowCircle => backend.draw_circle((x, y), s as u32, &line, false),
             Marker::Square => {
                 backend.fill_polygon(at(&[(-s, -s), (s, -s), (s, s), (-s, s)]), &fill)
             }
@@ -183,8 +193,20 @@ mod tests {
     }
 
     #[test]
+    fn a_random_init_control_is_its_method_unfilled() {
+        let control = method_style("lora-random-init");
+        assert_eq!(control.color, method_style("lora").color);
+        assert_eq!(control.marker, Marker::HollowCircle);
+        for (m, _, _) in KNOWN {
+            assert!(method_style(m) != control, "{m} looks like the control");
+        }
+    }
+
+    #[test]
     fn unknown_methods_get_a_stable_style() {
-        assert_eq!(method_style("dora"), method_style("dora"));
-        assert!(MARKERS.contains(&method_style("ia3").marker));
+        // Names the project does not ship.
+        assert_eq!(method_style("oft"), method_style("oft"));
+        assert!(MARKERS.contains(&method_style("boft").marker));
+        assert!(PALETTE.contains(&method_style("boft").color));
     }
 }
