@@ -5,14 +5,14 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use peftbench_backbone::hf_names::head_module;
 use peftbench_backbone::{
-    lm_logits, load_model_dir, pad_rows, Family, HeadKind, HfTask, Inputs, Linear, SequenceHead,
+    lm_logits, load_model, pad_rows, Family, HeadKind, HfTask, Inputs, Linear, SequenceHead,
     TextTokenizer, Transformer,
 };
 use peftbench_methods::peft::{self, LoadedAdapter};
 use std::path::Path;
 
 fn load(model_dir: &Path, adapter: &Path) -> Result<(Transformer, LoadedAdapter)> {
-    let model = load_model_dir(model_dir, &Device::Cpu)
+    let model = load_model(model_dir, &Device::Cpu)
         .with_context(|| format!("loading the base model from {}", model_dir.display()))?;
     let a = peft::read(adapter, &model)?;
     Ok((model, a))
@@ -110,10 +110,10 @@ pub fn score(model_dir: &Path, adapter: Option<&Path>, texts: &[String]) -> Resu
     if texts.is_empty() {
         bail!("give at least one --text");
     }
-    let model = load_model_dir(model_dir, &Device::Cpu)
+    let model = load_model(model_dir, &Device::Cpu)
         .with_context(|| format!("loading the base model from {}", model_dir.display()))?;
     let a = adapter.map(|p| peft::read(p, &model)).transpose()?;
-    let tok = TextTokenizer::from_file(&model_dir.join("tokenizer.json"), 512)?;
+    let tok = TextTokenizer::for_model(model_dir, 512)?;
     let rows: Vec<Vec<u32>> = texts
         .iter()
         .map(|t| tok.encode_ids(t, true))

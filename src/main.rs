@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use peftbench_backbone::{load_model_dir, TextTokenizer, Transformer};
+use peftbench_backbone::{load_model, TextTokenizer, Transformer};
 use peftbench_harness::claim::ClaimPolicy;
 use peftbench_harness::task::TaskSource;
 use peftbench_harness::{grid, load_task, run_grid_with, synthetic, Base, Shard, Suite, TaskData};
@@ -151,7 +151,7 @@ enum Command {
     /// (PEFT's format): the head's logits for a sequence-classification adapter, else the
     /// next-token logits at the last position. JSON on stdout.
     Score {
-        /// The base model directory.
+        /// The base model: a directory or a `.gguf` file.
         #[arg(long)]
         model: PathBuf,
         /// The adapter directory.
@@ -163,7 +163,7 @@ enum Command {
     },
     /// List the methods with their size knobs and trainable-parameter formulas.
     Methods {
-        /// Also print each count on this Hugging Face model directory.
+        /// Also print each count on this model (a Hugging Face directory or a `.gguf` file).
         #[arg(long)]
         model: Option<PathBuf>,
     },
@@ -206,27 +206,41 @@ fn minilm_dir() -> PathBuf {
         })
 }
 
+/// The fetched SmolLM2-135M-Instruct GGUF file (scripts/fetch-smollm2.sh).
+fn smollm2_file() -> PathBuf {
+    std::env::var_os("PEFTBENCH_SMOLLM2")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            home.join(".cache/peftbench/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
+}
+
 fn model_dir(name: &str) -> PathBuf {
     match (name, name.strip_prefix("~/")) {
         ("minilm", _) => minilm_dir(),
+        ("smollm2", _) => smollm2_file(),
         (_, Some(rest)) => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(rest),
         _ => PathBuf::from(name),
     }
 }
 
-/// A model argument: a directory, or `minilm` for the fetched all-MiniLM-L6-v2.
+/// A model argument: a directory, a `.gguf` file, or `minilm` / `smollm2` for the fetched
+/// all-MiniLM-L6-v2 / SmolLM2-135M-Instruct.
 fn model_dir_arg(p: &Path) -> PathBuf {
     model_dir(&p.to_string_lossy())
 }
 
 fn load_base(dir: &Path, max_len: usize) -> Result<Base> {
-    let model = load_model_dir(dir, &candle_core::Device::Cpu).with_context(|| {
+    let model = load_model(dir, &candle_core::Device::Cpu).with_context(|| {
         format!(
-            "loading the base model from {} (for `minilm`, run scripts/fetch-minilm.sh)",
+            "loading the base model from {} (for `minilm`, run scripts/fetch-minilm.sh; for `smollm2`, scripts/fetch-smollm2.sh)",
             dir.display()
         )
     })?;
-    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), max_len)?;
+    let tokenizer = TextTokenizer::for_model(dir, max_len)?;
     Ok(Base { model, tokenizer })
 }
 
@@ -331,7 +345,7 @@ fn load_base_and_tasks(
         let base = load_base(&model_dir(model), max_len)?;
         for t in tasks_config {
             let mut tok =
-                TextTokenizer::from_file(&model_dir(model).join("tokenizer.json"), t.max_len)?;
+                TextTokenizer::for_model(&model_dir(model), t.max_len)?;
             tok.pad_id = base.tokenizer.pad_id;
             let data = load_task(t, &tok, &data_root)
                 .with_context(|| format!("loading task `{}`", t.name))?;
@@ -375,7 +389,7 @@ fn write_report(suite: &str, results: &Path, out: Option<PathBuf>) -> Result<()>
 
 fn methods(model: Option<PathBuf>) -> Result<()> {
     let model: Option<Transformer> = match model {
-        Some(dir) => Some(load_model_dir(&dir, &candle_core::Device::Cpu)?),
+        Some(dir) => Some(load_model(&model_dir_arg(&dir), &candle_core::Device::Cpu)?),
         None => None,
     };
     println!(

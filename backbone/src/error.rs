@@ -37,6 +37,14 @@ pub enum BackboneError {
         /// The parser's message.
         message: String,
     },
+    /// A GGUF file could not be parsed, or its metadata lacks or misstates a field.
+    #[error("{path}: {message}")]
+    Gguf {
+        /// The GGUF file.
+        path: PathBuf,
+        /// What is wrong, naming the metadata key or tensor.
+        message: String,
+    },
     /// A tensor the architecture needs is absent from the weights file.
     #[error("{path}: missing tensor `{name}`")]
     MissingTensor {

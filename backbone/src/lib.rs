@@ -5,6 +5,7 @@ pub mod alloc;
 mod attention;
 pub mod config;
 pub mod error;
+pub mod gguf;
 mod frozen_matmul;
 mod fused;
 pub mod heads;
@@ -32,7 +33,8 @@ pub use intervention::{
     Block, Intervention, KvPrefix, NoIntervention, NormParams, NormSite, Proj, Site,
 };
 pub use linear::Linear;
-pub use load::{load_model_dir, save_model_dir};
+pub use gguf::{is_gguf, GgufFile};
+pub use load::{load_model, load_model_dir, save_model_dir};
 pub use model::{Encoded, Inputs, Norm, Transformer};
 pub use params::TrainableParams;
 pub use tokenizer::{pad_rows, TextTokenizer};

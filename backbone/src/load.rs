@@ -16,6 +16,15 @@ pub fn load_model_dir(dir: &Path, device: &Device) -> Result<Transformer> {
     from_weights(config, &mut weights)
 }
 
+/// Loads a model directory, or a `.gguf` file (dequantized to f32).
+pub fn load_model(path: &Path, device: &Device) -> Result<Transformer> {
+    if crate::gguf::is_gguf(path) {
+        crate::gguf::GgufFile::open(path)?.load_model(device)
+    } else {
+        load_model_dir(path, device)
+    }
+}
+
 /// Builds the model from a weight file whose tensors use Hugging Face names.
 pub fn from_weights(config: ModelConfig, w: &mut WeightFile) -> Result<Transformer> {
     let model = match config.family {

@@ -16,6 +16,9 @@ pub struct TextTokenizer {
     pub pad_id: u32,
     /// Longest sequence produced; longer inputs are truncated.
     pub max_len: usize,
+    /// The end-of-sequence id where the source says it (a GGUF file's metadata); otherwise
+    /// found by the usual token names.
+    pub eos: Option<u32>,
 }
 
 impl TextTokenizer {
@@ -48,7 +51,18 @@ impl TextTokenizer {
             path: path.to_path_buf(),
             pad_id,
             max_len,
+            eos: None,
         })
+    }
+
+    /// The tokenizer of a model: `tokenizer.json` in its directory, or the one a `.gguf` file
+    /// carries in its metadata.
+    pub fn for_model(model: &Path, max_len: usize) -> Result<Self> {
+        if crate::gguf::is_gguf(model) {
+            crate::gguf::GgufFile::open(model)?.tokenizer(max_len)
+        } else {
+            Self::from_file(&model.join("tokenizer.json"), max_len)
+        }
     }
 
     /// Wraps a tokenizer built in memory (e.g. one just trained).
@@ -69,6 +83,7 @@ impl TextTokenizer {
             path: path.to_path_buf(),
             pad_id,
             max_len,
+            eos: None,
         })
     }
 
@@ -105,6 +120,9 @@ impl TextTokenizer {
 
     /// The end-of-sequence id, where the vocabulary has one.
     pub fn eos_id(&self) -> Option<u32> {
+        if self.eos.is_some() {
+            return self.eos;
+        }
         ["</s>", "<|endoftext|>", "<eos>", "[SEP]"]
             .iter()
             .find_map(|t| self.inner.token_to_id(t))
