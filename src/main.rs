@@ -344,8 +344,7 @@ fn load_base_and_tasks(
         let max_len = tasks_config.iter().map(|t| t.max_len).max().unwrap_or(128);
         let base = load_base(&model_dir(model), max_len)?;
         for t in tasks_config {
-            let mut tok =
-                TextTokenizer::for_model(&model_dir(model), t.max_len)?;
+            let mut tok = TextTokenizer::for_model(&model_dir(model), t.max_len)?;
             tok.pad_id = base.tokenizer.pad_id;
             let data = load_task(t, &tok, &data_root)
                 .with_context(|| format!("loading task `{}`", t.name))?;

@@ -68,13 +68,34 @@ fn llama_metadata(m: &Transformer) -> Vec<(String, Value)> {
     vec![
         ("general.architecture".into(), Value::String("llama".into())),
         ("llama.block_count".into(), Value::U32(c.num_layers as u32)),
-        ("llama.embedding_length".into(), Value::U32(c.hidden_size as u32)),
-        ("llama.feed_forward_length".into(), Value::U32(c.intermediate_size as u32)),
-        ("llama.attention.head_count".into(), Value::U32(c.num_heads as u32)),
-        ("llama.attention.head_count_kv".into(), Value::U32(c.num_kv_heads as u32)),
-        ("llama.context_length".into(), Value::U32(c.max_position_embeddings as u32)),
-        ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(c.norm_eps as f32)),
-        ("llama.rope.freq_base".into(), Value::F32(c.rope_theta as f32)),
+        (
+            "llama.embedding_length".into(),
+            Value::U32(c.hidden_size as u32),
+        ),
+        (
+            "llama.feed_forward_length".into(),
+            Value::U32(c.intermediate_size as u32),
+        ),
+        (
+            "llama.attention.head_count".into(),
+            Value::U32(c.num_heads as u32),
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            Value::U32(c.num_kv_heads as u32),
+        ),
+        (
+            "llama.context_length".into(),
+            Value::U32(c.max_position_embeddings as u32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(c.norm_eps as f32),
+        ),
+        (
+            "llama.rope.freq_base".into(),
+            Value::F32(c.rope_theta as f32),
+        ),
         ("llama.vocab_size".into(), Value::U32(c.vocab_size as u32)),
     ]
 }
@@ -183,7 +204,12 @@ fn tokenizer_metadata(pre: &str, add_bos: bool) -> Vec<(String, Value)> {
         ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
         (
             "tokenizer.ggml.tokens".into(),
-            Value::Array(tokens.iter().map(|t| Value::String(t.to_string())).collect()),
+            Value::Array(
+                tokens
+                    .iter()
+                    .map(|t| Value::String(t.to_string()))
+                    .collect(),
+            ),
         ),
         ("tokenizer.ggml.token_type".into(), Value::Array(types)),
         (
@@ -222,7 +248,10 @@ fn the_tokenizer_comes_from_the_metadata_with_llama_cpps_pre_tokenizer() {
     // every digit first, as SmolLM's own tokenizer does.
     // Ids: 3 a, 6 1, 7 2, 9 Ġ, 11 ab, 12 Ġa, 13 12.
     assert_eq!(gpt2.encode_ids("ab 12", false).unwrap(), vec![11, 9, 13]);
-    assert_eq!(smollm.encode_ids("ab 12", false).unwrap(), vec![11, 9, 6, 7]);
+    assert_eq!(
+        smollm.encode_ids("ab 12", false).unwrap(),
+        vec![11, 9, 6, 7]
+    );
     // Control tokens are special and whole; no BOS unless the file asks for one.
     assert_eq!(
         smollm.encode_ids("<|im_start|>a<|im_end|>", true).unwrap(),
@@ -249,7 +278,11 @@ fn dtype_offset(bytes: &[u8], name: &str) -> usize {
         .windows(name.len())
         .position(|w| w == name.as_bytes())
         .unwrap();
-    let n_dims = u32::from_le_bytes(bytes[at + name.len()..at + name.len() + 4].try_into().unwrap());
+    let n_dims = u32::from_le_bytes(
+        bytes[at + name.len()..at + name.len() + 4]
+            .try_into()
+            .unwrap(),
+    );
     at + name.len() + 4 + 8 * n_dims as usize
 }
 
@@ -265,19 +298,28 @@ fn bad_gguf_files_get_errors_naming_the_file_and_the_field() {
     let cut = dir.path().join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
     let e = error_of(load_model(&cut, &Device::Cpu));
-    assert!(e.contains("cut.gguf") && e.contains("tensor `") && e.contains("remaining"), "{e}");
+    assert!(
+        e.contains("cut.gguf") && e.contains("tensor `") && e.contains("remaining"),
+        "{e}"
+    );
 
     // Truncated in the header.
     let head = dir.path().join("head.gguf");
     std::fs::write(&head, &bytes[..200]).unwrap();
     let e = error_of(load_model(&head, &Device::Cpu));
-    assert!(e.contains("head.gguf") && e.contains("not a readable GGUF file"), "{e}");
+    assert!(
+        e.contains("head.gguf") && e.contains("not a readable GGUF file"),
+        "{e}"
+    );
 
     // Not a GGUF file at all.
     let text = dir.path().join("text.gguf");
     std::fs::write(&text, b"this is not a model").unwrap();
     let e = error_of(load_model(&text, &Device::Cpu));
-    assert!(e.contains("text.gguf") && e.contains("not a readable GGUF file"), "{e}");
+    assert!(
+        e.contains("text.gguf") && e.contains("not a readable GGUF file"),
+        "{e}"
+    );
 
     // An unknown quantization type.
     let mut odd = bytes.clone();
@@ -294,7 +336,10 @@ fn bad_gguf_files_get_errors_naming_the_file_and_the_field() {
     let arch = dir.path().join("mamba.gguf");
     write_gguf(&arch, &m, GgmlDType::F32, &meta);
     let e = error_of(load_model(&arch, &Device::Cpu));
-    assert!(e.contains("mamba.gguf") && e.contains("general.architecture") && e.contains("`mamba`"), "{e}");
+    assert!(
+        e.contains("mamba.gguf") && e.contains("general.architecture") && e.contains("`mamba`"),
+        "{e}"
+    );
 
     // A missing shape field.
     let meta: Vec<_> = llama_metadata(&m)
@@ -304,16 +349,25 @@ fn bad_gguf_files_get_errors_naming_the_file_and_the_field() {
     let noffn = dir.path().join("noffn.gguf");
     write_gguf(&noffn, &m, GgmlDType::F32, &meta);
     let e = error_of(load_model(&noffn, &Device::Cpu));
-    assert!(e.contains("noffn.gguf") && e.contains("llama.feed_forward_length"), "{e}");
+    assert!(
+        e.contains("noffn.gguf") && e.contains("llama.feed_forward_length"),
+        "{e}"
+    );
 
     // No tokenizer metadata.
     let e = error_of(TextTokenizer::for_model(&good, 32));
-    assert!(e.contains("good.gguf") && e.contains("tokenizer.ggml.model"), "{e}");
+    assert!(
+        e.contains("good.gguf") && e.contains("tokenizer.ggml.model"),
+        "{e}"
+    );
     // A pre-tokenizer not implemented.
     let p = dir.path().join("pre.gguf");
     write_meta_only(&p, &tokenizer_metadata("qwen2", false));
     let e = error_of(TextTokenizer::for_model(&p, 32));
-    assert!(e.contains("pre.gguf") && e.contains("tokenizer.ggml.pre") && e.contains("qwen2"), "{e}");
+    assert!(
+        e.contains("pre.gguf") && e.contains("tokenizer.ggml.pre") && e.contains("qwen2"),
+        "{e}"
+    );
     // A GGUF file that is only a tokenizer has no model to load.
     let e = error_of(GgufFile::open(&p).unwrap().load_model(&Device::Cpu));
     assert!(e.contains("pre.gguf") && e.contains("llama."), "{e}");
@@ -363,7 +417,11 @@ fn smollm2_last_position_logits_match_transformers() {
     let Some(path) = smollm2() else { return };
     let m = load_model(&path, &Device::Cpu).unwrap();
     assert_eq!(
-        (m.config.num_layers, m.config.hidden_size, m.config.num_kv_heads),
+        (
+            m.config.num_layers,
+            m.config.hidden_size,
+            m.config.num_kv_heads
+        ),
         (30, 576, 3)
     );
     for case in fixture()["logits"].as_array().unwrap() {
@@ -378,7 +436,11 @@ fn smollm2_last_position_logits_match_transformers() {
             .zip(&want)
             .map(|(&i, &w)| (got[i] - w).abs())
             .fold(0f32, f32::max);
-        eprintln!("{:?}: max abs {worst:.2e} over {} logits", case["prompt"], at.len());
+        eprintln!(
+            "{:?}: max abs {worst:.2e} over {} logits",
+            case["prompt"],
+            at.len()
+        );
         assert!(worst <= 1e-3, "{:?}: max abs {worst}", case["prompt"]);
         let argmax = got
             .iter()

@@ -55,8 +55,11 @@ fn committed_suites_parse_and_cover_the_eight_mission_methods() {
         .map(|m| m.name())
         .collect();
     assert_eq!(quick, all);
-    let default: std::collections::BTreeSet<&str> =
-        suite("default").methods.iter().map(|(m, _)| m.name()).collect();
+    let default: std::collections::BTreeSet<&str> = suite("default")
+        .methods
+        .iter()
+        .map(|(m, _)| m.name())
+        .collect();
     let every: std::collections::BTreeSet<&str> = peftbench_methods::MethodConfig::defaults()
         .iter()
         .map(|m| m.name())
@@ -250,4 +253,3 @@ fn the_mrpc_example_suite_loads_glue_mrpc_files() {
         .to_string();
     assert!(e.contains("elsewhere/glue/MRPC/train.tsv"), "{e}");
 }
-

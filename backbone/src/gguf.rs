@@ -31,7 +31,8 @@ fn err(path: &Path, message: impl Into<String>) -> BackboneError {
 
 /// Whether `path` names a GGUF file (by extension; the magic is checked on open).
 pub fn is_gguf(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 impl GgufFile {
@@ -41,7 +42,8 @@ impl GgufFile {
             path: path.to_path_buf(),
             source,
         })?;
-        let content = Content::read(&mut f).map_err(|e| err(path, format!("not a readable GGUF file: {e}")))?;
+        let content = Content::read(&mut f)
+            .map_err(|e| err(path, format!("not a readable GGUF file: {e}")))?;
         Ok(Self {
             path: path.to_path_buf(),
             content,
@@ -84,7 +86,10 @@ impl GgufFile {
             other => {
                 return Err(err(
                     &self.path,
-                    format!("metadata `{key}`: expected a number, found {:?}", other.value_type()),
+                    format!(
+                        "metadata `{key}`: expected a number, found {:?}",
+                        other.value_type()
+                    ),
                 ))
             }
         };
@@ -94,7 +99,10 @@ impl GgufFile {
     fn count(&self, key: &str) -> Result<usize> {
         let n = self.number(key)?;
         if n < 0.0 || n.fract() != 0.0 {
-            return Err(err(&self.path, format!("metadata `{key}`: {n} is not a count")));
+            return Err(err(
+                &self.path,
+                format!("metadata `{key}`: {n} is not a count"),
+            ));
         }
         Ok(n as usize)
     }
@@ -181,8 +189,12 @@ impl GgufFile {
             .content
             .tensor(reader, name, device)
             .map_err(|e| err(&self.path, format!("tensor `{name}`: {e}")))?;
-        q.dequantize(device)
-            .map_err(|e| err(&self.path, format!("tensor `{name}` ({:?}): {e}", q.dtype())))
+        q.dequantize(device).map_err(|e| {
+            err(
+                &self.path,
+                format!("tensor `{name}` ({:?}): {e}", q.dtype()),
+            )
+        })
     }
 
     /// The model, every tensor dequantized to f32 as a frozen tensor.
@@ -198,7 +210,9 @@ impl GgufFile {
         for name in names {
             let t = self.tensor(&mut reader, name, device)?;
             let (hf, t) = match hf_name(name) {
-                Some(hf) if name.ends_with("attn_q.weight") => (hf, unpermute(&t, config.num_heads)?),
+                Some(hf) if name.ends_with("attn_q.weight") => {
+                    (hf, unpermute(&t, config.num_heads)?)
+                }
                 Some(hf) if name.ends_with("attn_k.weight") => {
                     (hf, unpermute(&t, config.num_kv_heads)?)
                 }
@@ -239,7 +253,14 @@ impl GgufFile {
             .map(|(i, m)| {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| err(&self.path, format!("metadata `tokenizer.ggml.merges`[{i}]: `{m}` is not two tokens")))
+                    .ok_or_else(|| {
+                        err(
+                            &self.path,
+                            format!(
+                                "metadata `tokenizer.ggml.merges`[{i}]: `{m}` is not two tokens"
+                            ),
+                        )
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
         let vocab: tokenizers::models::bpe::Vocab = tokens
@@ -275,11 +296,25 @@ impl GgufFile {
             None => Vec::new(),
             Some(v) => v
                 .to_vec()
-                .map_err(|e| err(&self.path, format!("metadata `tokenizer.ggml.token_type`: {e}")))?
+                .map_err(|e| {
+                    err(
+                        &self.path,
+                        format!("metadata `tokenizer.ggml.token_type`: {e}"),
+                    )
+                })?
                 .iter()
-                .map(|t| t.to_i32().map(f64::from).or_else(|_| t.to_u32().map(f64::from)))
+                .map(|t| {
+                    t.to_i32()
+                        .map(f64::from)
+                        .or_else(|_| t.to_u32().map(f64::from))
+                })
                 .collect::<candle_core::Result<_>>()
-                .map_err(|e| err(&self.path, format!("metadata `tokenizer.ggml.token_type`: {e}")))?,
+                .map_err(|e| {
+                    err(
+                        &self.path,
+                        format!("metadata `tokenizer.ggml.token_type`: {e}"),
+                    )
+                })?,
         };
         let pick = |ty: f64, special: bool| -> Vec<AddedToken> {
             types
@@ -293,16 +328,22 @@ impl GgufFile {
         tok.add_tokens(&pick(4.0, false));
         let id = |key: &str| -> Result<Option<u32>> { Ok(self.opt_count(key)?.map(|i| i as u32)) };
         let add_bos = match self.content.metadata.get("tokenizer.ggml.add_bos_token") {
-            Some(v) => v
-                .to_bool()
-                .map_err(|e| err(&self.path, format!("metadata `tokenizer.ggml.add_bos_token`: {e}")))?,
+            Some(v) => v.to_bool().map_err(|e| {
+                err(
+                    &self.path,
+                    format!("metadata `tokenizer.ggml.add_bos_token`: {e}"),
+                )
+            })?,
             None => false,
         };
         if add_bos {
             let bos = id("tokenizer.ggml.bos_token_id")?
                 .ok_or_else(|| err(&self.path, "tokenizer.ggml.add_bos_token is set but `tokenizer.ggml.bos_token_id` is missing"))?;
             let name = tokens.get(bos as usize).ok_or_else(|| {
-                err(&self.path, format!("metadata `tokenizer.ggml.bos_token_id`: {bos} is past the vocabulary"))
+                err(
+                    &self.path,
+                    format!("metadata `tokenizer.ggml.bos_token_id`: {bos} is past the vocabulary"),
+                )
             })?;
             let t = TemplateProcessing::builder()
                 .try_single(format!("{name} $A"))
@@ -366,8 +407,7 @@ fn hf_name(gguf: &str) -> Option<String> {
 fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
     let half = out / heads / 2;
-    Ok(w
-        .reshape((heads, half, 2, inp))?
+    Ok(w.reshape((heads, half, 2, inp))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((out, inp))?)
@@ -399,8 +439,14 @@ mod tests {
 
     #[test]
     fn names_map_onto_hugging_faces() {
-        assert_eq!(hf_name("blk.12.attn_k.weight").unwrap(), "model.layers.12.self_attn.k_proj.weight");
-        assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
+        assert_eq!(
+            hf_name("blk.12.attn_k.weight").unwrap(),
+            "model.layers.12.self_attn.k_proj.weight"
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").unwrap(),
+            "model.embed_tokens.weight"
+        );
         assert_eq!(hf_name("blk.x.attn_k.weight"), None);
         assert_eq!(hf_name("rope_freqs.weight"), None);
     }

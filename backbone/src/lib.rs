@@ -5,9 +5,9 @@ pub mod alloc;
 mod attention;
 pub mod config;
 pub mod error;
-pub mod gguf;
 mod frozen_matmul;
 mod fused;
+pub mod gguf;
 pub mod heads;
 pub mod heap;
 pub mod hf_names;
@@ -26,6 +26,7 @@ pub mod weights;
 pub use alloc::keep_freed_memory;
 pub use config::{Activation, Family, ModelConfig};
 pub use error::{BackboneError, Result};
+pub use gguf::{is_gguf, GgufFile};
 pub use heads::{lm_logits, pool, HeadKind, Pooling, SequenceHead};
 pub use hf_names::HfTask;
 pub use init::Initializer;
@@ -33,7 +34,6 @@ pub use intervention::{
     Block, Intervention, KvPrefix, NoIntervention, NormParams, NormSite, Proj, Site,
 };
 pub use linear::Linear;
-pub use gguf::{is_gguf, GgufFile};
 pub use load::{load_model, load_model_dir, save_model_dir};
 pub use model::{Encoded, Inputs, Norm, Transformer};
 pub use params::TrainableParams;
