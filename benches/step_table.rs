@@ -16,6 +16,10 @@
 
 mod support;
 
+// Counts live heap bytes, so each method's peak is its own (backbone/src/heap.rs).
+#[global_allocator]
+static ALLOC: peftbench_backbone::heap::CountingAlloc = peftbench_backbone::heap::CountingAlloc;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Instant;
@@ -79,20 +83,29 @@ fn pytorch_round(python: &str, methods: &[&str]) -> BTreeMap<String, Vec<f64>> {
     serde_json::from_value(v["ms"].clone()).expect("ms per method")
 }
 
-fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// The CPU's model name and the vector extensions the kernels can use.
+fn cpu_description() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("VmHWM:")).map(|v| {
-                v.trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap_or(0)
-            })
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
         })
-        .unwrap_or(0)
-        * 1024
+        .unwrap_or_else(|| "unknown".into());
+    #[cfg(target_arch = "x86_64")]
+    let flags: Vec<&str> = [
+        ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+        ("fma", std::arch::is_x86_feature_detected!("fma")),
+        ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+        ("avx512bf16", std::arch::is_x86_feature_detected!("avx512bf16")),
+    ]
+    .into_iter()
+    .filter_map(|(n, on)| on.then_some(n))
+    .collect();
+    #[cfg(not(target_arch = "x86_64"))]
+    let flags: Vec<&str> = Vec::new();
+    format!("{model} ({})", flags.join(", "))
 }
 
 fn main() {
@@ -108,14 +121,16 @@ fn main() {
         .ok()
         .filter(|p| !p.is_empty());
 
-    // Peak memory: one method at a time, the kernel's high-water mark reset before each.
+    // Peak memory: one method at a time, the heap's high-water mark reset before each (the
+    // process's resident peak cannot go down again: freed buffers are kept, see alloc.rs).
     let mut peaks = Vec::new();
     for m in &methods {
-        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        peftbench_backbone::heap::reset_peak();
         let mut s = setup(&base, m);
         s.step(&b);
         s.step(&b);
-        peaks.push(peak_rss());
+        drop(s);
+        peaks.push(peftbench_backbone::heap::peak_bytes() as u64);
     }
 
     let mut setups: Vec<_> = methods.iter().map(|m| setup(&base, m)).collect();
@@ -163,7 +178,8 @@ fn main() {
     let mut md = String::new();
     let mut csv = String::from("method,trainable_params,ms_per_step,tokens_per_s,peak_mb,peak_vs_full,pytorch_ms,pytorch_same_run,ratio_vs_pytorch\n");
     let _ = writeln!(md, "# Training step cost per method\n");
-    let _ = writeln!(md, "all-MiniLM-L6-v2 shape, batch 16 × 64, f32, each method's default configuration (the reference's: LoRA r=8 on query/value, AdaLoRA 12 → 8, 20 virtual tokens), trainable counts include the 2-class head, median ms of interleaved steps after 3 warm-up, {} threads. {py_note}. Produced by `cargo bench --bench step_table`.\n", candle_core::utils::get_num_threads());
+    let _ = writeln!(md, "CPU: {}.\n", cpu_description());
+    let _ = writeln!(md, "all-MiniLM-L6-v2 shape, batch 16 × 64, f32, each method's default configuration (the reference's: LoRA r=8 on query/value, AdaLoRA 12 → 8, 20 virtual tokens), trainable counts include the 2-class head, median ms of interleaved steps after 3 warm-up, peak MB the heap's high-water mark while the method is attached and takes two steps (the base's weights included), {} threads. {py_note}. Produced by `cargo bench --bench step_table`.\n", candle_core::utils::get_num_threads());
     let _ = writeln!(md, "| method | trainable | ms/step | tokens/s | peak MB | peak vs full FT | {py_label} | ratio |");
     let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
     for (i, m) in methods.iter().enumerate() {
