@@ -427,7 +427,7 @@ proptest! {
         // Out of training, dropout is off: the same parameters without dropout give the same output.
         let mut m0 = model(FAMILIES[f], heads, hd, layers, seed);
         let plain = attach(0.0, &mut m0);
-        for ((n0, v0), (n, v)) in plain.params().entries().into_iter().zip(dora.params().entries()) {
+        for ((n0, v0), (n, v)) in plain.params().entries().iter().zip(dora.params().entries()) {
             prop_assert_eq!(n0, n);
             v0.set(v.as_tensor()).unwrap();
         }
