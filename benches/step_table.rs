@@ -98,7 +98,10 @@ fn cpu_description() -> String {
         ("avx2", std::arch::is_x86_feature_detected!("avx2")),
         ("fma", std::arch::is_x86_feature_detected!("fma")),
         ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
-        ("avx512bf16", std::arch::is_x86_feature_detected!("avx512bf16")),
+        (
+            "avx512bf16",
+            std::arch::is_x86_feature_detected!("avx512bf16"),
+        ),
     ]
     .into_iter()
     .filter_map(|(n, on)| on.then_some(n))

@@ -6,6 +6,7 @@ pub mod adalora;
 pub mod adapter;
 pub mod bitfit;
 pub mod defaults;
+mod dense_delta;
 pub mod dora;
 pub mod error;
 pub mod full_finetune;

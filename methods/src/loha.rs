@@ -3,6 +3,7 @@
 //! parameters. As in PEFT, W2b starts at zero (so ΔW = 0) and the others Kaiming-uniform; the
 //! dense ΔW is formed each forward, as PEFT does.
 
+use crate::dense_delta::{Delta, DeltaSites};
 use crate::error::{invalid, Result};
 use crate::peft::{PeftKey, PeftReader, PeftState};
 use crate::{AttachContext, Method, Targets};
@@ -10,7 +11,6 @@ use candle_core::{DType, Tensor};
 use peftbench_backbone::hf_names::{fused_qkv, module_path, target_name};
 use peftbench_backbone::{Intervention, ModelConfig, Site, TrainableParams, Transformer};
 use serde::{Deserialize, Serialize};
-use std::cell::Cell;
 use std::collections::BTreeMap;
 
 const NAME: &str = "loha";
@@ -76,7 +76,7 @@ struct Factors {
     scaling: f64,
 }
 
-impl Factors {
+impl Delta for Factors {
     fn delta(&self) -> candle_core::Result<Tensor> {
         let [w1a, w1b, w2a, w2b] = &self.w;
         (w1a.matmul(w1b)? * w2a.matmul(w2b)?)? * self.scaling
@@ -86,9 +86,8 @@ impl Factors {
 /// LoHa attached to a model.
 pub struct Loha {
     config: LohaConfig,
-    factors: BTreeMap<Site, Factors>,
+    factors: DeltaSites<Factors>,
     params: TrainableParams,
-    merged: Cell<bool>,
 }
 
 impl Loha {
@@ -122,9 +121,8 @@ impl Loha {
         }
         Ok(Self {
             config: config.clone(),
-            factors,
+            factors: DeltaSites::new(NAME, factors),
             params,
-            merged: Cell::new(false),
         })
     }
 
@@ -195,32 +193,15 @@ impl Loha {
                 alpha,
                 target_modules: Targets(projs),
             },
-            factors,
+            factors: DeltaSites::new(NAME, factors),
             params,
-            merged: Cell::new(false),
         })
-    }
-
-    fn fold(&self, model: &mut Transformer, sign: f64) -> Result<()> {
-        for (site, f) in &self.factors {
-            let lin = model
-                .linear_mut(*site)
-                .ok_or_else(|| invalid(NAME, format!("the model has no projection {site}")))?;
-            lin.weight = (&lin.weight + (f.delta()?.detach() * sign)?)?;
-        }
-        Ok(())
     }
 }
 
 impl Intervention for Loha {
     fn project(&self, site: Site, input: &Tensor, output: Tensor) -> candle_core::Result<Tensor> {
-        let Some(f) = self.factors.get(&site) else {
-            return Ok(output);
-        };
-        if self.merged.get() {
-            return Ok(output);
-        }
-        output + input.broadcast_matmul(&f.delta()?.t()?)?
+        self.factors.project(site, input, output)
     }
 }
 
@@ -232,18 +213,10 @@ impl Method for Loha {
         &self.params
     }
     fn merge_into(&self, model: &mut Transformer) -> Result<bool> {
-        if !self.merged.get() {
-            self.fold(model, 1.0)?;
-            self.merged.set(true);
-        }
-        Ok(true)
+        self.factors.merge_into(model)
     }
     fn unmerge_from(&self, model: &mut Transformer) -> Result<bool> {
-        if self.merged.get() {
-            self.fold(model, -1.0)?;
-            self.merged.set(false);
-        }
-        Ok(true)
+        self.factors.unmerge_from(model)
     }
     fn peft_state(
         &self,
@@ -258,7 +231,7 @@ impl Method for Loha {
         }
         let mut tensors = Vec::new();
         let mut targets: Vec<serde_json::Value> = Vec::new();
-        for (site, f) in &self.factors {
+        for (site, f) in &self.factors.sites {
             let path = module_path(model, *site);
             for (name, t) in FACTORS.iter().zip(&f.w) {
                 tensors.push((PeftKey::Module(format!("{path}.{name}")), t.detach()));

@@ -4,6 +4,7 @@
 //! itself a low-rank product (W2 always may, W1 with `decompose_both`). As in PEFT, W1 (or its
 //! first factor) starts at zero, so ΔW = 0, and the rest Kaiming-uniform.
 
+use crate::dense_delta::{Delta, DeltaSites};
 use crate::error::{invalid, Result};
 use crate::peft::{PeftKey, PeftReader, PeftState};
 use crate::{AttachContext, Method, Targets};
@@ -11,7 +12,6 @@ use candle_core::{DType, Tensor};
 use peftbench_backbone::hf_names::{fused_qkv, module_path, target_name};
 use peftbench_backbone::{Intervention, ModelConfig, Site, TrainableParams, Transformer};
 use serde::{Deserialize, Serialize};
-use std::cell::Cell;
 use std::collections::BTreeMap;
 
 const NAME: &str = "lokr";
@@ -182,7 +182,7 @@ fn kron(w1: &Tensor, w2: &Tensor) -> candle_core::Result<Tensor> {
     x.reshape((a * b, c * d))
 }
 
-impl Kron {
+impl Delta for Kron {
     fn delta(&self) -> candle_core::Result<Tensor> {
         kron(&self.w1.value()?, &self.w2.value()?)? * self.scaling
     }
@@ -191,9 +191,8 @@ impl Kron {
 /// LoKr attached to a model.
 pub struct Lokr {
     config: LokrConfig,
-    parts: BTreeMap<Site, Kron>,
+    parts: DeltaSites<Kron>,
     params: TrainableParams,
-    merged: Cell<bool>,
 }
 
 impl Lokr {
@@ -254,9 +253,8 @@ impl Lokr {
         }
         Ok(Self {
             config: config.clone(),
-            parts,
+            parts: DeltaSites::new(NAME, parts),
             params,
-            merged: Cell::new(false),
         })
     }
 
@@ -348,32 +346,15 @@ impl Lokr {
                 target_modules: Targets(projs),
                 ..config
             },
-            parts,
+            parts: DeltaSites::new(NAME, parts),
             params,
-            merged: Cell::new(false),
         })
-    }
-
-    fn fold(&self, model: &mut Transformer, sign: f64) -> Result<()> {
-        for (site, k) in &self.parts {
-            let lin = model
-                .linear_mut(*site)
-                .ok_or_else(|| invalid(NAME, format!("the model has no projection {site}")))?;
-            lin.weight = (&lin.weight + (k.delta()?.detach() * sign)?)?;
-        }
-        Ok(())
     }
 }
 
 impl Intervention for Lokr {
     fn project(&self, site: Site, input: &Tensor, output: Tensor) -> candle_core::Result<Tensor> {
-        let Some(k) = self.parts.get(&site) else {
-            return Ok(output);
-        };
-        if self.merged.get() {
-            return Ok(output);
-        }
-        output + input.broadcast_matmul(&k.delta()?.t()?)?
+        self.parts.project(site, input, output)
     }
 }
 
@@ -385,18 +366,10 @@ impl Method for Lokr {
         &self.params
     }
     fn merge_into(&self, model: &mut Transformer) -> Result<bool> {
-        if !self.merged.get() {
-            self.fold(model, 1.0)?;
-            self.merged.set(true);
-        }
-        Ok(true)
+        self.parts.merge_into(model)
     }
     fn unmerge_from(&self, model: &mut Transformer) -> Result<bool> {
-        if self.merged.get() {
-            self.fold(model, -1.0)?;
-            self.merged.set(false);
-        }
-        Ok(true)
+        self.parts.unmerge_from(model)
     }
     fn peft_state(
         &self,
@@ -411,7 +384,7 @@ impl Method for Lokr {
         }
         let mut tensors = Vec::new();
         let mut targets: Vec<serde_json::Value> = Vec::new();
-        for (site, k) in &self.parts {
+        for (site, k) in &self.parts.sites {
             let path = module_path(model, *site);
             let mut put = |n: &str, t: &Tensor| {
                 tensors.push((PeftKey::Module(format!("{path}.{n}")), t.detach()));

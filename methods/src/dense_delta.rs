@@ -1,0 +1,71 @@
+//! Methods whose update is a dense ΔW per projection, rebuilt from trained factors at every
+//! forward (LoHa, LoKr): added to the projection's output while unmerged, folded into W on
+//! merge and taken out again on unmerge.
+
+use crate::error::{invalid, Result};
+use candle_core::Tensor;
+use peftbench_backbone::{Site, Transformer};
+use std::cell::Cell;
+use std::collections::BTreeMap;
+
+/// One projection's update.
+pub(crate) trait Delta {
+    /// ΔW `[out, in]`, scaling included.
+    fn delta(&self) -> candle_core::Result<Tensor>;
+}
+
+/// The updates of every adapted projection, and whether they are folded into the weights.
+pub(crate) struct DeltaSites<D> {
+    pub(crate) sites: BTreeMap<Site, D>,
+    merged: Cell<bool>,
+    method: &'static str,
+}
+
+impl<D: Delta> DeltaSites<D> {
+    pub(crate) fn new(method: &'static str, sites: BTreeMap<Site, D>) -> Self {
+        Self {
+            sites,
+            merged: Cell::new(false),
+            method,
+        }
+    }
+
+    fn fold(&self, model: &mut Transformer, sign: f64) -> Result<()> {
+        for (site, d) in &self.sites {
+            let lin = model.linear_mut(*site).ok_or_else(|| {
+                invalid(self.method, format!("the model has no projection {site}"))
+            })?;
+            lin.weight = (&lin.weight + (d.delta()?.detach() * sign)?)?;
+        }
+        Ok(())
+    }
+
+    /// The projection's output plus x·ΔWᵀ, unless the update is merged.
+    pub(crate) fn project(
+        &self,
+        site: Site,
+        input: &Tensor,
+        output: Tensor,
+    ) -> candle_core::Result<Tensor> {
+        match self.sites.get(&site) {
+            Some(d) if !self.merged.get() => output + input.broadcast_matmul(&d.delta()?.t()?)?,
+            _ => Ok(output),
+        }
+    }
+
+    pub(crate) fn merge_into(&self, model: &mut Transformer) -> Result<bool> {
+        if !self.merged.get() {
+            self.fold(model, 1.0)?;
+            self.merged.set(true);
+        }
+        Ok(true)
+    }
+
+    pub(crate) fn unmerge_from(&self, model: &mut Transformer) -> Result<bool> {
+        if self.merged.get() {
+            self.fold(model, -1.0)?;
+            self.merged.set(false);
+        }
+        Ok(true)
+    }
+}
