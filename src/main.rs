@@ -195,33 +195,21 @@ const SUITES: [(&str, &str); 10] = [
     ("mrpc-minilm", include_str!("../suites/mrpc-minilm.toml")),
 ];
 
-fn minilm_dir() -> PathBuf {
-    std::env::var_os("PEFTBENCH_MINILM")
+/// A fetched model: `$var` if set, else `path` under the home directory.
+fn fetched(var: &str, path: &str) -> PathBuf {
+    std::env::var_os(var)
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            home.join(".cache/peftbench/all-MiniLM-L6-v2")
-        })
-}
-
-/// The fetched SmolLM2-135M-Instruct GGUF file (scripts/fetch-smollm2.sh).
-fn smollm2_file() -> PathBuf {
-    std::env::var_os("PEFTBENCH_SMOLLM2")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            home.join(".cache/peftbench/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        })
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(path))
 }
 
 fn model_dir(name: &str) -> PathBuf {
     match (name, name.strip_prefix("~/")) {
-        ("minilm", _) => minilm_dir(),
-        ("smollm2", _) => smollm2_file(),
+        // scripts/fetch-minilm.sh and scripts/fetch-smollm2.sh put them there.
+        ("minilm", _) => fetched("PEFTBENCH_MINILM", ".cache/peftbench/all-MiniLM-L6-v2"),
+        ("smollm2", _) => fetched(
+            "PEFTBENCH_SMOLLM2",
+            ".cache/peftbench/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
         (_, Some(rest)) => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(rest),
         _ => PathBuf::from(name),
     }

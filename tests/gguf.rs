@@ -3,9 +3,12 @@
 //! the metadata, bad files get errors naming the file and field, and the real
 //! SmolLM2-135M-Instruct file matches transformers (when fetched).
 
+mod common;
+
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use common::max_abs_diff;
 use peftbench_backbone::load::to_hf_tensors;
 use peftbench_backbone::{
     lm_logits, load_model, pad_rows, GgufFile, ModelConfig, NoIntervention, TextTokenizer,
@@ -128,19 +131,6 @@ fn logits(m: &Transformer, rows: &[Vec<u32>]) -> Tensor {
     lm_logits(m, &enc).unwrap()
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 fn rows() -> Vec<Vec<u32>> {
     vec![vec![3, 17, 5, 9, 30, 2, 11], vec![8, 1, 39, 4, 4, 20, 6]]
 }
@@ -155,7 +145,7 @@ fn a_llama_written_by_llama_cpps_rules_loads_back_with_the_same_outputs() {
         let back = load_model(&path, &Device::Cpu).unwrap();
         assert_eq!(back.config.tie_word_embeddings, tied);
         assert_eq!(back.config.num_kv_heads, KV_HEADS);
-        let d = max_abs(&logits(&back, &rows()), &logits(&m, &rows()));
+        let d = max_abs_diff(&logits(&back, &rows()), &logits(&m, &rows()));
         assert!(d <= 1e-6, "tied={tied}: max abs {d}");
     }
 }
@@ -178,16 +168,16 @@ fn a_q8_0_llama_loads_as_its_dequantized_weights() {
     let emb = QTensor::quantize(m.lm_head_weight(), GgmlDType::Q8_0).unwrap();
     let emb = emb.dequantize(&Device::Cpu).unwrap();
     let hf: HashMap<String, Tensor> = to_hf_tensors(&back).unwrap();
-    assert!(max_abs(&hf["model.embed_tokens.weight"], &emb) == 0.0);
+    assert!(max_abs_diff(&hf["model.embed_tokens.weight"], &emb) == 0.0);
     for s in m.sites() {
-        let d = max_abs(
+        let d = max_abs_diff(
             &back.linear(s).unwrap().weight,
             &expected.linear(s).unwrap().weight,
         );
         assert_eq!(d, 0.0, "{s}");
     }
     // And it is not the f32 model: the quantization is real.
-    assert!(max_abs(&logits(&back, &rows()), &logits(&m, &rows())) > 0.0);
+    assert!(max_abs_diff(&logits(&back, &rows()), &logits(&m, &rows())) > 0.0);
 }
 
 fn tokenizer_metadata(pre: &str, add_bos: bool) -> Vec<(String, Value)> {

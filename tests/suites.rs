@@ -45,26 +45,17 @@ fn committed_suites_parse_and_cover_the_eight_mission_methods() {
     }
     // glue-minilm-quick runs every method; the default suite every one a Llama-style base
     // takes (BitFit needs biases).
-    let quick: std::collections::BTreeSet<&str> = suite("glue-minilm-quick")
-        .methods
-        .iter()
-        .map(|(m, _)| m.name())
-        .collect();
+    let names = |name: &str| -> std::collections::BTreeSet<&'static str> {
+        suite(name).methods.iter().map(|(m, _)| m.name()).collect()
+    };
     let all: std::collections::BTreeSet<&str> = peftbench_methods::MethodConfig::defaults()
         .iter()
         .map(|m| m.name())
         .collect();
-    assert_eq!(quick, all);
-    let default: std::collections::BTreeSet<&str> = suite("default")
-        .methods
-        .iter()
-        .map(|(m, _)| m.name())
-        .collect();
-    let every: std::collections::BTreeSet<&str> = peftbench_methods::MethodConfig::defaults()
-        .iter()
-        .map(|m| m.name())
-        .filter(|m| *m != "bitfit")
-        .collect();
+    assert_eq!(names("glue-minilm-quick"), all);
+    let default = names("default");
+    let every: std::collections::BTreeSet<&str> =
+        all.iter().copied().filter(|m| *m != "bitfit").collect();
     assert_eq!(default, every);
     // The single-task suites add the head-only floor: one run per seed, budget `none`.
     for name in ["rte-minilm", "cola-minilm"] {
