@@ -292,23 +292,19 @@ impl GgufFile {
         tok.with_pre_tokenizer(Some(pre));
         tok.with_decoder(Some(ByteLevelDecoder::default()));
         // Control tokens (llama.cpp token type 3) are special; user-defined ones (4) are added.
-        let types: Vec<f64> = match self.content.metadata.get("tokenizer.ggml.token_type") {
+        let types: Vec<i64> = match self.content.metadata.get("tokenizer.ggml.token_type") {
             None => Vec::new(),
             Some(v) => v
                 .to_vec()
-                .map_err(|e| {
-                    err(
-                        &self.path,
-                        format!("metadata `tokenizer.ggml.token_type`: {e}"),
-                    )
-                })?
-                .iter()
-                .map(|t| {
-                    t.to_i32()
-                        .map(f64::from)
-                        .or_else(|_| t.to_u32().map(f64::from))
+                .and_then(|a| {
+                    a.iter()
+                        .map(|t| {
+                            t.to_i32()
+                                .map(i64::from)
+                                .or_else(|_| t.to_u32().map(i64::from))
+                        })
+                        .collect()
                 })
-                .collect::<candle_core::Result<_>>()
                 .map_err(|e| {
                     err(
                         &self.path,
@@ -316,7 +312,7 @@ impl GgufFile {
                     )
                 })?,
         };
-        let pick = |ty: f64, special: bool| -> Vec<AddedToken> {
+        let pick = |ty: i64, special: bool| -> Vec<AddedToken> {
             types
                 .iter()
                 .zip(&tokens)
@@ -324,8 +320,8 @@ impl GgufFile {
                 .map(|(_, s)| AddedToken::from(s.to_string(), special))
                 .collect()
         };
-        tok.add_special_tokens(&pick(3.0, true));
-        tok.add_tokens(&pick(4.0, false));
+        tok.add_special_tokens(&pick(3, true));
+        tok.add_tokens(&pick(4, false));
         let id = |key: &str| -> Result<Option<u32>> { Ok(self.opt_count(key)?.map(|i| i as u32)) };
         let add_bos = match self.content.metadata.get("tokenizer.ggml.add_bos_token") {
             Some(v) => v.to_bool().map_err(|e| {

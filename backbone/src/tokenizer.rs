@@ -120,12 +120,11 @@ impl TextTokenizer {
 
     /// The end-of-sequence id, where the vocabulary has one.
     pub fn eos_id(&self) -> Option<u32> {
-        if self.eos.is_some() {
-            return self.eos;
-        }
-        ["</s>", "<|endoftext|>", "<eos>", "[SEP]"]
-            .iter()
-            .find_map(|t| self.inner.token_to_id(t))
+        self.eos.or_else(|| {
+            ["</s>", "<|endoftext|>", "<eos>", "[SEP]"]
+                .iter()
+                .find_map(|t| self.inner.token_to_id(t))
+        })
     }
 
     /// Encodes texts or pairs with special tokens, truncated to `max_len`, as id and segment
