@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use peftbench_backbone::{load_model, TextTokenizer, Transformer};
+use peftbench_backbone::{load_model, parse_device, TextTokenizer, Transformer};
 use peftbench_harness::claim::ClaimPolicy;
 use peftbench_harness::task::TaskSource;
 use peftbench_harness::{grid, load_task, run_grid_with, synthetic, Base, Shard, Suite, TaskData};
@@ -55,6 +55,9 @@ enum Command {
         /// and taken over (default 600, or $PEFTBENCH_CLAIM_TIMEOUT).
         #[arg(long)]
         claim_timeout: Option<f64>,
+        /// Where to train: cpu, cuda or cuda:N (default: the suite's `device`, else cpu).
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Print a suite's grid: every run, whether it is recorded, pending, stale or claimed, and
     /// the training time to expect from recorded runs of the same method.
@@ -133,6 +136,9 @@ enum Command {
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Where to train: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Fold a LoRA or AdaLoRA adapter (PEFT's format) into its base and write a plain Hugging
     /// Face model directory.
@@ -257,18 +263,21 @@ fn run_suite(
     results: &Path,
     report: bool,
     policy: ClaimPolicy,
+    device: &candle_core::Device,
 ) -> Result<()> {
     let shard = match shard {
         Some(s) => Shard::from_arg(&s).map_err(anyhow::Error::msg)?,
         None => Shard::ALL,
     };
-    let (base, tasks) = load_base_and_tasks(
+    let (mut base, tasks) = load_base_and_tasks(
         &suite.name,
         &suite.model,
         suite.data_root.clone(),
         &suite.tasks,
     )?;
     suite.check_against(&base.model.config, &tasks)?;
+    // The base moves to the device once, in the suite's precision; every run clones it there.
+    base.model = base.model.to(device, suite.train.dtype.dtype())?;
     let summary = run_grid_with(&suite, &base, &tasks, results, shard, policy)?;
     eprintln!(
         "ran {}, skipped {} already recorded, {} claimed by other processes; {} of {} runs of the grid recorded",
@@ -428,6 +437,7 @@ fn main() -> Result<()> {
         peftbench_backbone::heap::disable();
     }
     let cli = Cli::parse();
+    peftbench_backbone::kernels::check_kernels_env().map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Run {
             suite,
@@ -436,13 +446,21 @@ fn main() -> Result<()> {
             results,
             no_report,
             claim_timeout,
-        } => run_suite(
-            resolve_suite(suite, config)?,
-            shard,
-            &results,
-            !no_report,
-            claim_policy(claim_timeout)?,
-        ),
+            device,
+        } => {
+            let suite = resolve_suite(suite, config)?;
+            let device = device.or_else(|| suite.device.clone());
+            let device =
+                parse_device(device.as_deref().unwrap_or("cpu")).map_err(anyhow::Error::msg)?;
+            run_suite(
+                suite,
+                shard,
+                &results,
+                !no_report,
+                claim_policy(claim_timeout)?,
+                &device,
+            )
+        }
         Command::Plan {
             suite,
             config,
@@ -479,6 +497,7 @@ fn main() -> Result<()> {
             batch_size,
             lr,
             seed,
+            device,
         } => {
             use peftbench_harness::pretrain::{pretrain_corpus, CorpusPretrain, PretrainConfig};
             let text = peftbench_datasets::load_text(&corpus)?;
@@ -501,7 +520,8 @@ fn main() -> Result<()> {
                     seed,
                 },
             };
-            let r = pretrain_corpus(&text, &cfg, &out)?;
+            let device = parse_device(&device).map_err(anyhow::Error::msg)?;
+            let r = pretrain_corpus(&text, &cfg, &out, &device)?;
             println!(
                 "pretrained on {} sequences: loss {:.3} -> {:.3}; held-out perplexity {:.1} (untrained {:.1}); wrote {}",
                 r.sequences, r.first_loss, r.last_loss, r.val_perplexity, r.val_perplexity_untrained, out.display()

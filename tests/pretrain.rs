@@ -44,7 +44,7 @@ fn pretrained_decoder_loads_as_a_checkpoint_and_learned_the_corpus() {
                 seed: 0,
             },
         };
-        let r = pretrain_corpus(&corpus(), &cfg, out.path()).unwrap();
+        let r = pretrain_corpus(&corpus(), &cfg, out.path(), &candle_core::Device::Cpu).unwrap();
         assert!(
             r.last_loss < r.first_loss,
             "{family}: loss {} -> {}",

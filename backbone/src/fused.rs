@@ -9,8 +9,7 @@
 //! second-order derivatives are out of scope as they are for candle itself.
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape,
-    Storage, Tensor, D,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, D,
 };
 use rayon::prelude::*;
 
@@ -18,14 +17,14 @@ use rayon::prelude::*;
 /// waking the pool would cost more than the work.
 const GRAIN: usize = 1 << 14;
 
-/// Whether the fused path applies: every tensor f32 on the CPU, and `x` (the first) at least
-/// 1-D and non-empty (the kernels chunk by rows of its last dimension). Anything else takes
-/// the composite path.
+/// Whether the fused path applies: every tensor f32 on the CPU, the fused kernels chosen
+/// ([`crate::kernels`]), and `x` (the first) at least 1-D and non-empty (the kernels chunk by
+/// rows of its last dimension). Anything else takes the composite path.
 pub(crate) fn eligible(tensors: &[&Tensor]) -> bool {
     let x = tensors[0];
     tensors
         .iter()
-        .all(|t| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu))
+        .all(|t| crate::kernels::fused_on(t.dtype(), t.device()))
         && x.rank() >= 1
         && x.elem_count() > 0
 }

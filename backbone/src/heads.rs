@@ -24,8 +24,10 @@ pub enum Pooling {
 /// Pools `[batch, len, hidden]` into `[batch, hidden]`.
 pub fn pool(enc: &Encoded, pooling: Pooling) -> Result<Tensor> {
     let (b, s, h) = enc.hidden.dims3()?;
-    Ok(match pooling {
-        Pooling::First => enc.hidden.narrow(1, 0, 1)?.squeeze(1)?,
+    // Heads, losses and metrics run in f32 whatever the base's dtype.
+    let hidden = &enc.hidden;
+    let pooled = match pooling {
+        Pooling::First => hidden.narrow(1, 0, 1)?.squeeze(1)?,
         Pooling::LastToken => {
             let idx = last_token_index(&enc.mask)?;
             let flat: Vec<u32> = idx
@@ -34,17 +36,19 @@ pub fn pool(enc: &Encoded, pooling: Pooling) -> Result<Tensor> {
                 .map(|(i, &j)| (i * s + j) as u32)
                 .collect();
             let flat = Tensor::from_vec(flat, b, enc.hidden.device())?;
-            enc.hidden.reshape((b * s, h))?.index_select(&flat, 0)?
+            hidden.reshape((b * s, h))?.index_select(&flat, 0)?
         }
         Pooling::Mean => {
             // Virtual tokens outnumber a short sentence's own (59 against about 10 on CoLA) and
             // would otherwise dominate the mean.
             let p = enc.input_prefix_len;
             let m = enc.mask.narrow(1, p, s - p)?.unsqueeze(2)?;
-            let sum = enc.hidden.narrow(1, p, s - p)?.broadcast_mul(&m)?.sum(1)?;
+            let kept = hidden.narrow(1, p, s - p)?.to_dtype(DType::F32)?;
+            let sum = kept.broadcast_mul(&m)?.sum(1)?;
             sum.broadcast_div(&m.sum(1)?.maximum(1e-9)?)?
         }
-    })
+    };
+    Ok(pooled.to_dtype(DType::F32)?)
 }
 
 /// Index of the last non-padding position of each row of a `[batch, len]` 0/1 mask.
@@ -147,5 +151,8 @@ impl SequenceHead {
 /// Next-token logits `[batch, len, vocab]` from the (tied or untied) LM head.
 pub fn lm_logits(model: &Transformer, enc: &Encoded) -> Result<Tensor> {
     let w = model.lm_head_weight();
-    Ok(Linear::new(w.clone(), None).forward(&enc.hidden)?)
+    // The vocabulary-wide product runs in the base's dtype; the loss reads f32 logits.
+    Ok(Linear::new(w.clone(), None)
+        .forward(&enc.hidden)?
+        .to_dtype(DType::F32)?)
 }

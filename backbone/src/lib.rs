@@ -13,6 +13,7 @@ pub mod heap;
 pub mod hf_names;
 pub mod init;
 pub mod intervention;
+pub mod kernels;
 pub mod linalg;
 pub mod linear;
 pub mod load;
@@ -33,6 +34,7 @@ pub use init::Initializer;
 pub use intervention::{
     Block, Intervention, KvPrefix, NoIntervention, NormParams, NormSite, Proj, Site,
 };
+pub use kernels::{device_name, kernels, parse_device, parse_dtype, with_kernels, Kernels};
 pub use linear::Linear;
 pub use load::{load_model, load_model_dir, save_model_dir};
 pub use model::{Encoded, Inputs, Norm, Transformer};

@@ -1,6 +1,6 @@
 //! A frozen-or-trainable affine map `y = x·Wᵀ + b`.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// A linear projection with weight `[out, in]` (PyTorch layout) and optional bias `[out]`.
 #[derive(Debug, Clone)]
@@ -17,6 +17,20 @@ impl Linear {
         Self { weight, bias }
     }
 
+    /// Adds `delta` to the weight (a merge, or its undoing with `-delta`), in f32, keeping
+    /// the weight's own dtype.
+    pub fn add_to_weight(&mut self, delta: &Tensor) -> Result<()> {
+        let dtype = self.weight.dtype();
+        self.weight =
+            (self.weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+        Ok(())
+    }
+
+    /// The weight in f32 (methods that read the base's weight compute in f32).
+    pub fn weight_f32(&self) -> Result<Tensor> {
+        self.weight.to_dtype(DType::F32)
+    }
+
     /// Input width.
     pub fn in_features(&self) -> usize {
         self.weight.dims()[1]
@@ -27,23 +41,25 @@ impl Linear {
         self.weight.dims()[0]
     }
 
-    /// Applies the map to `x [.., in]`; leading dims are flattened into one GEMM.
+    /// Applies the map to `x [.., in]`; leading dims are flattened into one GEMM. It runs in
+    /// `x`'s dtype: an f32 weight (a trained master weight) meets bf16 activations as a
+    /// differentiable cast, as autocast does.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (lead, inp) = dims.split_at(dims.len() - 1);
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, inp[0]))?;
         let frozen = !self.weight.is_variable()
-            && self.weight.device().is_cpu()
-            && self.weight.dtype() == candle_core::DType::F32
+            && crate::kernels::fused_on(self.weight.dtype(), self.weight.device())
+            && x.dtype() == self.weight.dtype()
             && self.weight.is_contiguous();
         let mut y = if frozen {
             crate::frozen_matmul::frozen_matmul(&x2, &self.weight)?
         } else {
-            x2.matmul(&self.weight.t()?)?
+            x2.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?
         };
         if let Some(b) = &self.bias {
-            y = crate::ops::add_bias(&y, b)?;
+            y = crate::ops::add_bias(&y, &b.to_dtype(y.dtype())?)?;
         }
         let mut out = lead.to_vec();
         out.push(self.out_features());

@@ -32,9 +32,29 @@ impl Norm {
     /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Norm::Layer { weight, bias, eps } => ops::layer_norm(x, weight, bias, *eps),
-            Norm::Rms { weight, eps } => ops::rms_norm(x, weight, *eps),
+            Norm::Layer { weight, bias, .. } => self.normalise(x, weight, Some(bias)),
+            Norm::Rms { weight, .. } => self.normalise(x, weight, None),
         }
+    }
+
+    /// Normalises with the given gain (and bias, for LayerNorm). The statistics are taken in
+    /// f32 whatever the activations' dtype, as transformers does for bf16; the result comes
+    /// back in `x`'s dtype.
+    fn normalise(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let y = match (self, bias) {
+            (Norm::Layer { eps, .. }, Some(b)) => {
+                ops::layer_norm(&f32(x)?, &f32(weight)?, &f32(b)?, *eps)?
+            }
+            (Norm::Layer { .. }, None) => candle_core::bail!("a LayerNorm needs a bias"),
+            (Norm::Rms { eps, .. }, _) => ops::rms_norm(&f32(x)?, &f32(weight)?, *eps)?,
+        };
+        y.to_dtype(x.dtype())
     }
 
     /// Normalises with the intervention's parameters for `site` when it has some.
@@ -46,15 +66,10 @@ impl Norm {
     ) -> candle_core::Result<Tensor> {
         match (iv.norm_params(site), self) {
             (None, _) => self.forward(x),
-            (
-                Some(NormParams {
-                    weight,
-                    bias: Some(b),
-                }),
-                Norm::Layer { eps, .. },
-            ) => ops::layer_norm(x, &weight, &b, *eps),
-            (Some(p), Norm::Layer { bias, eps, .. }) => ops::layer_norm(x, &p.weight, bias, *eps),
-            (Some(p), Norm::Rms { eps, .. }) => ops::rms_norm(x, &p.weight, *eps),
+            (Some(NormParams { weight, bias }), Norm::Layer { bias: own, .. }) => {
+                self.normalise(x, &weight, Some(bias.as_ref().unwrap_or(own)))
+            }
+            (Some(p), Norm::Rms { .. }) => self.normalise(x, &p.weight, None),
         }
     }
 
@@ -169,6 +184,8 @@ pub struct Transformer {
     /// Untied LM head `[vocab, hidden]`; `None` means the word embeddings are reused.
     pub lm_head: Option<Tensor>,
     device: Device,
+    /// The dtype of activations and frozen weights (trained variables are f32).
+    dtype: DType,
 }
 
 impl Transformer {
@@ -182,6 +199,7 @@ impl Transformer {
         lm_head: Option<Tensor>,
     ) -> Self {
         let device = embeddings.word.device().clone();
+        let dtype = embeddings.word.dtype();
         Self {
             config,
             embeddings,
@@ -190,12 +208,41 @@ impl Transformer {
             pooler,
             lm_head,
             device,
+            dtype,
         }
     }
 
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The dtype activations and frozen weights use.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// This model on `device` with its frozen weights and activations in `dtype` (f32, or
+    /// bf16 for mixed precision). Variables are left as they are: a method's parameters stay
+    /// f32 master weights, cast where the forward pass meets them.
+    pub fn to(&self, device: &Device, dtype: DType) -> Result<Self> {
+        let mut me = self.clone();
+        let mut failed = None;
+        me.for_each_weight_mut(&mut |_, t| {
+            if failed.is_some() || t.is_variable() {
+                return;
+            }
+            match t.to_device(device).and_then(|t| t.to_dtype(dtype)) {
+                Ok(moved) => *t = moved,
+                Err(e) => failed = Some(e),
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        me.device = device.clone();
+        me.dtype = dtype;
+        Ok(me)
     }
 
     /// Every projection site the model has, in layer order.
@@ -385,13 +432,9 @@ impl Transformer {
         let mut h = self.embed(inputs, prefix.as_ref(), shift, kv_len, iv)?;
         let bias = attention_bias(&mask, kv_len, cfg.is_causal())?;
         let rope = if cfg.family == Family::Llama {
-            Some(ops::rope_tables(
-                kv_len,
-                seq,
-                cfg.head_dim(),
-                cfg.rope_theta,
-                &self.device,
-            )?)
+            let (cos, sin) =
+                ops::rope_tables(kv_len, seq, cfg.head_dim(), cfg.rope_theta, &self.device)?;
+            Some((cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?))
         } else {
             None
         };
@@ -428,20 +471,24 @@ impl Transformer {
                 cfg.vocab_size
             )));
         }
+        let dt = self.dtype;
+        // Casts a looked-up row (a trained embedding is an f32 variable) to the activations' dtype.
         let mut x = e
             .word
             .index_select(&ids, 0)?
+            .to_dtype(dt)?
             .reshape((b, t, cfg.hidden_size))?;
         let start = cfg.position_offset + kv_len;
         if !prefix_shifts {
             // The input's tokens keep the positions they have without a prefix.
             if let Some(pos) = &e.position {
-                x = x.broadcast_add(&pos.narrow(0, start, t)?.unsqueeze(0)?)?;
+                x = x.broadcast_add(&pos.narrow(0, start, t)?.to_dtype(dt)?.unsqueeze(0)?)?;
             }
         }
         let mut p_in = 0;
         if let Some(p) = prefix {
             p_in = p.dims()[p.rank() - 2];
+            let p = p.to_dtype(dt)?;
             let p = if p.rank() == 2 {
                 p.unsqueeze(0)?.broadcast_as((b, p_in, cfg.hidden_size))?
             } else {
@@ -452,7 +499,7 @@ impl Transformer {
         let seq = p_in + t;
         if prefix_shifts {
             if let Some(pos) = &e.position {
-                x = x.broadcast_add(&pos.narrow(0, start, seq)?.unsqueeze(0)?)?;
+                x = x.broadcast_add(&pos.narrow(0, start, seq)?.to_dtype(dt)?.unsqueeze(0)?)?;
             }
         }
         if let Some(tt) = &e.token_type {
@@ -468,9 +515,10 @@ impl Transformer {
             } else {
                 types
             };
-            let te =
-                tt.index_select(&types.flatten_all()?, 0)?
-                    .reshape((b, seq, cfg.hidden_size))?;
+            let te = tt
+                .index_select(&types.flatten_all()?, 0)?
+                .to_dtype(dt)?
+                .reshape((b, seq, cfg.hidden_size))?;
             x = (x + te)?;
         }
         if let Some(n) = &e.norm {
@@ -497,7 +545,7 @@ impl Transformer {
             layer.attn_norm.apply(iv, NormSite::Attention(i), h)?
         };
         let a = self.attention(i, layer, &attn_in, bias, rope, prefix, iv)?;
-        let a = iv.after_block(i, Block::Attention, a)?;
+        let a = after_block(iv, i, Block::Attention, a)?;
         let h = if post_norm {
             layer
                 .attn_norm
@@ -511,7 +559,7 @@ impl Transformer {
             layer.ffn_norm.apply(iv, NormSite::Ffn(i), &h)?
         };
         let f = self.feed_forward(i, layer, &ffn_in, iv)?;
-        let f = iv.after_block(i, Block::Ffn, f)?;
+        let f = after_block(iv, i, Block::Ffn, f)?;
         let h = if post_norm {
             layer.ffn_norm.apply(iv, NormSite::Ffn(i), &(h + f)?)?
         } else {
@@ -552,12 +600,13 @@ impl Transformer {
         if let Some(p) = prefix.filter(|p| !p.is_empty()) {
             let len = p.len();
             let batched = |y: &Tensor| -> candle_core::Result<Tensor> {
+                let y = y.to_dtype(self.dtype)?;
                 if y.rank() == 2 {
                     y.unsqueeze(0)?
                         .broadcast_as((b, len, nkv * d))?
                         .contiguous()
                 } else {
-                    Ok(y.clone())
+                    Ok(y)
                 }
             };
             k = Tensor::cat(&[&batched(&p.key)?, &k], 1)?;
@@ -614,8 +663,35 @@ pub fn gated(act: Activation, family: Family) -> bool {
     family == Family::Llama && act == Activation::Silu
 }
 
-/// One projection with the intervention's hooks on its input and its output.
+/// One projection with the intervention's hooks on its input and its output. Hooks see f32
+/// (a method's parameters are f32, and PEFT likewise casts an adapter's input to the
+/// adapter's dtype); the projection runs in the activations' dtype.
 fn project(iv: &dyn Intervention, site: Site, lin: &Linear, x: &Tensor) -> Result<Tensor> {
-    let x = iv.project_input(site, x)?;
-    Ok(iv.project(site, &x, lin.forward(&x)?)?)
+    let x = in_f32(x, |x32| iv.project_input(site, x32))?;
+    let out = lin.forward(&x)?;
+    let x32 = x.to_dtype(DType::F32)?;
+    Ok(in_f32(&out, |out32| iv.project(site, &x32, out32.clone()))?)
+}
+
+/// A sublayer's output through the `after_block` hook, in f32 as [`project`]'s hooks.
+fn after_block(iv: &dyn Intervention, layer: usize, block: Block, y: Tensor) -> Result<Tensor> {
+    Ok(in_f32(&y, |y32| iv.after_block(layer, block, y32.clone()))?)
+}
+
+/// Runs a hook on `x` cast to f32 and casts its result back to `x`'s dtype. A hook that
+/// returns its input untouched costs no cast back (and loses no bits) in bf16.
+fn in_f32(
+    x: &Tensor,
+    hook: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return hook(x);
+    }
+    let x32 = x.to_dtype(DType::F32)?;
+    let y = hook(&x32)?;
+    if y.id() == x32.id() {
+        Ok(x.clone())
+    } else {
+        y.to_dtype(x.dtype())
+    }
 }

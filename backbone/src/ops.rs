@@ -186,8 +186,11 @@ fn attention_composite(
         k = expand(k)?;
         v = expand(v)?;
     }
-    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
+    // Scores and their softmax in f32 whatever q's dtype (as transformers' eager attention).
+    let dt = q.dtype();
+    let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?.broadcast_add(bias)?;
     softmax_last_dim(&scores)?
+        .to_dtype(dt)?
         .matmul(&v.contiguous()?)?
         .transpose(1, 2)?
         .reshape((b, t, heads * d))

@@ -1,7 +1,7 @@
 //! The trainable parameters of a run: named variables, counted, saved and loaded.
 
 use crate::error::{BackboneError, Result};
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -17,7 +17,8 @@ impl TrainableParams {
         Self::default()
     }
 
-    /// Makes `init` a variable named `name` and returns the tensor to compute with.
+    /// Makes `init` a variable named `name` and returns the tensor to compute with. Variables
+    /// are f32 whatever the base's dtype: they are the master weights a bf16 run steps.
     pub fn add(&mut self, name: impl Into<String>, init: Tensor) -> Result<Tensor> {
         let name = name.into();
         if self.entries.iter().any(|(n, _)| *n == name) {
@@ -25,7 +26,7 @@ impl TrainableParams {
                 "parameter `{name}` defined twice"
             )));
         }
-        let var = Var::from_tensor(&init.detach().contiguous()?)?;
+        let var = Var::from_tensor(&init.detach().to_dtype(DType::F32)?.contiguous()?)?;
         let t = var.as_tensor().clone();
         self.entries.push((name, var));
         Ok(t)

@@ -58,6 +58,8 @@ pub fn environment() -> Environment {
         threads: rayon_threads(),
         candle_version: "0.11.1".into(),
         device: "cpu".into(),
+        dtype: "f32".into(),
+        kernels: peftbench_backbone::kernels().name().into(),
         os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
         finished_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

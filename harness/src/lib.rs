@@ -24,7 +24,7 @@ pub use budget::{match_budget, Budget};
 pub use grid::{run_grid, run_grid_with, Shard};
 pub use suite::Suite;
 pub use task::{load_task, TaskConfig, TaskData};
-pub use train::{run, Base, RunSpec, TrainConfig};
+pub use train::{run, Base, Precision, RunSpec, TrainConfig};
 
 use std::path::PathBuf;
 

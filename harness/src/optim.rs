@@ -3,6 +3,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Storage, Tensor, Var};
+use peftbench_backbone::kernels::{self, Kernels};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
@@ -162,13 +163,19 @@ impl OptimConfig {
 
 struct Slot {
     var: Var,
-    /// First and second moments, plain memory: the update runs in one fused pass.
-    m: Vec<f32>,
-    v: Vec<f32>,
+    moments: Moments,
     decay: bool,
     acc: Option<Tensor>,
     /// This variable's learning rate as a multiple of the scheduled one.
     lr_scale: f64,
+}
+
+/// A variable's first and second moments.
+enum Moments {
+    /// Plain memory for the fused CPU update, one pass over weight, gradient and moments.
+    Host(Vec<f32>, Vec<f32>),
+    /// Tensors beside the variable, stepped by candle ops (any device; the composite path).
+    Device(Tensor, Tensor),
 }
 
 /// AdamW over a fixed list of variables.
@@ -180,7 +187,7 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// Creates zeroed moments for every variable (f32 variables on the CPU).
+    /// Creates zeroed moments for every variable (f32, on any device).
     pub fn new(vars: Vec<Var>, cfg: OptimConfig) -> Result<Self> {
         Self::with_groups(vec![(vars, 1.0)], cfg)
     }
@@ -188,6 +195,17 @@ impl AdamW {
     /// Like [`AdamW::new`], with each group of variables stepped at its own multiple of the
     /// scheduled learning rate (the weight decay scales with it, as in PyTorch's groups).
     pub fn with_groups(groups: Vec<(Vec<Var>, f64)>, cfg: OptimConfig) -> Result<Self> {
+        Self::with_kernels(groups, cfg, kernels::kernels())
+    }
+
+    /// Like [`AdamW::with_groups`] with the update's implementation named: `Fused` steps f32
+    /// CPU variables in one pass (others still take the composite update), `Composite` steps
+    /// every variable with tensor ops, as on a GPU.
+    pub fn with_kernels(
+        groups: Vec<(Vec<Var>, f64)>,
+        cfg: OptimConfig,
+        choice: Kernels,
+    ) -> Result<Self> {
         let mut slots = Vec::new();
         for (vars, lr_scale) in groups {
             if !(lr_scale.is_finite() && lr_scale >= 0.0) {
@@ -196,17 +214,21 @@ impl AdamW {
                 );
             }
             for var in vars {
-                if var.dtype() != DType::F32 || !var.device().is_cpu() {
+                if var.dtype() != DType::F32 {
                     candle_core::bail!(
-                        "AdamW: variables must be f32 on the CPU, got {:?} on {:?}",
-                        var.dtype(),
-                        var.device()
+                        "AdamW: variables must be f32 (master weights), got {:?}",
+                        var.dtype()
                     );
                 }
                 let n = var.elem_count();
+                let moments = if choice == Kernels::Fused && var.device().is_cpu() {
+                    Moments::Host(vec![0.0; n], vec![0.0; n])
+                } else {
+                    let zeros = || var.zeros_like();
+                    Moments::Device(zeros()?, zeros()?)
+                };
                 slots.push(Slot {
-                    m: vec![0.0; n],
-                    v: vec![0.0; n],
+                    moments,
                     decay: var.rank() >= 2,
                     acc: None,
                     lr_scale,
@@ -242,14 +264,27 @@ impl AdamW {
     pub fn grad_norm(&self) -> Result<f64> {
         let n = self.micro.max(1) as f64;
         let mut sq = 0f64;
+        // Device-side sums are added up there and read back once.
+        let mut on_device: Option<Tensor> = None;
         for s in &self.slots {
             if let Some(a) = &s.acc {
-                sq += with_f32_slice(a, |g| {
-                    g.par_chunks(CHUNK)
-                        .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-                        .sum::<f64>()
-                })?;
+                if a.device().is_cpu() && a.dtype() == DType::F32 {
+                    sq += with_f32_slice(&a.contiguous()?, |g| {
+                        g.par_chunks(CHUNK)
+                            .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                            .sum::<f64>()
+                    })?;
+                } else {
+                    let part = a.sqr()?.sum_all()?;
+                    on_device = Some(match on_device {
+                        None => part,
+                        Some(t) => (t + part)?,
+                    });
+                }
             }
+        }
+        if let Some(t) = on_device {
+            sq += t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         }
         Ok(sq.sqrt() / n)
     }
@@ -269,23 +304,40 @@ impl AdamW {
         for s in &mut self.slots {
             let Some(g) = s.acc.take() else { continue };
             let lr = lr * s.lr_scale;
-            let update = Update {
-                grad_scale: (clip / n) as f32,
-                beta1: b1 as f32,
-                beta2: b2 as f32,
-                bias1: (1.0 - b1.powi(self.t as i32)) as f32,
-                bias2: (1.0 - b2.powi(self.t as i32)) as f32,
-                eps: self.cfg.eps as f32,
-                lr: lr as f32,
-                shrink: if s.decay {
-                    (1.0 - lr * self.cfg.weight_decay) as f32
-                } else {
-                    1.0
-                },
-                grad: g.contiguous()?,
-                moments: Mutex::new((&mut s.m, &mut s.v)),
+            let shrink = if s.decay {
+                1.0 - lr * self.cfg.weight_decay
+            } else {
+                1.0
             };
-            s.var.as_tensor().inplace_op1(&update)?;
+            let (bias1, bias2) = (1.0 - b1.powi(self.t as i32), 1.0 - b2.powi(self.t as i32));
+            let grad_scale = clip / n;
+            match &mut s.moments {
+                Moments::Host(m, v) => {
+                    let update = Update {
+                        grad_scale: grad_scale as f32,
+                        beta1: b1 as f32,
+                        beta2: b2 as f32,
+                        bias1: bias1 as f32,
+                        bias2: bias2 as f32,
+                        eps: self.cfg.eps as f32,
+                        lr: lr as f32,
+                        shrink: shrink as f32,
+                        grad: g.contiguous()?,
+                        moments: Mutex::new((m, v)),
+                    };
+                    s.var.as_tensor().inplace_op1(&update)?;
+                }
+                Moments::Device(m, v) => {
+                    // The same arithmetic as the fused update, as tensor ops.
+                    let g = (g.to_dtype(DType::F32)? * grad_scale)?;
+                    *m = ((&*m * b1)? + (&g * (1.0 - b1))?)?;
+                    *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+                    let denom = ((&*v / bias2)?.sqrt()? + self.cfg.eps)?;
+                    let step = ((&*m / bias1)? / denom)?;
+                    let w = ((s.var.as_tensor() * shrink)? - (step * lr)?)?;
+                    s.var.set(&w)?;
+                }
+            }
         }
         self.micro = 0;
         Ok(norm)
@@ -480,7 +532,13 @@ mod tests {
     /// Two steps of the fused update against AdamW written out in f64: gradient averaging over
     /// micro-batches, global-norm clipping, bias correction, decoupled decay on matrices only.
     #[test]
-    fn fused_update_matches_the_adamw_formula() {
+    fn fused_and_composite_updates_match_the_adamw_formula() {
+        for choice in [Kernels::Fused, Kernels::Composite] {
+            adamw_matches_the_formula(choice);
+        }
+    }
+
+    fn adamw_matches_the_formula(choice: Kernels) {
         let dev = candle_core::Device::Cpu;
         let w0 = [[0.5f32, -1.0, 2.0], [0.25, 3.0, -0.75]];
         let b0 = [0.1f32, -0.2];
@@ -493,7 +551,9 @@ mod tests {
             grad_accumulation: 2,
             ..Default::default()
         };
-        let mut opt = AdamW::new(vec![w.clone(), b.clone()], cfg.clone()).unwrap();
+        let mut opt =
+            AdamW::with_kernels(vec![(vec![w.clone(), b.clone()], 1.0)], cfg.clone(), choice)
+                .unwrap();
         // loss = Σ c·w + Σ d·b per micro-batch: the gradient is the coefficients.
         let gw = [
             [[1.0f32, -2.0, 0.5], [3.0, 0.0, -1.0]],

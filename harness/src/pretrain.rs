@@ -5,7 +5,7 @@ use crate::data::{make_batch, Example};
 use crate::objective::{loss, Objective, Scorer};
 use crate::optim::{AdamW, OptimConfig};
 use crate::HarnessError;
-use candle_core::Device;
+use candle_core::{DType, Device};
 use peftbench_backbone::{Initializer, Transformer};
 use peftbench_methods::{AttachContext, MethodConfig};
 
@@ -49,7 +49,7 @@ pub fn pretrain(
         let batch: Vec<&Example> = (0..cfg.batch_size)
             .map(|_| &examples[rng.index(examples.len())])
             .collect();
-        let b = make_batch(&batch, pad_id, &Device::Cpu)?;
+        let b = make_batch(&batch, pad_id, model.device())?;
         let s = Scorer {
             model,
             method: method.as_ref(),
@@ -150,16 +150,18 @@ fn perplexity(model: &Transformer, seqs: &[Vec<u32>], pad: u32) -> Result<f64, H
         method: &peftbench_backbone::NoIntervention,
         head: None,
     };
-    let m = crate::objective::evaluate(&Objective::CausalLm, &s, &examples, 16, pad, &Device::Cpu)?;
+    let m =
+        crate::objective::evaluate(&Objective::CausalLm, &s, &examples, 16, pad, model.device())?;
     Ok(m["perplexity"])
 }
 
 /// Trains a tokenizer and a decoder on `text` and writes a Hugging Face-style directory
-/// (config.json, model.safetensors, tokenizer.json) to `out`.
+/// (config.json, model.safetensors, tokenizer.json) to `out`, training on `device`.
 pub fn pretrain_corpus(
     text: &str,
     cfg: &CorpusPretrain,
     out: &std::path::Path,
+    device: &Device,
 ) -> Result<PretrainReport, HarnessError> {
     let (train_text, val_text) = peftbench_datasets::split_train_val(text, 0.1);
     let tok = train_bpe(train_text, cfg.vocab_size)?;
@@ -203,7 +205,8 @@ pub fn pretrain_corpus(
         &v,
         std::path::Path::new("pretrain/config.json"),
     )?;
-    let mut model = Transformer::random(config, cfg.train.seed, &Device::Cpu)?;
+    let mut model =
+        Transformer::random(config, cfg.train.seed, &Device::Cpu)?.to(device, DType::F32)?;
     let untrained = perplexity(&model, &val, eos)?;
     let (first, last) = pretrain(&mut model, &train, eos, &cfg.train)?;
     let trained = perplexity(&model, &val, eos)?;

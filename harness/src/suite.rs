@@ -55,6 +55,9 @@ pub struct Suite {
     pub random_init_controls: Vec<String>,
     /// The weight-update analyses to record and report (the LoRA paper's §7).
     pub analyses: Vec<crate::analysis::Analysis>,
+    /// The device to train on (`cpu`, `cuda`, `cuda:N`) unless `--device` names one; not part
+    /// of a run's configuration hash, since a run's result should not depend on it.
+    pub device: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -77,6 +80,8 @@ struct Raw {
     random_init_controls: Vec<String>,
     #[serde(default)]
     analyses: Vec<crate::analysis::Analysis>,
+    #[serde(default)]
+    device: Option<String>,
 }
 
 fn d_seeds() -> Vec<u64> {
@@ -368,6 +373,20 @@ impl Suite {
                 "a suite needs seeds, tasks and train.steps > 0".into(),
             ));
         }
+        if let Some(d) = &raw.device {
+            // Only the spelling is checked here: a CUDA device is opened when the suite runs,
+            // where `--device` may still override it.
+            let known = d == "cpu"
+                || d == "cuda"
+                || d.strip_prefix("cuda:")
+                    .is_some_and(|n| n.parse::<usize>().is_ok());
+            if !known {
+                return Err(err(
+                    line_of(text, "device"),
+                    format!("device `{d}`: expected `cpu`, `cuda` or `cuda:N`"),
+                ));
+            }
+        }
         Ok(Self {
             name: raw.name,
             model: raw.model,
@@ -384,6 +403,7 @@ impl Suite {
                 a.dedup();
                 a
             },
+            device: raw.device,
         })
     }
 

@@ -44,6 +44,45 @@ pub struct TrainConfig {
     /// a tenth of it, at most 1,000). The split is the same for every method and seed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation_size: Option<usize>,
+    /// Precision: `f32`, or `bf16` (the frozen base's weights and activations in bf16; trained
+    /// parameters, gradients, AdamW state, losses and metrics in f32). Left out of the
+    /// configuration hash at f32, so records made before it existed stay current.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub dtype: Precision,
+}
+
+/// A run's numeric precision.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// Mixed precision: the frozen base in bf16, trained parameters in f32.
+    Bf16,
+}
+
+impl Precision {
+    /// Whether this is plain f32.
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
+    /// The base's dtype.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
+
+    /// The name used in suites and records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
 }
 
 impl TrainConfig {
@@ -333,6 +372,9 @@ pub fn run(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path) ->
     rec.peak_memory_bytes = env::peak_memory_bytes();
     rec.memory = Some(memory_use(&base.model, &rec));
     rec.env = env::environment();
+    rec.env.device = peftbench_backbone::device_name(base.model.device());
+    rec.env.dtype = spec.train.dtype.name().to_string();
+    rec.env.kernels = peftbench_backbone::kernels().name().to_string();
     rec
 }
 
@@ -362,11 +404,16 @@ fn run_inner(
     adapters_dir: &Path,
     rec: &mut RunRecord,
 ) -> Result<(), HarnessError> {
-    let device = Device::Cpu;
+    // The base's device is the run's; batches are made there, once per step. A grid loads its
+    // base in the suite's dtype, so this cast is a no-op there (and the f32 weights are not
+    // held beside the bf16 ones).
+    let device = base.model.device().clone();
+    let dtype = spec.train.dtype.dtype();
     let mut model = if spec.random_init {
-        Transformer::random(base.model.config.clone(), spec.seed ^ 0x7a4d, &device)?
+        Transformer::random(base.model.config.clone(), spec.seed ^ 0x7a4d, &Device::Cpu)?
+            .to(&device, dtype)?
     } else {
-        base.model.clone()
+        base.model.to(&device, dtype)?
     };
     // Configuration errors are the configuration's, never "budget unreachable".
     check_method(&spec.method, &model.config)?;

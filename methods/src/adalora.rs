@@ -532,7 +532,7 @@ impl AdaLora {
     fn fold(&self, model: &mut peftbench_backbone::Transformer, sign: f64) -> Result<()> {
         for (site, d) in self.deltas()? {
             let lin = model.linear_mut(site).expect("site exists");
-            lin.weight = (&lin.weight + (d * sign)?)?;
+            lin.add_to_weight(&(d * sign)?)?;
         }
         Ok(())
     }

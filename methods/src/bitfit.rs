@@ -6,7 +6,7 @@
 use crate::error::{invalid, Result};
 use crate::peft::{PeftKey, PeftReader, PeftState};
 use crate::{AttachContext, Method};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use peftbench_backbone::{
     Family, Intervention, ModelConfig, Norm, NormParams, NormSite, Site, TrainableParams,
     Transformer,
@@ -132,7 +132,10 @@ impl BitFit {
                 };
                 let d = params.add(format!("{site}.bias_delta"), bias.zeros_like()?)?;
                 // A copy: candle's add would give the model's own tensor a gradient entry.
-                norms.insert(site, (weight.clone(), bias.copy()?, d));
+                norms.insert(
+                    site,
+                    (weight.clone(), bias.to_dtype(DType::F32)?.copy()?, d),
+                );
             }
         }
         Ok(Self {
@@ -166,7 +169,10 @@ impl BitFit {
                 let key = PeftKey::Top(format!("bitfit.{site}.bias_delta"));
                 let d = r.take(&key, Some(&[cfg.hidden_size]))?;
                 let d = params.add(format!("{site}.bias_delta"), d)?;
-                norms.insert(site, (weight.clone(), bias.copy()?, d));
+                norms.insert(
+                    site,
+                    (weight.clone(), bias.to_dtype(DType::F32)?.copy()?, d),
+                );
             }
         }
         Ok(Self {
@@ -183,12 +189,12 @@ impl BitFit {
                 .linear_mut(*site)
                 .ok_or_else(|| invalid(NAME, format!("no projection {site}")))?;
             if let Some(b) = &lin.bias {
-                lin.bias = Some((b + (d.detach() * sign)?)?);
+                lin.bias = Some(shifted(b, d, sign)?);
             }
         }
         for (site, (_, _, d)) in &self.norms {
             if let Some(Norm::Layer { bias, .. }) = model.norm_mut(*site) {
-                *bias = (&*bias + (d.detach() * sign)?)?;
+                *bias = shifted(bias, d, sign)?;
             }
         }
         Ok(())
@@ -286,4 +292,9 @@ impl crate::MethodSpec for BitFitConfig {
     fn attach(&self, ctx: &mut AttachContext) -> Result<Box<dyn Method>> {
         Ok(Box::new(BitFit::attach(self, ctx)?))
     }
+}
+
+/// `b + sign·d` in f32, kept in `b`'s dtype (a bf16 base's bias stays bf16).
+fn shifted(b: &Tensor, d: &Tensor, sign: f64) -> candle_core::Result<Tensor> {
+    (b.to_dtype(DType::F32)? + (d.detach() * sign)?)?.to_dtype(b.dtype())
 }

@@ -35,7 +35,7 @@ impl<D: Delta> DeltaSites<D> {
             let lin = model.linear_mut(*site).ok_or_else(|| {
                 invalid(self.method, format!("the model has no projection {site}"))
             })?;
-            lin.weight = (&lin.weight + (d.delta()?.detach() * sign)?)?;
+            lin.add_to_weight(&(d.delta()?.detach() * sign)?)?;
         }
         Ok(())
     }

@@ -76,14 +76,18 @@ impl Dora {
                 .linear(*site)
                 .ok_or_else(|| invalid(NAME, format!("the model has no projection {site}")))?;
             // Copies: the norm's arithmetic must not give the model's own tensors gradients.
-            let weight = lin.weight.detach().copy()?;
+            let weight = lin.weight_f32()?.detach().copy()?;
             let weight_sq = row_sq(&weight)?;
             let init = match &magnitudes {
                 Some(m) => m[site].clone(),
                 None => weight_sq.sqrt()?,
             };
             let magnitude = mags.add(format!("{site}.lora_magnitude"), init)?;
-            let bias = lin.bias.as_ref().map(|b| b.detach().copy()).transpose()?;
+            let bias = lin
+                .bias
+                .as_ref()
+                .map(|b| b.detach().to_dtype(candle_core::DType::F32)?.copy())
+                .transpose()?;
             parts.insert(
                 *site,
                 Part {
@@ -200,7 +204,9 @@ impl Method for Dora {
                 .ok_or_else(|| invalid(NAME, format!("the model has no projection {site}")))?;
             let delta = (pair.b.matmul(&pair.a)?.detach() * pair.scaling)?;
             originals.insert(*site, lin.weight.clone());
-            lin.weight = (&lin.weight + delta)?.broadcast_mul(&scale.unsqueeze(1)?)?;
+            lin.weight = (lin.weight_f32()? + delta)?
+                .broadcast_mul(&scale.unsqueeze(1)?)?
+                .to_dtype(lin.weight.dtype())?;
         }
         *self.originals.borrow_mut() = Some(originals);
         Ok(true)

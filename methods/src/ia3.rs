@@ -212,13 +212,20 @@ impl Ia3 {
                 .ok_or_else(|| invalid(NAME, format!("the model has no projection {site}")))?;
             let l = v.l.detach();
             let l = if invert { l.recip()? } else { l };
+            let dt = lin.weight.dtype();
             if v.feedforward {
                 // W·(l ⊙ x) = (W·diag l)·x: scale W's columns; the bias is untouched.
-                lin.weight = lin.weight.broadcast_mul(&l.unsqueeze(0)?)?;
+                lin.weight = lin
+                    .weight_f32()?
+                    .broadcast_mul(&l.unsqueeze(0)?)?
+                    .to_dtype(dt)?;
             } else {
-                lin.weight = lin.weight.broadcast_mul(&l.unsqueeze(1)?)?;
+                lin.weight = lin
+                    .weight_f32()?
+                    .broadcast_mul(&l.unsqueeze(1)?)?
+                    .to_dtype(dt)?;
                 if let Some(b) = &lin.bias {
-                    lin.bias = Some((b * &l)?);
+                    lin.bias = Some((b.to_dtype(DType::F32)? * &l)?.to_dtype(b.dtype())?);
                 }
             }
         }

@@ -143,16 +143,18 @@ fn params_of(norm: &Norm) -> NormParams {
     }
 }
 
-fn set_params(norm: &mut Norm, p: &NormParams) {
+fn set_params(norm: &mut Norm, p: &NormParams) -> candle_core::Result<()> {
     match norm {
+        // In the norm's own dtype: a bf16 base keeps bf16 norms.
         Norm::Layer { weight, bias, .. } => {
-            *weight = p.weight.detach();
+            *weight = p.weight.detach().to_dtype(weight.dtype())?;
             if let Some(b) = &p.bias {
-                *bias = b.detach();
+                *bias = b.detach().to_dtype(bias.dtype())?;
             }
         }
-        Norm::Rms { weight, .. } => *weight = p.weight.detach(),
+        Norm::Rms { weight, .. } => *weight = p.weight.detach().to_dtype(weight.dtype())?,
     }
+    Ok(())
 }
 
 impl LnTuning {
@@ -246,7 +248,7 @@ impl Method for LnTuning {
                 .norm_mut(*site)
                 .ok_or_else(|| invalid(NAME, format!("the model has no norm {site}")))?;
             originals.insert(*site, params_of(norm));
-            set_params(norm, p);
+            set_params(norm, p)?;
         }
         *self.originals.borrow_mut() = Some(originals);
         Ok(true)
@@ -257,7 +259,7 @@ impl Method for LnTuning {
         };
         for (site, p) in &originals {
             if let Some(norm) = model.norm_mut(*site) {
-                set_params(norm, p);
+                set_params(norm, p)?;
             }
         }
         Ok(true)

@@ -149,7 +149,7 @@ impl Lora {
                 &dev,
             )?;
             if let Some(w) = residual {
-                lin.weight = w;
+                lin.weight = w.to_dtype(lin.weight.dtype())?;
                 initial.insert(site, (a0.clone(), b0.clone()));
             }
             let a = params.add(format!("{site}.lora_A"), a0)?;
@@ -191,7 +191,7 @@ impl Lora {
         }
         for (site, pair) in &self.pairs {
             let lin = model.linear_mut(*site).expect("site exists");
-            lin.weight = (&lin.weight + self.delta(pair)?)?;
+            lin.add_to_weight(&self.delta(pair)?)?;
         }
         self.merged.set(true);
         Ok(())
@@ -204,7 +204,7 @@ impl Lora {
         }
         for (site, pair) in &self.pairs {
             let lin = model.linear_mut(*site).expect("site exists");
-            lin.weight = (&lin.weight - self.delta(pair)?)?;
+            lin.add_to_weight(&self.delta(pair)?.neg()?)?;
         }
         self.merged.set(false);
         Ok(())

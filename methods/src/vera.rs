@@ -234,7 +234,7 @@ impl Vera {
             let lin = model
                 .linear_mut(*site)
                 .ok_or_else(|| invalid(NAME, format!("the model has no projection {site}")))?;
-            lin.weight = (&lin.weight + (self.delta(part)? * sign)?)?;
+            lin.add_to_weight(&(self.delta(part)? * sign)?)?;
         }
         Ok(())
     }

@@ -65,6 +65,14 @@ pub struct Environment {
     pub candle_version: String,
     /// Device (cpu, cuda:0 …).
     pub device: String,
+    /// Precision the run trained at (`f32`, or `bf16` for the mixed-precision base); empty in
+    /// records made before it was kept, which were all f32.
+    #[serde(default)]
+    pub dtype: String,
+    /// Which implementation the custom ops ran (`fused` or `composite`); empty in older
+    /// records, which ran fused on the CPU.
+    #[serde(default)]
+    pub kernels: String,
     /// Operating system.
     pub os: String,
     /// When the run finished (seconds since the Unix epoch).

@@ -131,6 +131,8 @@ fn record(s: Spec) -> RunRecord {
             threads: 2,
             candle_version: "0.11.1".into(),
             device: "cpu".into(),
+            dtype: "f32".into(),
+            kernels: "fused".into(),
             os: "linux".into(),
             finished_at: 1_700_000_000,
         },
