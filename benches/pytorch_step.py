@@ -1,7 +1,9 @@
 """PyTorch + PEFT training step on the same configurations as `benches/step_table.rs`.
 
 all-MiniLM-L6-v2 with a 2-class head (AutoModelForSequenceClassification), batch 16 x 64 of
-random token ids, fp32, AdamW; per method: 3 warm-up steps, then 10 timed steps, methods
+random token ids, fp32, AdamW (or, with --random-config, a random model of that config's
+shape; --device cuda, --dtype bf16 with the adapters kept in f32 as PEFT's autocast does,
+--batch and --seq as the step table is run); per method: 3 warm-up steps, then 10 timed steps, methods
 interleaved step by step (the host's speed drifts). Prints one JSON object
 {method: [ms, ...]} on stdout.
 
@@ -32,22 +34,25 @@ from peft import (
     VeraConfig,
     get_peft_model,
 )
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 SEQ_CLS = TaskType.SEQ_CLS
 
 
-def configs(total_steps):
-    # The same shapes as peftbench's defaults (`peftbench methods`).
-    return {
+def configs(total_steps, llama=False):
+    # The same shapes as peftbench's defaults (`peftbench methods`), with Llama's module names
+    # where the model is one.
+    qv = ["q_proj", "v_proj"] if llama else ["query", "value"]
+    norms = ["input_layernorm", "post_attention_layernorm"] if llama else ["LayerNorm"]
+    out = {
         "full_finetune": None,
-        "lora": LoraConfig(task_type=SEQ_CLS, r=8, lora_alpha=16, target_modules=["query", "value"]),
+        "lora": LoraConfig(task_type=SEQ_CLS, r=8, lora_alpha=16, target_modules=qv),
         "adalora": AdaLoraConfig(
             task_type=SEQ_CLS,
             init_r=12,
             target_r=8,
             lora_alpha=8,
-            target_modules=["query", "value"],
+            target_modules=qv,
             total_step=total_steps,
         ),
         "prefix_tuning": PrefixTuningConfig(
@@ -62,16 +67,20 @@ def configs(total_steps):
             encoder_reparameterization_type=PromptEncoderReparameterizationType.MLP,
             encoder_hidden_size=128,
         ),
-        "lora_plus": LoraConfig(task_type=SEQ_CLS, r=8, lora_alpha=16, target_modules=["query", "value"]),
-        "dora": LoraConfig(task_type=SEQ_CLS, r=8, lora_alpha=16, target_modules=["query", "value"], use_dora=True),
-        "vera": VeraConfig(task_type=SEQ_CLS, r=256, target_modules=["query", "value"]),
-        "loha": LoHaConfig(task_type=SEQ_CLS, r=8, alpha=8, target_modules=["query", "value"]),
-        "lokr": LoKrConfig(task_type=SEQ_CLS, r=8, alpha=8, target_modules=["query", "value"]),
+        "lora_plus": LoraConfig(task_type=SEQ_CLS, r=8, lora_alpha=16, target_modules=qv),
+        "dora": LoraConfig(task_type=SEQ_CLS, r=8, lora_alpha=16, target_modules=qv, use_dora=True),
+        "vera": VeraConfig(task_type=SEQ_CLS, r=256, target_modules=qv),
+        "loha": LoHaConfig(task_type=SEQ_CLS, r=8, alpha=8, target_modules=qv),
+        "lokr": LoKrConfig(task_type=SEQ_CLS, r=8, alpha=8, target_modules=qv),
         "ia3": IA3Config(task_type=SEQ_CLS),
-        "ln_tuning": LNTuningConfig(task_type=SEQ_CLS, target_modules=["LayerNorm"]),
+        "ln_tuning": LNTuningConfig(task_type=SEQ_CLS, target_modules=norms),
         # PEFT has no BitFit: the plain model with only its biases (and the head) trainable.
         "bitfit": "bitfit",
     }
+    if llama:
+        # Llama has no biases: peftbench refuses BitFit there too.
+        del out["bitfit"]
+    return out
 
 
 def main():
@@ -81,19 +90,42 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--methods", default="")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--random-config", default=None, help="config.json of a random model to use instead of --model's weights")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
-    ids = torch.randint(1000, 21000, (16, 64))
+    ids = torch.randint(1000, 21000, (args.batch, args.seq), device=dev)
     mask = torch.ones_like(ids)
-    labels = torch.arange(16) % 2
+    labels = torch.arange(args.batch, device=dev) % 2
+    hf_config = AutoConfig.from_pretrained(args.random_config) if args.random_config else None
+    llama = hf_config is not None and hf_config.model_type == "llama"
+
+    def base():
+        if hf_config is None:
+            return AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+        cfg = hf_config
+        cfg.num_labels = 2
+        cfg.pad_token_id = 0
+        return AutoModelForSequenceClassification.from_config(cfg)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
     wanted = [m for m in args.methods.split(",") if m]
     setups = {}
-    for name, cfg in configs(args.warmup + args.steps + 10).items():
+    for name, cfg in configs(args.warmup + args.steps + 10, llama).items():
         if wanted and name not in wanted:
             continue
-        model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+        # The frozen base in the run's dtype; PEFT keeps adapter weights in f32 (its
+        # autocast_adapter_dtype), as peftbench keeps every trained parameter.
+        model = base().to(device=dev, dtype=dtype)
         if cfg == "bitfit":
             for n, p in model.named_parameters():
                 p.requires_grad_(n.endswith(".bias") and not n.startswith("bert.pooler"))
@@ -121,6 +153,7 @@ def main():
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
 
     for model, opt in setups.values():
         for _ in range(args.warmup):

@@ -64,6 +64,7 @@ fn pytorch_round(python: &str, methods: &[&str]) -> BTreeMap<String, Vec<f64>> {
     let out = std::process::Command::new(python)
         .arg(&script)
         .args(["--model", &model, "--steps", &STEPS.to_string()])
+        .args(python_shape_args())
         .args([
             "--threads",
             &candle_core::utils::get_num_threads().to_string(),
@@ -81,6 +82,30 @@ fn pytorch_round(python: &str, methods: &[&str]) -> BTreeMap<String, Vec<f64>> {
     let v: serde_json::Value = serde_json::from_str(line.trim())
         .unwrap_or_else(|e| panic!("{}: bad output ({e}): {line}", script.display()));
     serde_json::from_value(v["ms"].clone()).expect("ms per method")
+}
+
+/// The shape, device, dtype and batch the PyTorch side must match ours in.
+fn python_shape_args() -> Vec<String> {
+    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.into());
+    let mut a = vec![
+        "--device".into(),
+        var("PEFTBENCH_BENCH_DEVICE", "cpu"),
+        "--dtype".into(),
+        var("PEFTBENCH_BENCH_DTYPE", "f32"),
+        "--batch".into(),
+        var("PEFTBENCH_BENCH_BATCH", "16"),
+        "--seq".into(),
+        var("PEFTBENCH_BENCH_SEQ", "64"),
+    ];
+    if let Some(cfg) = bench_shape_config() {
+        // A random model of the same shape: its config.json, written where the bench writes.
+        let dir = std::env::temp_dir().join(format!("peftbench-shape-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        a.push("--random-config".into());
+        a.push(dir.join("config.json").display().to_string());
+    }
+    a
 }
 
 /// The CPU's model name and the vector extensions the kernels can use.
@@ -112,9 +137,14 @@ fn cpu_description() -> String {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; nothing else to parse.
-    let base = minilm();
-    let b = batch(16, 64);
+    // `cargo bench` passes --bench; the shape, device and dtype come from the environment
+    // (support/mod.rs), as do PEFTBENCH_BENCH_BATCH and _SEQ (default 16 × 64).
+    let base = bench_model();
+    let (rows, seq) = (
+        env_usize("PEFTBENCH_BENCH_BATCH", 16),
+        env_usize("PEFTBENCH_BENCH_SEQ", 64),
+    );
+    let b = batch_on(rows, seq, base.device());
     let only = std::env::var("PEFTBENCH_BENCH_METHODS").unwrap_or_default();
     let methods: Vec<_> = peftbench_methods::MethodConfig::defaults()
         .into_iter()
@@ -182,16 +212,27 @@ fn main() {
     let mut csv = String::from("method,trainable_params,ms_per_step,tokens_per_s,peak_mb,peak_vs_full,pytorch_ms,pytorch_same_run,ratio_vs_pytorch\n");
     let _ = writeln!(md, "# Training step cost per method\n");
     let _ = writeln!(md, "CPU: {}.\n", cpu_description());
-    let _ = writeln!(md, "all-MiniLM-L6-v2 shape, batch 16 × 64, f32, each method's default configuration (the reference's: LoRA r=8 on query/value, AdaLoRA 12 → 8, 20 virtual tokens), trainable counts include the 2-class head, median ms of interleaved steps after 3 warm-up, peak MB the heap's high-water mark while the method is attached and takes two steps (the base's weights included), {} threads. {py_note}. Produced by `cargo bench --bench step_table`.\n", candle_core::utils::get_num_threads());
+    let shape = std::env::var("PEFTBENCH_BENCH_SHAPE").unwrap_or_else(|_| "minilm".into());
+    let device = peftbench_backbone::device_name(base.device());
+    let dtype = format!("{:?}", base.dtype()).to_lowercase();
+    let _ = writeln!(md, "Device: {device}, dtype {dtype}, shape {shape}.\n");
+    let _ = writeln!(md, "all-MiniLM-L6-v2 shape unless named above, batch {rows} × {seq}, each method's default configuration (the reference's: LoRA r=8 on query/value, AdaLoRA 12 → 8, 20 virtual tokens), trainable counts include the 2-class head, median ms of interleaved steps after 3 warm-up, peak MB the heap's high-water mark while the method is attached and takes two steps (the base's weights included), {} threads. {py_note}. Produced by `cargo bench --bench step_table`.\n", candle_core::utils::get_num_threads());
     let _ = writeln!(md, "| method | trainable | ms/step | tokens/s | peak MB | peak vs full FT | {py_label} | ratio |");
     let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
     for (i, m) in methods.iter().enumerate() {
         let med = median(&times[i]);
-        let tps = 16.0 * 64.0 / (med / 1e3);
+        let tps = (rows * seq) as f64 / (med / 1e3);
         let mb = peaks[i] as f64 / 1e6;
         let rel = full_peak.map_or(f64::NAN, |f| peaks[i] as f64 / f);
+        // The figures are for the CPU MiniLM shape alone.
+        let reference_applies = bench_shape_config().is_none()
+            && base.device().is_cpu()
+            && base.dtype() == candle_core::DType::F32
+            && (rows, seq) == (16, 64);
         let py = if python.is_some() {
             torch.get(m.name()).map(|v| median(v))
+        } else if !reference_applies {
+            None
         } else {
             REFERENCE_MS
                 .iter()
@@ -220,7 +261,9 @@ fn main() {
     }
     // The committed table is rewritten only when asked, so a benchmark run leaves the
     // checkout clean; otherwise the files go to the build folder.
-    let dir = if std::env::var_os("PEFTBENCH_WRITE_STEP_TABLE").is_some_and(|v| v == "1") {
+    let dir = if let Some(out) = std::env::var_os("PEFTBENCH_STEP_TABLE_OUT") {
+        std::path::PathBuf::from(out)
+    } else if std::env::var_os("PEFTBENCH_WRITE_STEP_TABLE").is_some_and(|v| v == "1") {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("reports")
     } else {
         std::path::PathBuf::from(

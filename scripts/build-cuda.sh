@@ -7,9 +7,10 @@
 #
 # Output: target-cuda/release/peftbench (and a stripped, xz-compressed copy beside it for the
 # GPU machine) plus target-cuda/gpu-check/ with the test binaries scripts/gpu-check.sh runs.
-# At run time the binary loads libcuda (the driver), libcudart.so.13, libcublas(Lt).so.13,
-# libcurand.so.10 and libnvrtc.so.13 through cudarc's dynamic loading: point LD_LIBRARY_PATH at
-# them (on a machine with torch's cu13 wheels, site-packages/nvidia/cu13/lib).
+# At run time the binary needs libcudart.so.13 (linked by candle-kernels' MoE library) and
+# loads libcuda (the driver), libcublas(Lt).so.13, libcurand.so.10 and libnvrtc.so.13 through
+# cudarc's dynamic loading: point LD_LIBRARY_PATH at them (on a machine with torch's cu13
+# wheels, site-packages/nvidia/cu13/lib; scripts/gpu-check.sh does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -38,6 +39,8 @@ if [ ! -x "$W/cuda/bin/nvcc" ]; then
   done
 fi
 export CUDA_ROOT="$W/cuda" CUDA_HOME="$W/cuda" CUDA_PATH="$W/cuda" PATH="$W/cuda/bin:$PATH"
+# candle-kernels' static MoE library links libcudart dynamically: the linker finds it here.
+export LIBRARY_PATH="$W/cuda/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 # sm_90a for Hopper; one nvcc at a time, since two starve the Rust compiler on 2 cores.
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-1}
 nvcc --version | tail -n 2
@@ -46,15 +49,19 @@ nvcc --version | tail -n 2
 #    dynamic loading), so nothing here links against a driver this machine lacks.
 start=$(date +%s)
 cargo build --release --features cuda --bin peftbench
-# The GPU check's test binaries: the device-generic tests, built against the same candle.
-cargo test --release --features cuda --no-run --test kernels 2>&1 | tee "$CARGO_TARGET_DIR/test-build.log"
+# The GPU check's other binaries, against the same candle: the device-generic tests and the
+# step table.
+kernels_test=$(cargo test --release --features cuda --no-run --test kernels 2>&1 | tee -a "$CARGO_TARGET_DIR/test-build.log" \
+  | grep -o '[^ (]*/deps/kernels-[0-9a-f]*' | tail -n 1)
+step_table=$(cargo bench --features cuda --no-run --bench step_table 2>&1 | tee -a "$CARGO_TARGET_DIR/test-build.log" \
+  | grep -o '[^ (]*/deps/step_table-[0-9a-f]*' | tail -n 1)
 echo "built in $(( $(date +%s) - start )) s"
 
 # 3. What the GPU machine gets: stripped and xz-compressed (the embedded kernels compress well).
-mkdir -p "$CARGO_TARGET_DIR/gpu-check"
-strip -o "$CARGO_TARGET_DIR/gpu-check/peftbench" "$CARGO_TARGET_DIR/release/peftbench"
-kernels_test=$(grep -o 'target-cuda/release/deps/kernels-[0-9a-f]*\|/release/deps/kernels-[0-9a-f]*' \
-  "$CARGO_TARGET_DIR/test-build.log" | tail -n 1)
-strip -o "$CARGO_TARGET_DIR/gpu-check/kernels-test" "$CARGO_TARGET_DIR/release/deps/$(basename "$kernels_test")"
-xz -T1 -6 -f -k "$CARGO_TARGET_DIR/gpu-check/peftbench" "$CARGO_TARGET_DIR/gpu-check/kernels-test"
-ls -l "$CARGO_TARGET_DIR/release/peftbench" "$CARGO_TARGET_DIR"/gpu-check/
+out="$CARGO_TARGET_DIR/gpu-check"
+mkdir -p "$out"
+strip -o "$out/peftbench" "$CARGO_TARGET_DIR/release/peftbench"
+strip -o "$out/kernels-test" "$kernels_test"
+strip -o "$out/step-table" "$step_table"
+for b in peftbench kernels-test step-table; do xz -T1 -6 -f -k "$out/$b"; done
+ls -l "$CARGO_TARGET_DIR/release/peftbench" "$out"/

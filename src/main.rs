@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use peftbench_backbone::{load_model, parse_device, TextTokenizer, Transformer};
+use peftbench_backbone::{load_model, parse_device, parse_dtype, TextTokenizer, Transformer};
 use peftbench_harness::claim::ClaimPolicy;
 use peftbench_harness::task::TaskSource;
 use peftbench_harness::{grid, load_task, run_grid_with, synthetic, Base, Shard, Suite, TaskData};
@@ -58,6 +58,10 @@ enum Command {
         /// Where to train: cpu, cuda or cuda:N (default: the suite's `device`, else cpu).
         #[arg(long)]
         device: Option<String>,
+        /// Precision, overriding the suite's `[train] dtype`: f32, or bf16 (the frozen base in
+        /// bf16, trained parameters in f32). Part of each run's configuration hash.
+        #[arg(long)]
+        dtype: Option<String>,
     },
     /// Print a suite's grid: every run, whether it is recorded, pending, stale or claimed, and
     /// the training time to expect from recorded runs of the same method.
@@ -176,7 +180,7 @@ enum Command {
 }
 
 /// The committed suites, embedded so the binary works from any folder.
-const SUITES: [(&str, &str); 10] = [
+const SUITES: [(&str, &str); 11] = [
     ("default", include_str!("../suites/default.toml")),
     (
         "objectives-minilm-quick",
@@ -196,6 +200,10 @@ const SUITES: [(&str, &str); 10] = [
     (
         "sst2-lora-analysis",
         include_str!("../suites/sst2-lora-analysis.toml"),
+    ),
+    (
+        "sst2-precision",
+        include_str!("../suites/sst2-precision.toml"),
     ),
     ("hh-minilm", include_str!("../suites/hh-minilm.toml")),
     ("mrpc-minilm", include_str!("../suites/mrpc-minilm.toml")),
@@ -447,8 +455,15 @@ fn main() -> Result<()> {
             no_report,
             claim_timeout,
             device,
+            dtype,
         } => {
-            let suite = resolve_suite(suite, config)?;
+            let mut suite = resolve_suite(suite, config)?;
+            if let Some(d) = dtype {
+                suite.train.dtype = match parse_dtype(&d).map_err(anyhow::Error::msg)? {
+                    candle_core::DType::BF16 => peftbench_harness::Precision::Bf16,
+                    _ => peftbench_harness::Precision::F32,
+                };
+            }
             let device = device.or_else(|| suite.device.clone());
             let device =
                 parse_device(device.as_deref().unwrap_or("cpu")).map_err(anyhow::Error::msg)?;

@@ -29,13 +29,9 @@ pub fn pool(enc: &Encoded, pooling: Pooling) -> Result<Tensor> {
     let pooled = match pooling {
         Pooling::First => hidden.narrow(1, 0, 1)?.squeeze(1)?,
         Pooling::LastToken => {
-            let idx = last_token_index(&enc.mask)?;
-            let flat: Vec<u32> = idx
-                .iter()
-                .enumerate()
-                .map(|(i, &j)| (i * s + j) as u32)
-                .collect();
-            let flat = Tensor::from_vec(flat, b, enc.hidden.device())?;
+            let idx = last_token_positions(&enc.mask)?;
+            let rows = Tensor::arange(0u32, b as u32, idx.device())?.affine(s as f64, 0.0)?;
+            let flat = (rows + idx)?;
             hidden.reshape((b * s, h))?.index_select(&flat, 0)?
         }
         Pooling::Mean => {
@@ -49,6 +45,18 @@ pub fn pool(enc: &Encoded, pooling: Pooling) -> Result<Tensor> {
         }
     };
     Ok(pooled.to_dtype(DType::F32)?)
+}
+
+/// Index of the last non-padding position of each row of a `[batch, len]` 0/1 mask, as a
+/// `[batch]` u32 tensor where the mask lives (0 for an all-padding row).
+pub fn last_token_positions(mask: &Tensor) -> Result<Tensor> {
+    let s = mask.dim(1)?;
+    // Position + 1 at real tokens, 0 at padding: the largest is the last real token.
+    let pos = Tensor::arange(1u32, s as u32 + 1, mask.device())?.to_dtype(DType::F32)?;
+    Ok(mask
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&pos.unsqueeze(0)?)?
+        .argmax(1)?)
 }
 
 /// Index of the last non-padding position of each row of a `[batch, len]` 0/1 mask.

@@ -101,7 +101,26 @@ pub fn parse_device(name: &str) -> Result<Device, String> {
             "device `{name}`: this binary was built without CUDA (build one with scripts/build-cuda.sh, i.e. `cargo build --release --features cuda`)"
         ));
     }
-    Device::new_cuda(ordinal).map_err(|e| format!("device `{name}`: {e}"))
+    // cudarc loads the driver and CUDA libraries when the device opens and panics when one is
+    // missing: that becomes an error saying what to check.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(|| Device::new_cuda(ordinal));
+    std::panic::set_hook(hook);
+    match opened {
+        Ok(device) => device.map_err(|e| format!("device `{name}`: {e}")),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown reason");
+            let why = why.split(" - ").next().unwrap_or(why);
+            Err(format!(
+                "device `{name}`: {why} (is there an NVIDIA driver, and does LD_LIBRARY_PATH name the CUDA 13 libraries?)"
+            ))
+        }
+    }
 }
 
 /// The name a record gives a device (`cpu`, `cuda:0`).

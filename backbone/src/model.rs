@@ -639,23 +639,38 @@ impl Transformer {
 
 /// Additive attention bias `[batch, 1, len, kv_len + len]`: 0 where a query may attend,
 /// f32::MIN at padding keys and (for decoders) at later positions. Prefix keys are visible
-/// to every query.
+/// to every query. Built by tensor ops where the mask lives, so a GPU step copies nothing
+/// back to the host for it.
 pub fn attention_bias(mask: &Tensor, kv_len: usize, causal: bool) -> Result<Tensor> {
     let (b, t) = mask.dims2()?;
-    let m: Vec<f32> = mask.flatten_all()?.to_vec1()?;
-    let s = kv_len + t;
-    let mut bias = vec![0f32; b * t * s];
-    for bi in 0..b {
-        for qi in 0..t {
-            let row = &mut bias[(bi * t + qi) * s..(bi * t + qi + 1) * s];
-            for kj in 0..t {
-                if m[bi * t + kj] == 0.0 || (causal && kj > qi) {
-                    row[kv_len + kj] = f32::MIN;
-                }
-            }
-        }
+    let dev = mask.device();
+    // (1 − mask)·MIN: MIN at padding keys, −0 elsewhere (adding −0 changes no score).
+    let padding = mask
+        .to_dtype(DType::F32)?
+        .affine(-1.0, 1.0)?
+        .affine(f32::MIN as f64, 0.0)?
+        .reshape((b, 1, 1, t))?
+        .broadcast_as((b, 1, t, t))?;
+    let mut bias = if causal {
+        let pos = Tensor::arange(0u32, t as u32, dev)?;
+        let later = pos
+            .unsqueeze(0)?
+            .broadcast_as((t, t))?
+            .gt(&pos.unsqueeze(1)?.broadcast_as((t, t))?)?;
+        let causal = later
+            .to_dtype(DType::F32)?
+            .affine(f32::MIN as f64, 0.0)?
+            .reshape((1, 1, t, t))?;
+        // The smaller of the two: MIN where either masks (their sum would overflow to −inf).
+        padding.broadcast_minimum(&causal)?
+    } else {
+        padding.contiguous()?
+    };
+    if kv_len > 0 {
+        let visible = Tensor::zeros((b, 1, t, kv_len), DType::F32, dev)?;
+        bias = Tensor::cat(&[&visible, &bias], 3)?;
     }
-    Ok(Tensor::from_vec(bias, (b, 1, t, s), mask.device())?)
+    Ok(bias.contiguous()?)
 }
 
 /// Whether the family uses SwiGLU.

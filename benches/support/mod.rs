@@ -33,13 +33,76 @@ pub fn minilm() -> Transformer {
     Transformer::random(cfg, 0, &Device::Cpu).unwrap()
 }
 
+/// The benchmarked shape's Hugging Face config: `PEFTBENCH_BENCH_SHAPE` = `minilm` (the
+/// default), `llama-1b` (TinyLlama-1.1B's shape, for GPUs) or `tiny` (for dry runs).
+pub fn bench_shape_config() -> Option<serde_json::Value> {
+    match std::env::var("PEFTBENCH_BENCH_SHAPE").as_deref() {
+        Err(_) | Ok("") | Ok("minilm") => None,
+        Ok("llama-1b") => Some(
+            serde_json::json!({"model_type": "llama", "vocab_size": 32000,
+            "hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32,
+            "num_key_value_heads": 4, "intermediate_size": 5632,
+            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "hidden_act": "silu", "tie_word_embeddings": false}),
+        ),
+        Ok("tiny") => Some(
+            serde_json::json!({"model_type": "bert", "vocab_size": 30522,
+            "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 128, "max_position_embeddings": 512, "type_vocab_size": 2}),
+        ),
+        Ok(other) => panic!("PEFTBENCH_BENCH_SHAPE=`{other}`: expected minilm, llama-1b or tiny"),
+    }
+}
+
+/// The benchmarked model: MiniLM (the checkpoint when fetched), or a random model of the
+/// shape `PEFTBENCH_BENCH_SHAPE` names, on `PEFTBENCH_BENCH_DEVICE` (default cpu) in
+/// `PEFTBENCH_BENCH_DTYPE` (f32 or bf16).
+pub fn bench_model() -> Transformer {
+    let base = match bench_shape_config() {
+        None => minilm(),
+        Some(v) => {
+            let cfg = ModelConfig::from_json(&v, Path::new("bench/config.json")).unwrap();
+            Transformer::random(cfg, 0, &Device::Cpu).unwrap()
+        }
+    };
+    base.to(&bench_device(), bench_dtype()).unwrap()
+}
+
+/// `PEFTBENCH_BENCH_DEVICE`: cpu (default), cuda or cuda:N.
+pub fn bench_device() -> Device {
+    let name = std::env::var("PEFTBENCH_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    peftbench_backbone::parse_device(&name).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `PEFTBENCH_BENCH_DTYPE`: f32 (default) or bf16.
+pub fn bench_dtype() -> candle_core::DType {
+    let name = std::env::var("PEFTBENCH_BENCH_DTYPE").unwrap_or_else(|_| "f32".into());
+    peftbench_backbone::parse_dtype(&name).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A number from the environment, or `default`.
+pub fn env_usize(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{var}=`{v}` is not a count"))
+        })
+        .unwrap_or(default)
+}
+
 /// A batch of `b` rows of `t` random tokens with binary labels.
 pub fn batch(b: usize, t: usize) -> Batch {
+    batch_on(b, t, &Device::Cpu)
+}
+
+/// [`batch`] on `device`.
+pub fn batch_on(b: usize, t: usize, device: &Device) -> Batch {
     let mut init = Initializer::new(1);
     let rows: Vec<Vec<u32>> = (0..b)
         .map(|_| (0..t).map(|_| 1000 + init.index(20000) as u32).collect())
         .collect();
-    let inputs = pad_rows(&rows, None, 0, &Device::Cpu).unwrap();
+    let inputs = pad_rows(&rows, None, 0, device).unwrap();
     let targets = (0..b).map(|i| Target::Class(i % 2)).collect();
     Batch::Text { inputs, targets }
 }
@@ -145,11 +208,12 @@ impl Setup {
         loss(&OBJ, &s, b).unwrap().backward().unwrap()
     }
 
-    /// One full optimizer step.
+    /// One full optimizer step, finished on the device (GPU work is queued asynchronously).
     pub fn step(&mut self, b: &Batch) {
         let g = self.forward_backward(b);
         self.opt.accumulate(&g).unwrap();
         self.opt.step(1e-4).unwrap();
+        self.model.device().synchronize().unwrap();
     }
 }
 

@@ -149,7 +149,8 @@ pub fn loss(obj: &Objective, s: &Scorer, batch: &Batch) -> candle_core::Result<T
             },
         ) => {
             let (nll, mask, _) = lm_stats(s, inputs, loss_mask, next)?;
-            nll.sum_all()? / (mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64)
+            // Divided on the device: no read back to the host inside a step.
+            nll.sum_all()?.div(&mask.sum_all()?.maximum(1.0)?)
         }
         (Objective::Reward, Batch::Pair { chosen, rejected }) => {
             let rc = scores(s, chosen)?.squeeze(1)?;

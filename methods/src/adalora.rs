@@ -272,7 +272,15 @@ impl AdaLora {
         }
         match total {
             Some(t) => Ok((t / n as f64)?),
-            None => Ok(Tensor::zeros((), DType::F32, &candle_core::Device::Cpu)?),
+            None => {
+                // No triplets: a zero where the parameters would live.
+                let dev = self.params.vars().first().map(|v| v.device().clone());
+                Ok(Tensor::zeros(
+                    (),
+                    DType::F32,
+                    &dev.unwrap_or(candle_core::Device::Cpu),
+                )?)
+            }
         }
     }
 
