@@ -147,3 +147,38 @@ pub fn score(model_dir: &Path, adapter: Option<&Path>, texts: &[String]) -> Resu
     println!("{out}");
     Ok(())
 }
+
+/// Prints, as JSON, greedy continuations of each prompt under a causal base and, optionally,
+/// an adapter (PEFT's format), decoded with the base's tokenizer.
+pub fn generate(
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    prompts: &[String],
+    max_new_tokens: usize,
+) -> Result<()> {
+    if prompts.is_empty() {
+        bail!("give at least one --prompt");
+    }
+    let model = load_model(model_dir, &Device::Cpu)
+        .with_context(|| format!("loading the base model from {}", model_dir.display()))?;
+    let a = adapter.map(|p| peft::read(p, &model)).transpose()?;
+    let tok = TextTokenizer::for_model(model_dir, model.config.max_position_embeddings)?;
+    let none = peftbench_backbone::NoIntervention;
+    let iv: &dyn peftbench_backbone::Intervention = match &a {
+        Some(a) => a.method.as_ref(),
+        None => &none,
+    };
+    let mut out = Vec::new();
+    for p in prompts {
+        let ids = tok.encode_ids(p, true)?;
+        let new =
+            peftbench_harness::generate::greedy(&model, iv, &ids, max_new_tokens, tok.eos_id())?;
+        out.push(serde_json::json!({
+            "prompt": p,
+            "generated_ids": new,
+            "generated": tok.decode(&new)?,
+        }));
+    }
+    println!("{}", serde_json::Value::Array(out));
+    Ok(())
+}

@@ -144,6 +144,22 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Greedy generation (with a key/value cache) from a causal base and, optionally, an
+    /// adapter (PEFT's format): JSON on stdout.
+    Generate {
+        /// The base model: a directory, a `.gguf` file, or `smollm2`.
+        #[arg(long)]
+        model: PathBuf,
+        /// The adapter directory.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// A prompt (repeat for several).
+        #[arg(long = "prompt", required = true)]
+        prompts: Vec<String>,
+        /// Most new tokens per prompt (decoding stops at EOS too).
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+    },
     /// Fold a LoRA or AdaLoRA adapter (PEFT's format) into its base and write a plain Hugging
     /// Face model directory.
     Merge {
@@ -494,6 +510,17 @@ fn main() -> Result<()> {
             adapter,
             out,
         } => adapters::merge(&model_dir_arg(&model), &adapter, &out),
+        Command::Generate {
+            model,
+            adapter,
+            prompts,
+            max_new_tokens,
+        } => adapters::generate(
+            &model_dir_arg(&model),
+            adapter.as_deref(),
+            &prompts,
+            max_new_tokens,
+        ),
         Command::Score {
             model,
             adapter,

@@ -168,6 +168,33 @@ pub struct Encoded {
     pub input_prefix_len: usize,
 }
 
+/// The keys and values a decoder has computed so far, per layer (prefix keys included), so
+/// each new token is one forward step over itself alone (greedy generation).
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    /// Per layer: keys and values `[batch, len, kv_heads·head_dim]`, rotated as attention used them.
+    layers: Vec<(Tensor, Tensor)>,
+    /// Positions held (prefix keys, input-prefix vectors and tokens).
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing has been cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// A transformer encoder or decoder whose weights are plain tensors.
 #[derive(Debug, Clone)]
 pub struct Transformer {
@@ -374,7 +401,43 @@ impl Transformer {
 
     /// Runs the model on `inputs` with a method's hooks.
     pub fn forward(&self, inputs: &Inputs, iv: &dyn Intervention) -> Result<Encoded> {
+        self.forward_with(inputs, iv, None)
+    }
+
+    /// Runs a causal decoder on `inputs` as the continuation of what `cache` holds and adds
+    /// their keys and values to it. The first call (empty cache) takes the method's prefixes,
+    /// as [`Transformer::forward`] does; later calls see them through the cache. Rows must be
+    /// unpadded (one prompt at a time, or prompts of equal length).
+    pub fn forward_cached(
+        &self,
+        inputs: &Inputs,
+        iv: &dyn Intervention,
+        cache: &mut KvCache,
+    ) -> Result<Encoded> {
+        if !self.config.is_causal() {
+            return Err(BackboneError::Input(format!(
+                "a key/value cache needs a causal decoder; this {:?} model is bidirectional",
+                self.config.family
+            )));
+        }
+        let padded = inputs.attention_mask.min_all()?.to_scalar::<u32>()? == 0;
+        if padded {
+            return Err(BackboneError::Input(
+                "a key/value cache takes unpadded rows (the attention mask has zeros)".into(),
+            ));
+        }
+        self.forward_with(inputs, iv, Some(cache))
+    }
+
+    fn forward_with(
+        &self,
+        inputs: &Inputs,
+        iv: &dyn Intervention,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Encoded> {
         let cfg = &self.config;
+        // Positions already in the cache: the prefixes entered with its first call.
+        let past = cache.as_ref().map_or(0, |c| c.len);
         let (b, t) = inputs.input_ids.dims2()?;
         if inputs.attention_mask.dims() != [b, t] {
             return Err(BackboneError::Input(format!(
@@ -383,7 +446,7 @@ impl Transformer {
                 [b, t]
             )));
         }
-        let kv = iv.kv_prefixes()?;
+        let kv = if past == 0 { iv.kv_prefixes()? } else { None };
         if let Some(kv) = &kv {
             if kv.len() != cfg.num_layers {
                 return Err(BackboneError::Input(format!(
@@ -393,10 +456,14 @@ impl Transformer {
                 )));
             }
         }
-        let kv_len = kv
-            .as_ref()
-            .map_or(0, |k| k.first().map_or(0, KvPrefix::len));
-        let prefix = iv.input_prefix()?;
+        // Keys before this call's tokens: the method's prefix, or everything cached.
+        let kv_len = if past > 0 {
+            past
+        } else {
+            kv.as_ref()
+                .map_or(0, |k| k.first().map_or(0, KvPrefix::len))
+        };
+        let prefix = if past == 0 { iv.input_prefix()? } else { None };
         let p_in = prefix.as_ref().map_or(0, |p| p.dims()[p.rank() - 2]);
         let seq = p_in + t;
         let shift = iv.input_prefix_shifts_positions();
@@ -438,9 +505,25 @@ impl Transformer {
         } else {
             None
         };
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.resize_with(self.layers.len(), || {
+                let none = Tensor::zeros(0, DType::F32, &self.device).expect("empty tensor");
+                (none.clone(), none)
+            });
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let prefix_i = kv.as_ref().map(|k| &k[i]);
-            h = self.layer_forward(i, layer, &h, &bias, rope.as_ref(), prefix_i, iv)?;
+            let cached = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let step = Step {
+                bias: &bias,
+                rope: rope.as_ref(),
+                prefix: prefix_i,
+                cached,
+            };
+            h = self.layer_forward(i, layer, &h, step, iv)?;
+        }
+        if let Some(c) = cache {
+            c.len = kv_len + seq;
         }
         if let Some(n) = &self.final_norm {
             h = n.apply(iv, NormSite::Final, &h)?;
@@ -527,15 +610,12 @@ impl Transformer {
         Ok(x)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         i: usize,
         layer: &Layer,
         h: &Tensor,
-        bias: &Tensor,
-        rope: Option<&(Tensor, Tensor)>,
-        prefix: Option<&KvPrefix>,
+        step: Step,
         iv: &dyn Intervention,
     ) -> Result<Tensor> {
         let post_norm = self.config.family == Family::Bert;
@@ -544,7 +624,7 @@ impl Transformer {
         } else {
             layer.attn_norm.apply(iv, NormSite::Attention(i), h)?
         };
-        let a = self.attention(i, layer, &attn_in, bias, rope, prefix, iv)?;
+        let a = self.attention(i, layer, &attn_in, step, iv)?;
         let a = after_block(iv, i, Block::Attention, a)?;
         let h = if post_norm {
             layer
@@ -568,17 +648,20 @@ impl Transformer {
         Ok(h)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         i: usize,
         layer: &Layer,
         x: &Tensor,
-        bias: &Tensor,
-        rope: Option<&(Tensor, Tensor)>,
-        prefix: Option<&KvPrefix>,
+        step: Step,
         iv: &dyn Intervention,
     ) -> Result<Tensor> {
+        let Step {
+            bias,
+            rope,
+            prefix,
+            cached,
+        } = step;
         let cfg = &self.config;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim());
@@ -612,6 +695,13 @@ impl Transformer {
             k = Tensor::cat(&[&batched(&p.key)?, &k], 1)?;
             v = Tensor::cat(&[&batched(&p.value)?, &v], 1)?;
         }
+        if let Some((ck, cv)) = cached {
+            if ck.elem_count() > 0 {
+                k = Tensor::cat(&[&*ck, &k], 1)?;
+                v = Tensor::cat(&[&*cv, &v], 1)?;
+            }
+            (*ck, *cv) = (k.detach(), v.detach());
+        }
         let scale = 1.0 / (d as f64).sqrt();
         let ctx = ops::attention(&q, &k, &v, bias, nh, nkv, scale)?;
         project(iv, site(Proj::AttnOut), &layer.attn_out, &ctx)
@@ -635,6 +725,15 @@ impl Transformer {
         };
         project(iv, site(Proj::Down), &layer.down, &inner)
     }
+}
+
+/// What one layer's attention needs beside its input: the mask bias, the rotary tables, the
+/// method's key/value prefix, and the layer's cache entry when decoding incrementally.
+struct Step<'a> {
+    bias: &'a Tensor,
+    rope: Option<&'a (Tensor, Tensor)>,
+    prefix: Option<&'a KvPrefix>,
+    cached: Option<&'a mut (Tensor, Tensor)>,
 }
 
 /// Additive attention bias `[batch, 1, len, kv_len + len]`: 0 where a query may attend,

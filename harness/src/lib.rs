@@ -7,6 +7,7 @@ pub mod chance;
 pub mod claim;
 pub mod data;
 pub mod env;
+pub mod generate;
 pub mod grid;
 pub use peftbench_backbone::linalg;
 pub mod metrics;

@@ -108,7 +108,7 @@ fn line_of_nth(text: &str, needle: &str, n: usize) -> Option<usize> {
 
 /// Task keys that serialise only when set, so the check below cannot see them in the
 /// re-serialised task.
-const OPTIONAL_TASK_KEYS: [&str; 4] = ["pooling", "steps", "eval_every", "lr"];
+const OPTIONAL_TASK_KEYS: [&str; 5] = ["pooling", "steps", "eval_every", "lr", "generate"];
 
 /// Keys of a `[[tasks]]` table that the parsed task does not use. `TaskConfig` flattens its
 /// source, which serde cannot combine with `deny_unknown_fields`; a key is known when it comes

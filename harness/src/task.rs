@@ -89,6 +89,27 @@ pub struct TaskConfig {
     /// (`lr = { lora = 1e-3 }`): a step size that suits a short task can wreck a long one.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub lr: BTreeMap<String, f64>,
+    /// Greedy generations on the first dev prompts of an SFT task, scored with ROUGE-L
+    /// against the references (before training and after) and shown in the report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate: Option<GenerateConfig>,
+}
+
+/// How many dev prompts an SFT task generates for, and how long.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateConfig {
+    /// Dev examples to generate for (the first ones, in the task's dev order).
+    pub examples: usize,
+    /// Most new tokens per generation (decoding also stops at EOS).
+    pub max_new_tokens: usize,
+    /// Generations kept in the record and shown in the report.
+    #[serde(default = "d_show")]
+    pub show: usize,
+}
+
+fn d_show() -> usize {
+    3
 }
 
 fn d_max_len() -> usize {

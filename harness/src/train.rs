@@ -543,6 +543,15 @@ fn run_inner(
         &device,
     )?;
     initial.retain(|_, v| v.is_finite());
+    let generate = spec.task_config.generate.as_ref();
+    let initial_generations = match generate {
+        Some(g) if task.objective == crate::objective::Objective::CausalLm => {
+            let (rouge, shown) = generations(&model, method.as_ref(), base, &task.dev, g)?;
+            initial.insert("rouge_l".into(), rouge);
+            Some(shown)
+        }
+        _ => None,
+    };
     let started = Instant::now();
     let mut eval_seconds = 0f64;
     let log_every = (total / 50).max(1);
@@ -701,6 +710,29 @@ fn run_inner(
         rec.extra = serde_json::json!({});
     }
     rec.extra["initial_metrics"] = serde_json::to_value(&initial).unwrap_or_default();
+    if let (Some(g), Some(before)) = (generate, initial_generations) {
+        // The reported parameters' generations (the chosen state is restored above).
+        method.set_training(false);
+        let (rouge, shown) = generations(&model, method.as_ref(), base, &task.dev, g)?;
+        rec.metrics_final.insert("rouge_l".into(), rouge);
+        rec.metrics_best.insert("rouge_l".into(), rouge);
+        if let Some(sel) = rec.selected.as_mut() {
+            sel.metrics.insert("rouge_l".into(), rouge);
+        }
+        let samples: Vec<serde_json::Value> = shown
+            .into_iter()
+            .zip(before)
+            .map(|(after, before)| {
+                serde_json::json!({
+                    "prompt": after.prompt,
+                    "reference": after.reference,
+                    "generated": after.generated,
+                    "generated_before_training": before.generated,
+                })
+            })
+            .collect();
+        rec.extra["generations"] = serde_json::Value::Array(samples);
+    }
     if let Some(chance) = chance_level(&task.objective, &task.train, &task.dev) {
         rec.extra[CHANCE_KEY] = serde_json::to_value(chance).unwrap_or_default();
     }
@@ -740,6 +772,55 @@ fn run_inner(
             .map(|p| p.display().to_string());
     }
     Ok(())
+}
+
+/// One dev prompt's greedy generation beside its reference.
+struct Generation {
+    prompt: String,
+    reference: String,
+    generated: String,
+}
+
+/// Mean ROUGE-L of greedy generations for the first `cfg.examples` dev prompts, and the first
+/// `cfg.show` of them as text.
+fn generations(
+    model: &Transformer,
+    method: &dyn Method,
+    base: &Base,
+    dev: &[Example],
+    cfg: &crate::task::GenerateConfig,
+) -> Result<(f64, Vec<Generation>), HarnessError> {
+    let tok = &base.tokenizer;
+    let eos = tok.eos_id();
+    let decode = |ids: &[u32]| -> Result<String, HarnessError> {
+        let ids: Vec<u32> = ids.iter().copied().filter(|&i| Some(i) != eos).collect();
+        Ok(tok.decode(&ids)?)
+    };
+    let mut total = 0f64;
+    let mut n = 0usize;
+    let mut shown = Vec::new();
+    for e in dev.iter().take(cfg.examples) {
+        let Example::Lm {
+            ids,
+            response_start,
+        } = e
+        else {
+            continue;
+        };
+        let (prompt, reference) = ids.split_at((*response_start).min(ids.len()));
+        let out = crate::generate::greedy(model, method, prompt, cfg.max_new_tokens, eos)?;
+        let (generated, reference) = (decode(&out)?, decode(reference)?);
+        total += crate::generate::rouge_l(&generated, &reference);
+        n += 1;
+        if shown.len() < cfg.show {
+            shown.push(Generation {
+                prompt: decode(prompt)?,
+                reference,
+                generated,
+            });
+        }
+    }
+    Ok((total / n.max(1) as f64, shown))
 }
 
 /// The update analyses the suite asked for, of the trained weights (any adapter merged into a

@@ -184,11 +184,20 @@ pub fn environment(out: &mut String, records: &[RunRecord]) {
         return;
     }
     let _ = writeln!(out, "## Environment\n");
-    let fields: [(&str, EnvField); 6] = [
+    // Records made before precision and kernels were kept ran f32 with the fused kernels.
+    let fields: [(&str, EnvField); 8] = [
         ("CPU", |r| r.env.cpu.clone()),
         ("Threads", |r| r.env.threads.to_string()),
         ("candle", |r| r.env.candle_version.clone()),
         ("Device", |r| r.env.device.clone()),
+        ("Precision", |r| match r.env.dtype.as_str() {
+            "" => "f32".into(),
+            d => d.into(),
+        }),
+        ("Kernels", |r| match r.env.kernels.as_str() {
+            "" => "fused".into(),
+            k => k.into(),
+        }),
         ("OS", |r| r.env.os.clone()),
         ("Git revision", |r| {
             r.env
@@ -324,6 +333,49 @@ pub fn skipped_records(out: &mut String, skipped: &[String]) {
 
 /// Renders the whole report. `rows` must be [`crate::summary::summarize`] of `records`, and
 /// `plots` the images written next to the report (linked by file name).
+/// The task's sample generations, when its runs kept some: each dev prompt once with its
+/// reference, then every method's greedy output after training and before (first seed).
+pub fn generations(out: &mut String, records: &[RunRecord], task: &str) {
+    let runs: Vec<&RunRecord> = records
+        .iter()
+        .filter(|r| r.task == task && r.extra["generations"].is_array())
+        .collect();
+    let Some(seed) = runs.iter().map(|r| r.seed).min() else {
+        return;
+    };
+    let runs: Vec<&RunRecord> = runs.into_iter().filter(|r| r.seed == seed).collect();
+    let samples = runs[0].extra["generations"].as_array().map_or(0, Vec::len);
+    let quote = |v: &serde_json::Value| {
+        let text = v.as_str().unwrap_or("").trim();
+        format!("> {}", text.replace('\n', "\n> "))
+    };
+    let _ = writeln!(
+        out,
+        "### Sample generations
+
+Greedy decoding (seed {seed}) on the first dev prompts, after training and, in brackets below each, before it.
+"
+    );
+    for i in 0..samples {
+        let first = &runs[0].extra["generations"][i];
+        let _ = writeln!(out, "**Prompt {}**\n\n{}\n", i + 1, quote(&first["prompt"]));
+        let _ = writeln!(out, "Reference:\n\n{}\n", quote(&first["reference"]));
+        for r in &runs {
+            let g = &r.extra["generations"][i];
+            let _ = writeln!(out, "`{}`:\n\n{}\n", r.run_id, quote(&g["generated"]));
+            let _ = writeln!(
+                out,
+                "(before training: {})\n",
+                g["generated_before_training"]
+                    .as_str()
+                    .unwrap_or("")
+                    .trim()
+                    .replace('\n', " ")
+            );
+        }
+    }
+}
+
 pub fn render_report(records: &[RunRecord], rows: &[SummaryRow], plots: &[Plot]) -> String {
     let mut out = String::new();
     let suite = records.first().map_or("(none)", |r| r.suite.as_str());
@@ -373,6 +425,7 @@ pub fn render_report(records: &[RunRecord], rows: &[SummaryRow], plots: &[Plot])
         for line in pretraining_sentences(rows, &task) {
             let _ = writeln!(out, "{line}\n");
         }
+        generations(&mut out, records, &task);
         let task_plots: Vec<&Plot> = plots
             .iter()
             .filter(|p| p.task.as_deref() == Some(&task))
