@@ -184,3 +184,44 @@ generate = { examples = 5, max_new_tokens = 6, show = 2 }
         assert!(report.contains(&format!("`{}`", r.run_id)));
     }
 }
+
+/// A Hugging Face directory's `tokenizer_config.json` template drives an SFT task's layout;
+/// without a template, asking for one is a clear error.
+#[test]
+fn a_directorys_chat_template_lays_out_sft_examples() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = common::synthetic_base(tmp.path());
+    let data = tmp.path().join("a.json");
+    std::fs::write(
+        &data,
+        r#"[{"instruction": "a b", "input": "", "output": "c d"}]"#,
+    )
+    .unwrap();
+    let cfg: peftbench_harness::TaskConfig = toml::from_str(
+        "name = \"chat\"\nkind = \"alpaca\"\npath = \"a.json\"\ndev_fraction = 0.0\nchat_template = true",
+    )
+    .unwrap();
+    let e = peftbench_harness::load_task(&cfg, &base.tokenizer, tmp.path()).unwrap_err();
+    assert!(e.to_string().contains("carries no chat template"), "{e}");
+    std::fs::write(
+        tmp.path().join("tokenizer_config.json"),
+        r#"{"eos_token": {"content": "<|endoftext|>"}, "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"}"#,
+    )
+    .unwrap();
+    let tok = peftbench_backbone::TextTokenizer::from_file(&tmp.path().join("tokenizer.json"), 64)
+        .unwrap();
+    let t = tok.chat_template.as_ref().unwrap();
+    assert_eq!(t.eos_token, "<|endoftext|>");
+    let task = peftbench_harness::load_task(&cfg, &tok, tmp.path()).unwrap();
+    let peftbench_harness::data::Example::Lm {
+        ids,
+        response_start,
+    } = task.train.iter().chain(&task.dev).next().unwrap()
+    else {
+        panic!("not an LM example")
+    };
+    let want_prompt = tok.encode_ids("user: a b\nassistant: ", false).unwrap();
+    let want_reply = tok.encode_ids("c d<|endoftext|>\n", false).unwrap();
+    assert_eq!(&ids[..*response_start], &want_prompt[..]);
+    assert_eq!(&ids[*response_start..], &want_reply[..]);
+}

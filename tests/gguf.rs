@@ -441,3 +441,75 @@ fn smollm2_last_position_logits_match_transformers() {
         assert_eq!(argmax as u64, case["argmax"].as_u64().unwrap());
     }
 }
+
+/// SmolLM2's chat template from its GGUF metadata lays an Alpaca example out as ChatML, the
+/// loss covers the assistant's reply and its `<|im_end|>` alone, and greedy generation from
+/// the templated prompt stops at that end-of-turn.
+#[test]
+fn smollm2_sft_examples_follow_its_chat_template() {
+    let Some(path) = smollm2() else { return };
+    let tok = TextTokenizer::for_model(&path, 256).unwrap();
+    let template = tok
+        .chat_template
+        .as_ref()
+        .expect("SmolLM2 carries a chat template");
+    assert!(template.origin.contains("tokenizer.chat_template"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.json"),
+        r#"[{"instruction": "Name a colour.", "input": "", "output": "Blue."},
+            {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}]"#,
+    )
+    .unwrap();
+    let cfg: peftbench_harness::TaskConfig = toml::from_str(
+        "name = \"chat\"\nkind = \"alpaca\"\npath = \"a.json\"\ndev_fraction = 0.5\nchat_template = true",
+    )
+    .unwrap();
+    let data = peftbench_harness::load_task(&cfg, &tok, dir.path()).unwrap();
+    let all: Vec<_> = data.train.iter().chain(&data.dev).collect();
+    assert_eq!(all.len(), 2);
+    for e in all {
+        let peftbench_harness::data::Example::Lm {
+            ids,
+            response_start,
+        } = e
+        else {
+            panic!("not an LM example")
+        };
+        let text = |ids: &[u32]| tok.inner().decode(ids, false).unwrap();
+        let prompt = text(&ids[..*response_start]);
+        let reply = text(&ids[*response_start..]);
+        assert!(
+            prompt.starts_with("<|im_start|>system\n")
+                && prompt.ends_with("<|im_start|>assistant\n"),
+            "{prompt:?}"
+        );
+        assert!(
+            reply == "Blue.<|im_end|>\n" || reply == "5<|im_end|>\n",
+            "{reply:?}"
+        );
+        if reply.starts_with('5') {
+            assert!(prompt.contains("<|im_start|>user\nAdd the numbers.\n\n2 and 3<|im_end|>"));
+        }
+    }
+    let m = load_model(&path, &Device::Cpu).unwrap();
+    let (prompt, _) = template
+        .prompt_and_reply("What is the capital of France?", "")
+        .unwrap();
+    let ids = tok.encode_ids(&prompt, false).unwrap();
+    let out = peftbench_harness::generate::greedy(
+        &m,
+        &peftbench_backbone::NoIntervention,
+        &ids,
+        24,
+        tok.eos_id(),
+    )
+    .unwrap();
+    let answer = tok.decode(&out).unwrap();
+    eprintln!("SmolLM2: {answer:?}");
+    assert!(answer.contains("Paris"), "{answer:?}");
+    assert!(
+        out.len() < 24,
+        "generation did not stop at <|im_end|>: {answer:?}"
+    );
+}

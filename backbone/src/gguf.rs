@@ -2,6 +2,7 @@
 //! its tensors dequantized to f32 under Hugging Face names, so a `.gguf` file loads like a
 //! model directory. Architectures: llama (SmolLM2, Llama 2/3, Mistral-shaped files).
 
+use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::error::{BackboneError, Result};
 use crate::load::from_weights;
@@ -355,6 +356,23 @@ impl GgufFile {
             .unwrap_or(0);
         let mut t = TextTokenizer::from_tokenizer(tok, &self.path, pad, max_len)?;
         t.eos = id("tokenizer.ggml.eos_token_id")?;
+        let name_of = |key: &str| -> Result<String> {
+            Ok(id(key)?
+                .and_then(|i| tokens.get(i as usize))
+                .map_or_else(String::new, |t| t.to_string()))
+        };
+        t.chat_template = match self.chat_template() {
+            Some(source) => Some(ChatTemplate {
+                source: source.to_string(),
+                bos_token: name_of("tokenizer.ggml.bos_token_id")?,
+                eos_token: name_of("tokenizer.ggml.eos_token_id")?,
+                origin: format!(
+                    "{}: metadata `tokenizer.chat_template`",
+                    self.path.display()
+                ),
+            }),
+            None => None,
+        };
         Ok(t)
     }
 

@@ -3,6 +3,7 @@
 
 pub mod alloc;
 mod attention;
+pub mod chat;
 pub mod config;
 pub mod error;
 mod frozen_matmul;

@@ -1,10 +1,51 @@
 //! Text to padded id batches through a Hugging Face `tokenizer.json`.
 
+use crate::chat::ChatTemplate;
 use crate::error::{BackboneError, Result};
 use crate::model::Inputs;
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
 use tokenizers::{EncodeInput, Tokenizer};
+
+/// The chat template of `tokenizer_config.json` beside `tokenizer.json`, if there is one: a
+/// string, or the entry named `default` of a list of `{name, template}`.
+fn chat_template_beside(tokenizer: &Path) -> Result<Option<ChatTemplate>> {
+    let path = tokenizer.with_file_name("tokenizer_config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let err = |message: String| BackboneError::Tokenizer {
+        path: path.clone(),
+        message,
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let source = match &v["chat_template"] {
+        serde_json::Value::Null => return Ok(None),
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(list) => match list.iter().find(|t| t["name"] == "default") {
+            Some(t) => t["template"].as_str().unwrap_or_default().to_string(),
+            None => {
+                return Err(err(
+                    "`chat_template` is a list without a `default` entry".into()
+                ))
+            }
+        },
+        _ => return Err(err("`chat_template` is neither a string nor a list".into())),
+    };
+    // A special token is written as a string or as `{"content": ...}`.
+    let token = |key: &str| -> String {
+        match &v[key] {
+            serde_json::Value::String(s) => s.clone(),
+            other => other["content"].as_str().unwrap_or_default().to_string(),
+        }
+    };
+    Ok(Some(ChatTemplate {
+        source,
+        bos_token: token("bos_token"),
+        eos_token: token("eos_token"),
+        origin: format!("{}: `chat_template`", path.display()),
+    }))
+}
 
 /// A loaded tokenizer with the padding id and length cap the harness uses.
 pub struct TextTokenizer {
@@ -19,6 +60,9 @@ pub struct TextTokenizer {
     /// The end-of-sequence id where the source says it (a GGUF file's metadata); otherwise
     /// found by the usual token names.
     pub eos: Option<u32>,
+    /// The model's chat template, where its files carry one (`tokenizer_config.json`'s
+    /// `chat_template`, a GGUF file's `tokenizer.chat_template`).
+    pub chat_template: Option<ChatTemplate>,
 }
 
 impl TextTokenizer {
@@ -52,6 +96,7 @@ impl TextTokenizer {
             pad_id,
             max_len,
             eos: None,
+            chat_template: chat_template_beside(path)?,
         })
     }
 
@@ -84,6 +129,7 @@ impl TextTokenizer {
             pad_id,
             max_len,
             eos: None,
+            chat_template: None,
         })
     }
 

@@ -30,6 +30,12 @@ pub enum TaskSource {
         /// Fraction held out for dev.
         #[serde(default = "d_dev_fraction")]
         dev_fraction: f64,
+        /// Lay each example out with the model's own chat template (the instruction, and its
+        /// input, as the user's turn; the output as the assistant's) instead of the Alpaca
+        /// prompt, with the loss on the assistant's tokens (its end-of-turn included), as
+        /// TRL's assistant-only loss.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        chat_template: bool,
     },
     /// prompt / chosen / rejected JSONL (reward modelling).
     Preference {
@@ -237,14 +243,41 @@ pub fn load_task(
                 pooling: cfg.pooling,
             })
         }
-        TaskSource::Alpaca { path, dev_fraction } => {
+        TaskSource::Alpaca {
+            path,
+            dev_fraction,
+            chat_template,
+        } => {
+            let template = match (chat_template, &tok.chat_template) {
+                (false, _) => None,
+                (true, Some(t)) => Some(t),
+                (true, None) => {
+                    return Err(HarnessError::Config(format!(
+                        "task `{}`: chat_template = true, but the model's tokenizer carries no chat template",
+                        cfg.name
+                    )))
+                }
+            };
             let loaded = load_alpaca(&resolve(path, data_root), &opts)?;
             let (train, dev) = split_dev(loaded.examples, *dev_fraction);
             let encode = |rows: Vec<peftbench_datasets::InstructionExample>| -> Result<Vec<Example>, HarnessError> {
                 rows.iter()
                     .map(|e| {
-                        let prompt = tok.encode_ids(&e.prompt(), false)?;
-                        let response = with_eos(tok, &e.response())?;
+                        let (prompt, response) = match template {
+                            Some(t) => {
+                                let user = match e.input.as_str() {
+                                    "" => e.instruction.clone(),
+                                    input => format!("{}\n\n{input}", e.instruction),
+                                };
+                                let (p, reply) = t.prompt_and_reply(&user, &e.response())?;
+                                // The template's end-of-turn closes the reply: no EOS added.
+                                (tok.encode_ids(&p, false)?, tok.encode_ids(&reply, false)?)
+                            }
+                            None => (
+                                tok.encode_ids(&e.prompt(), false)?,
+                                with_eos(tok, &e.response())?,
+                            ),
+                        };
                         let mut ids = prompt.clone();
                         ids.extend(&response);
                         let keep = clip_left(&ids, cfg.max_len);

@@ -441,6 +441,16 @@ fn run_inner(
         }
     }
     rec.knob = matched.knob.map(|k| (k.name.to_string(), k.value));
+    if let crate::task::TaskSource::Alpaca {
+        chat_template: true,
+        ..
+    } = &spec.task_config.source
+    {
+        // The layout the model trained on is part of what the record says.
+        if let Some(t) = &base.tokenizer.chat_template {
+            rec.config["chat_template"] = serde_json::Value::String(t.source.clone());
+        }
+    }
     rec.trainable_params = matched.achieved;
     rec.trainable_percent = 100.0 * matched.achieved as f64 / rec.base_params as f64;
     rec.budget_deviation = matched.deviation;
