@@ -196,7 +196,7 @@ enum Command {
 }
 
 /// The committed suites, embedded so the binary works from any folder.
-const SUITES: [(&str, &str); 11] = [
+const SUITES: [(&str, &str); 13] = [
     ("default", include_str!("../suites/default.toml")),
     (
         "objectives-minilm-quick",
@@ -222,6 +222,11 @@ const SUITES: [(&str, &str); 11] = [
         include_str!("../suites/sst2-precision.toml"),
     ),
     ("hh-minilm", include_str!("../suites/hh-minilm.toml")),
+    (
+        "alpaca-smollm",
+        include_str!("../suites/alpaca-smollm.toml"),
+    ),
+    ("hh-smollm", include_str!("../suites/hh-smollm.toml")),
     ("mrpc-minilm", include_str!("../suites/mrpc-minilm.toml")),
 ];
 

@@ -513,3 +513,45 @@ fn smollm2_sft_examples_follow_its_chat_template() {
         "generation did not stop at <|im_end|>: {answer:?}"
     );
 }
+
+/// HH-RLHF pairs rendered with SmolLM2's template: each side is the whole conversation as
+/// ChatML, the chosen or rejected reply as the last assistant turn.
+#[test]
+fn smollm2_preference_pairs_render_as_chatml_conversations() {
+    let Some(path) = smollm2() else { return };
+    let tok = TextTokenizer::for_model(&path, 512).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.jsonl"),
+        "{\"prompt\": \"\\n\\nHuman: hi\\n\\nAssistant: hello\\n\\nHuman: a prank?\\n\\nAssistant:\", \"chosen\": \" No.\", \"rejected\": \" Sure.\"}\n{\"prompt\": \"\\n\\nHuman: x\\n\\nAssistant:\", \"chosen\": \" y\", \"rejected\": \" z\"}\n",
+    )
+    .unwrap();
+    let cfg: peftbench_harness::TaskConfig = toml::from_str(
+        "name = \"hh\"\nkind = \"preference\"\npath = \"p.jsonl\"\ndev_fraction = 0.5\nchat_template = true",
+    )
+    .unwrap();
+    let data = peftbench_harness::load_task(&cfg, &tok, dir.path()).unwrap();
+    let text = |ids: &[u32]| tok.inner().decode(ids, false).unwrap();
+    let sys = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n";
+    let mut seen = 0;
+    for e in data.train.iter().chain(&data.dev) {
+        let peftbench_harness::data::Example::Pair { chosen, rejected } = e else {
+            panic!("not a pair")
+        };
+        let (c, r) = (text(chosen), text(rejected));
+        if c.contains("prank") {
+            assert_eq!(c, format!("{sys}<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>user\na prank?<|im_end|>\n<|im_start|>assistant\nNo.<|im_end|>\n"));
+            assert!(
+                r.ends_with("<|im_start|>assistant\nSure.<|im_end|>\n"),
+                "{r:?}"
+            );
+        } else {
+            assert_eq!(
+                c,
+                format!("{sys}<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\ny<|im_end|>\n")
+            );
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, 2);
+}

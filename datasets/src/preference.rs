@@ -85,3 +85,73 @@ fn parse_line(raw: &str, line: usize) -> Result<PreferencePair, BadRow> {
     }
     Ok(pair)
 }
+
+impl PreferencePair {
+    /// The conversation of an HH-RLHF pair as turns (`user` / `assistant`, in order), ending
+    /// with the assistant turn whose reply is `chosen` or `rejected`: `None` when the prompt
+    /// is not `\n\nHuman: …\n\nAssistant: …` text ending in an open `\n\nAssistant:`.
+    pub fn hh_turns(&self, reply: &str) -> Option<Vec<(&'static str, String)>> {
+        const HUMAN: &str = "\n\nHuman:";
+        const ASSISTANT: &str = "\n\nAssistant:";
+        let open = self.prompt.strip_suffix(ASSISTANT)?;
+        let mut turns = Vec::new();
+        let mut rest = open.strip_prefix(HUMAN)?;
+        let mut role = "user";
+        loop {
+            // The next marker of the other speaker ends this turn.
+            let marker = if role == "user" { ASSISTANT } else { HUMAN };
+            match rest.find(marker) {
+                Some(i) => {
+                    turns.push((role, rest[..i].trim().to_string()));
+                    rest = &rest[i + marker.len()..];
+                    role = if role == "user" { "assistant" } else { "user" };
+                }
+                None => {
+                    turns.push((role, rest.trim().to_string()));
+                    break;
+                }
+            }
+        }
+        // The prompt ends with the human's turn; the reply is the assistant's.
+        if role != "user" {
+            return None;
+        }
+        turns.push(("assistant", reply.trim().to_string()));
+        Some(turns)
+    }
+}
+
+#[cfg(test)]
+mod hh_tests {
+    use super::*;
+
+    #[test]
+    fn hh_text_splits_into_alternating_turns() {
+        let p = PreferencePair {
+            prompt: "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: a pen prank?\n\nAssistant:"
+                .into(),
+            chosen: " No.".into(),
+            rejected: " Sure.".into(),
+        };
+        let t = p.hh_turns(&p.chosen).unwrap();
+        assert_eq!(
+            t,
+            vec![
+                ("user", "hi there".to_string()),
+                ("assistant", "hello".to_string()),
+                ("user", "a pen prank?".to_string()),
+                ("assistant", "No.".to_string()),
+            ]
+        );
+        let bad = PreferencePair {
+            prompt: "Human: no leading newlines\n\nAssistant:".into(),
+            ..p.clone()
+        };
+        assert!(bad.hh_turns("x").is_none());
+        let ends_with_assistant = PreferencePair {
+            prompt: "\n\nHuman: a\n\nAssistant: b\n\nAssistant:".into(),
+            ..p
+        };
+        assert!(ends_with_assistant.hh_turns("x").is_none());
+    }
+}

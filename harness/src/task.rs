@@ -44,12 +44,32 @@ pub enum TaskSource {
         /// Fraction held out for dev.
         #[serde(default = "d_dev_fraction")]
         dev_fraction: f64,
+        /// Render each HH-RLHF conversation (`Human:` / `Assistant:` turns, the chosen or
+        /// rejected reply last) with the model's chat template instead of scoring the raw text.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        chat_template: bool,
     },
     /// A task of the embedded synthetic suite.
     Synthetic {
         /// classification, sft or reward.
         objective: String,
     },
+}
+
+impl TaskSource {
+    /// Whether examples are laid out with the model's chat template.
+    pub fn uses_chat_template(&self) -> bool {
+        matches!(
+            self,
+            TaskSource::Alpaca {
+                chat_template: true,
+                ..
+            } | TaskSource::Preference {
+                chat_template: true,
+                ..
+            }
+        )
+    }
 }
 
 fn d_dev_fraction() -> f64 {
@@ -295,14 +315,43 @@ pub fn load_task(
                 pooling: cfg.pooling,
             })
         }
-        TaskSource::Preference { path, dev_fraction } => {
-            let loaded = load_preferences(&resolve(path, data_root), &opts)?;
+        TaskSource::Preference {
+            path,
+            dev_fraction,
+            chat_template,
+        } => {
+            let template = match (chat_template, &tok.chat_template) {
+                (false, _) => None,
+                (true, Some(t)) => Some(t),
+                (true, None) => {
+                    return Err(HarnessError::Config(format!(
+                        "task `{}`: chat_template = true, but the model's tokenizer carries no chat template",
+                        cfg.name
+                    )))
+                }
+            };
+            let file = resolve(path, data_root);
+            let loaded = load_preferences(&file, &opts)?;
             let (train, dev) = split_dev(loaded.examples, *dev_fraction);
             let encode = |rows: Vec<peftbench_datasets::PreferencePair>| -> Result<Vec<Example>, HarnessError> {
                 rows.iter()
                     .map(|p| {
                         let side = |resp: &str| -> Result<Vec<u32>, HarnessError> {
-                            let ids = tok.encode_ids(&format!("{}{}", p.prompt, resp), true)?;
+                            let ids = match template {
+                                Some(t) => {
+                                    let turns = p.hh_turns(resp).ok_or_else(|| HarnessError::Config(format!(
+                                        "{}: a prompt that is not `\\n\\nHuman: … \\n\\nAssistant:` text cannot be rendered with the chat template: {:?}",
+                                        file.display(),
+                                        p.prompt.chars().take(60).collect::<String>()
+                                    )))?;
+                                    let messages: Vec<peftbench_backbone::chat::Message> = turns
+                                        .iter()
+                                        .map(|(role, text)| peftbench_backbone::chat::Message::new(role, text))
+                                        .collect();
+                                    tok.encode_ids(&t.render(&messages, false)?, false)?
+                                }
+                                None => tok.encode_ids(&format!("{}{}", p.prompt, resp), true)?,
+                            };
                             Ok(clip_left(&ids, cfg.max_len))
                         };
                         Ok(Example::Pair { chosen: side(&p.chosen)?, rejected: side(&p.rejected)? })

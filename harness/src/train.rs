@@ -441,11 +441,7 @@ fn run_inner(
         }
     }
     rec.knob = matched.knob.map(|k| (k.name.to_string(), k.value));
-    if let crate::task::TaskSource::Alpaca {
-        chat_template: true,
-        ..
-    } = &spec.task_config.source
-    {
+    if spec.task_config.source.uses_chat_template() {
         // The layout the model trained on is part of what the record says.
         if let Some(t) = &base.tokenizer.chat_template {
             rec.config["chat_template"] = serde_json::Value::String(t.source.clone());
