@@ -41,6 +41,12 @@ const ROUNDS: usize = 3;
 /// Timed steps per method per round.
 const STEPS: usize = 10;
 
+/// Timed steps per method per round: `PEFTBENCH_BENCH_STEPS`, else [`STEPS`] (large shapes on
+/// a CPU take seconds a step).
+fn steps() -> usize {
+    env_usize("PEFTBENCH_BENCH_STEPS", STEPS)
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut t = v.to_vec();
     t.sort_by(f64::total_cmp);
@@ -63,7 +69,7 @@ fn pytorch_round(python: &str, methods: &[&str]) -> BTreeMap<String, Vec<f64>> {
     });
     let out = std::process::Command::new(python)
         .arg(&script)
-        .args(["--model", &model, "--steps", &STEPS.to_string()])
+        .args(["--model", &model, "--steps", &steps().to_string()])
         .args(python_shape_args())
         .args([
             "--threads",
@@ -168,7 +174,7 @@ fn main() {
 
     let mut setups: Vec<_> = methods.iter().map(|m| setup(&base, m)).collect();
     for s in setups.iter_mut() {
-        for _ in 0..3 {
+        for _ in 0..3.min(steps()) {
             s.step(&b);
         }
     }
@@ -180,7 +186,7 @@ fn main() {
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
     let mut torch: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for _ in 0..if python.is_some() { ROUNDS } else { 1 } {
-        for _ in 0..STEPS {
+        for _ in 0..steps() {
             for (i, s) in setups.iter_mut().enumerate() {
                 let t0 = Instant::now();
                 s.step(&b);

@@ -34,10 +34,16 @@ pub fn minilm() -> Transformer {
 }
 
 /// The benchmarked shape's Hugging Face config: `PEFTBENCH_BENCH_SHAPE` = `minilm` (the
-/// default), `llama-1b` (TinyLlama-1.1B's shape, for GPUs) or `tiny` (for dry runs).
+/// default), `smollm2` (SmolLM2-135M's shape), `llama-1b` (TinyLlama-1.1B's, for GPUs) or
+/// `tiny` (for dry runs).
 pub fn bench_shape_config() -> Option<serde_json::Value> {
     match std::env::var("PEFTBENCH_BENCH_SHAPE").as_deref() {
         Err(_) | Ok("") | Ok("minilm") => None,
+        Ok("smollm2") => Some(serde_json::json!({"model_type": "llama", "vocab_size": 49152,
+            "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+            "num_key_value_heads": 3, "intermediate_size": 1536,
+            "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+            "hidden_act": "silu", "tie_word_embeddings": true})),
         Ok("llama-1b") => Some(
             serde_json::json!({"model_type": "llama", "vocab_size": 32000,
             "hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32,
@@ -50,7 +56,9 @@ pub fn bench_shape_config() -> Option<serde_json::Value> {
             "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
             "intermediate_size": 128, "max_position_embeddings": 512, "type_vocab_size": 2}),
         ),
-        Ok(other) => panic!("PEFTBENCH_BENCH_SHAPE=`{other}`: expected minilm, llama-1b or tiny"),
+        Ok(other) => {
+            panic!("PEFTBENCH_BENCH_SHAPE=`{other}`: expected minilm, smollm2, llama-1b or tiny")
+        }
     }
 }
 
