@@ -30,6 +30,41 @@ fn head(model: &Transformer, a: &LoadedAdapter) -> Option<SequenceHead> {
     })
 }
 
+/// The base's tokenizer beside a merged model: a directory's `tokenizer.json` and
+/// `tokenizer_config.json` copied; for a GGUF base, the tokenizer built from its metadata and
+/// a `tokenizer_config.json` with its chat template, so a merged SFT model keeps its layout.
+fn write_tokenizer(model_dir: &Path, out: &Path) -> Result<()> {
+    if !peftbench_backbone::is_gguf(model_dir) {
+        for name in ["tokenizer.json", "tokenizer_config.json"] {
+            let from = model_dir.join(name);
+            if from.exists() {
+                std::fs::copy(&from, out.join(name))
+                    .with_context(|| format!("copying {}", from.display()))?;
+            } else if name == "tokenizer.json" {
+                eprintln!("{} has no tokenizer.json; none copied", model_dir.display());
+            }
+        }
+        return Ok(());
+    }
+    let tok = TextTokenizer::for_model(model_dir, 512)?;
+    let path = out.join("tokenizer.json");
+    tok.inner()
+        .save(&path, false)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    if let Some(t) = &tok.chat_template {
+        let cfg = serde_json::json!({
+            "chat_template": t.source,
+            "bos_token": t.bos_token,
+            "eos_token": t.eos_token,
+        });
+        std::fs::write(
+            out.join("tokenizer_config.json"),
+            serde_json::to_string_pretty(&cfg)?,
+        )?;
+    }
+    Ok(())
+}
+
 /// Folds a LoRA or AdaLoRA adapter into its base and writes a plain Hugging Face model
 /// directory: config.json, model.safetensors (with the head, when the adapter has one, as
 /// `*ForSequenceClassification` names it), and the base's tokenizer.json.
@@ -87,13 +122,7 @@ pub fn merge(model_dir: &Path, adapter: &Path, out: &Path) -> Result<()> {
             .into();
         std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg)?)?;
     }
-    let tok = model_dir.join("tokenizer.json");
-    if tok.exists() {
-        std::fs::copy(&tok, out.join("tokenizer.json"))
-            .with_context(|| format!("copying {}", tok.display()))?;
-    } else {
-        eprintln!("{} has no tokenizer.json; none copied", model_dir.display());
-    }
+    write_tokenizer(model_dir, out)?;
     eprintln!(
         "merged {} ({}) into {}: wrote {}",
         adapter.display(),

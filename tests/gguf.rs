@@ -555,3 +555,74 @@ fn smollm2_preference_pairs_render_as_chatml_conversations() {
     }
     assert_eq!(seen, 2);
 }
+
+/// `peftbench merge` on a GGUF base writes a directory that keeps the model's tokenizer (the
+/// same ids), its chat template and its end-of-turn EOS, so a merged SFT model can seed a
+/// reward model or generate as the GGUF file does.
+#[test]
+fn a_model_merged_from_a_gguf_base_keeps_its_tokenizer_and_chat_template() {
+    let Some(path) = smollm2() else { return };
+    let mut model = load_model(&path, &Device::Cpu).unwrap();
+    let config = peftbench_methods::MethodConfig::defaults()[0].with_knob(2);
+    let method = config
+        .attach(&mut peftbench_methods::AttachContext::new(&mut model, 0))
+        .unwrap();
+    let state = method
+        .peft_state(&model.config, peftbench_backbone::HfTask::CausalLm)
+        .unwrap()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("adapter");
+    peftbench_methods::peft::write(
+        &adapter,
+        &state,
+        &model.config,
+        peftbench_backbone::HfTask::CausalLm,
+        "smollm2",
+        None,
+    )
+    .unwrap();
+    let merged = dir.path().join("merged");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_peftbench"))
+        .args(["merge", "--model"])
+        .arg(&path)
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--out")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gguf = TextTokenizer::for_model(&path, 512).unwrap();
+    let dir_tok = TextTokenizer::for_model(&merged, 512).unwrap();
+    for case in fixture()["tokens"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            dir_tok.encode_ids(text, false).unwrap(),
+            gguf.encode_ids(text, false).unwrap(),
+            "{text:?}"
+        );
+    }
+    assert_eq!(dir_tok.eos_id(), gguf.eos_id());
+    assert_eq!(dir_tok.eos_id(), Some(2));
+    let (a, b) = (
+        dir_tok.chat_template.as_ref().unwrap(),
+        gguf.chat_template.as_ref().unwrap(),
+    );
+    assert_eq!((&a.source, &a.eos_token), (&b.source, &b.eos_token));
+    // B = 0: the merged weights are the base's, so the logits are too.
+    let m = load_model(&merged, &Device::Cpu).unwrap();
+    let ids = gguf.encode_ids("The quick brown fox", false).unwrap();
+    let d = max_abs_diff(
+        &logits(&m, std::slice::from_ref(&ids)),
+        &logits(
+            &load_model(&path, &Device::Cpu).unwrap(),
+            std::slice::from_ref(&ids),
+        ),
+    );
+    assert!(d <= 1e-4, "merged logits differ by {d}");
+}

@@ -89,14 +89,20 @@ impl TextTokenizer {
             .with_truncation(None)
             .map_err(|e| err(e.to_string()))?;
         let truncating = truncating(&inner, max_len).map_err(err)?;
+        let chat_template = chat_template_beside(path)?;
+        // A chat model ends its turns with the template's EOS (`<|im_end|>`), not the
+        // vocabulary's first end-of-text token.
+        let eos = chat_template
+            .as_ref()
+            .and_then(|t| inner.token_to_id(&t.eos_token));
         Ok(Self {
             inner,
             truncating,
             path: path.to_path_buf(),
             pad_id,
             max_len,
-            eos: None,
-            chat_template: chat_template_beside(path)?,
+            eos,
+            chat_template,
         })
     }
 

@@ -39,11 +39,13 @@ pub fn minilm() -> Transformer {
 pub fn bench_shape_config() -> Option<serde_json::Value> {
     match std::env::var("PEFTBENCH_BENCH_SHAPE").as_deref() {
         Err(_) | Ok("") | Ok("minilm") => None,
-        Ok("smollm2") => Some(serde_json::json!({"model_type": "llama", "vocab_size": 49152,
+        Ok("smollm2") => Some(
+            serde_json::json!({"model_type": "llama", "vocab_size": 49152,
             "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
             "num_key_value_heads": 3, "intermediate_size": 1536,
             "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
-            "hidden_act": "silu", "tie_word_embeddings": true})),
+            "hidden_act": "silu", "tie_word_embeddings": true}),
+        ),
         Ok("llama-1b") => Some(
             serde_json::json!({"model_type": "llama", "vocab_size": 32000,
             "hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32,

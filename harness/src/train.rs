@@ -375,7 +375,8 @@ pub fn run(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path) ->
     rec.env.device = peftbench_backbone::device_name(base.model.device());
     rec.env.dtype = spec.train.dtype.name().to_string();
     // The fused kernels run only for f32 on the CPU; anything else ran the composites.
-    let fused = peftbench_backbone::kernels::fused_on(spec.train.dtype.dtype(), base.model.device());
+    let fused =
+        peftbench_backbone::kernels::fused_on(spec.train.dtype.dtype(), base.model.device());
     rec.env.kernels = if fused { "fused" } else { "composite" }.to_string();
     rec
 }
