@@ -106,12 +106,42 @@ pub fn batch(b: usize, t: usize) -> Batch {
     batch_on(b, t, &Device::Cpu)
 }
 
-/// [`batch`] on `device`.
+/// Whether the step is next-token prediction (`PEFTBENCH_BENCH_OBJECTIVE=lm`, SFT's loss over
+/// the vocabulary, every position a response token) rather than 2-class classification.
+pub fn bench_lm() -> bool {
+    match std::env::var("PEFTBENCH_BENCH_OBJECTIVE").as_deref() {
+        Err(_) | Ok("") | Ok("classification") => false,
+        Ok("lm") => true,
+        Ok(other) => panic!("PEFTBENCH_BENCH_OBJECTIVE=`{other}`: expected classification or lm"),
+    }
+}
+
+/// The objective [`bench_lm`] picks.
+fn objective() -> Objective {
+    if bench_lm() {
+        Objective::CausalLm
+    } else {
+        OBJ
+    }
+}
+
+/// [`batch`] on `device` (an LM batch of `t` tokens a row under [`bench_lm`]).
 pub fn batch_on(b: usize, t: usize, device: &Device) -> Batch {
     let mut init = Initializer::new(1);
     let rows: Vec<Vec<u32>> = (0..b)
         .map(|_| (0..t).map(|_| 1000 + init.index(20000) as u32).collect())
         .collect();
+    if bench_lm() {
+        let examples: Vec<peftbench_harness::data::Example> = rows
+            .into_iter()
+            .map(|ids| peftbench_harness::data::Example::Lm {
+                ids,
+                response_start: 1,
+            })
+            .collect();
+        let refs: Vec<&peftbench_harness::data::Example> = examples.iter().collect();
+        return peftbench_harness::data::make_batch(&refs, 0, device).unwrap();
+    }
     let inputs = pad_rows(&rows, None, 0, device).unwrap();
     let targets = (0..b).map(|i| Target::Class(i % 2)).collect();
     Batch::Text { inputs, targets }
@@ -203,7 +233,7 @@ impl Setup {
             method: self.method.as_ref(),
             head: Some(&self.head),
         };
-        loss(&OBJ, &s, b)
+        loss(&objective(), &s, b)
             .and_then(|l| l.to_scalar::<f32>())
             .map_err(|e| e.to_string().lines().next().unwrap_or_default().to_string())
     }
@@ -215,7 +245,7 @@ impl Setup {
             method: self.method.as_ref(),
             head: Some(&self.head),
         };
-        loss(&OBJ, &s, b).unwrap().backward().unwrap()
+        loss(&objective(), &s, b).unwrap().backward().unwrap()
     }
 
     /// One full optimizer step, finished on the device (GPU work is queued asynchronously).
