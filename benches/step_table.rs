@@ -219,10 +219,16 @@ fn main() {
     let _ = writeln!(md, "# Training step cost per method\n");
     let _ = writeln!(md, "CPU: {}.\n", cpu_description());
     let shape = std::env::var("PEFTBENCH_BENCH_SHAPE").unwrap_or_else(|_| "minilm".into());
+    let objective = if bench_lm() {
+        "a next-token (SFT) loss over the vocabulary at every position"
+    } else {
+        "a 2-class classification loss"
+    };
+    let warm = 3.min(steps());
     let device = peftbench_backbone::device_name(base.device());
     let dtype = format!("{:?}", base.dtype()).to_lowercase();
     let _ = writeln!(md, "Device: {device}, dtype {dtype}, shape {shape}.\n");
-    let _ = writeln!(md, "all-MiniLM-L6-v2 shape unless named above, batch {rows} × {seq}, each method's default configuration (the reference's: LoRA r=8 on query/value, AdaLoRA 12 → 8, 20 virtual tokens), trainable counts include the 2-class head, median ms of interleaved steps after 3 warm-up, peak MB the heap's high-water mark while the method is attached and takes two steps (the base's weights included), {} threads. {py_note}. Produced by `cargo bench --bench step_table`.\n", candle_core::utils::get_num_threads());
+    let _ = writeln!(md, "all-MiniLM-L6-v2 shape unless named above, batch {rows} × {seq}, each method's default configuration (the reference's: LoRA r=8 on query/value, AdaLoRA 12 → 8, 20 virtual tokens), {objective}, trainable counts include the 2-class head, median ms of interleaved steps after {warm} warm-up, peak MB the heap's high-water mark while the method is attached and takes two steps (the base's weights included), {} threads. {py_note}. Produced by `cargo bench --bench step_table`.\n", candle_core::utils::get_num_threads());
     let _ = writeln!(md, "| method | trainable | ms/step | tokens/s | peak MB | peak vs full FT | {py_label} | ratio |");
     let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
     for (i, m) in methods.iter().enumerate() {
