@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::tiny_model;
+use common::{max_rel_diff, tiny_model};
 use peftbench_backbone::{Initializer, Inputs, KvCache, TrainableParams};
 use peftbench_harness::generate::{greedy, greedy_uncached};
 use peftbench_methods::*;
@@ -27,19 +27,6 @@ fn perturb(params: &TrainableParams, seed: u64) {
         let noise = init.normal(v.shape(), 0.1, v.device()).unwrap();
         v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
     }
-}
-
-fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-    let d: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    d / scale.max(1e-12)
 }
 
 proptest! {
@@ -73,7 +60,7 @@ proptest! {
             }
             let cached = Tensor::cat(&parts, 1).unwrap();
             prop_assert_eq!(cached.dims(), full.dims());
-            let e = rel(&cached, &full);
+            let e = max_rel_diff(&cached, &full);
             prop_assert!(e <= 1e-5, "{}: cached hidden states differ by {} relative (input prefix {})", config.name(), e, p);
         }
     }

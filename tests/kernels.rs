@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::tiny_model;
+use common::{max_rel_diff, tiny_model};
 use peftbench_backbone::{
     pad_rows, with_kernels, HeadKind, Initializer, Inputs, Kernels, SequenceHead, TrainableParams,
     Transformer,
@@ -50,22 +50,6 @@ fn batch(seed: u64, device: &Device) -> Inputs {
         .map(|&n| (0..n).map(|_| 1 + init.index(45) as u32).collect())
         .collect();
     pad_rows(&rows, None, 0, device).unwrap()
-}
-
-/// Largest difference relative to the reference's largest magnitude.
-fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    let cpu = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
-    let (a, b) = (cpu(a).unwrap(), cpu(b).unwrap());
-    let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-    let d: f32 = (a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    d / scale.max(1e-12)
 }
 
 struct Attached {
@@ -249,7 +233,7 @@ fn composite_adamw_trains_as_the_fused_one() {
     // Adam divides by √v, so last-bit differences in near-zero moments grow a little over
     // the steps: ten times the tolerance of each parameter's scale after five.
     for (va, vb) in a.vars().iter().zip(&b.vars()) {
-        let e = rel(va.as_tensor(), vb.as_tensor());
+        let e = max_rel_diff(va.as_tensor(), vb.as_tensor());
         assert!(
             e <= 10.0 * f32_tolerance(),
             "{:?}: parameters differ by {e:e} relative",
@@ -291,7 +275,11 @@ fn every_method_trains_on_a_bf16_base_with_f32_master_weights() {
             a.model.for_each_weight(&mut |n, t| {
                 if !t.is_variable() {
                     let now = t.to_dtype(DType::F32).unwrap();
-                    assert_eq!(rel(&now, &frozen_before[i]), 0.0, "{what}: {n} moved");
+                    assert_eq!(
+                        max_rel_diff(&now, &frozen_before[i]),
+                        0.0,
+                        "{what}: {n} moved"
+                    );
                     i += 1;
                 }
             });
@@ -327,7 +315,7 @@ fn bf16_base_tracks_f32_and_keeps_the_identity_and_merge_invariants() {
             );
             if identity {
                 assert!(
-                    rel(&at_init, &bare) <= 1e-2,
+                    max_rel_diff(&at_init, &bare) <= 1e-2,
                     "{what}: not the identity at init"
                 );
             }
@@ -336,7 +324,7 @@ fn bf16_base_tracks_f32_and_keeps_the_identity_and_merge_invariants() {
             let h32 = a32.model.forward(&x, a32.method.as_ref()).unwrap().hidden;
             let h16 = a16.model.forward(&x, a16.method.as_ref()).unwrap().hidden;
             // bf16 keeps 8 bits of mantissa: a few 2⁻⁸ over two layers.
-            let e = rel(&h16, &h32);
+            let e = max_rel_diff(&h16, &h32);
             assert!(
                 e <= 3e-2,
                 "{what}: bf16 hidden states off f32 by {e} relative"
@@ -346,7 +334,7 @@ fn bf16_base_tracks_f32_and_keeps_the_identity_and_merge_invariants() {
             }
             if a16.method.merge_into(&mut a16.model).unwrap() {
                 let merged = a16.model.forward(&x, a16.method.as_ref()).unwrap().hidden;
-                let e = rel(&merged, &h16);
+                let e = max_rel_diff(&merged, &h16);
                 assert!(
                     e <= 3e-2,
                     "{what}: merged differs from unmerged by {e} in bf16"

@@ -1,7 +1,7 @@
 //! Greedy decoding with a key/value cache, and ROUGE-L of generations against references.
 
 use candle_core::{Device, Tensor, D};
-use peftbench_backbone::{lm_logits, Inputs, Intervention, KvCache, Transformer};
+use peftbench_backbone::{lm_logits, Encoded, Inputs, Intervention, KvCache, Transformer};
 
 /// Greedy continuation of `prompt`: up to `max_new_tokens` ids, stopping after `eos` (which
 /// is not returned). One forward over the prompt fills the cache; each later step runs the
@@ -32,13 +32,7 @@ pub fn greedy(
         let enc = model
             .forward_cached(&inputs, iv, &mut cache)
             .map_err(candle_core::Error::wrap)?;
-        let logits = lm_logits(model, &enc).map_err(candle_core::Error::wrap)?;
-        let last = logits.dim(1)? - 1;
-        let id = logits
-            .narrow(1, last, 1)?
-            .flatten_all()?
-            .argmax(D::Minus1)?
-            .to_scalar::<u32>()?;
+        let id = argmax_last(model, &enc)?;
         if Some(id) == eos {
             break;
         }
@@ -63,13 +57,7 @@ pub fn greedy_uncached(
         let enc = model
             .forward(&row(&seq, model.device())?, iv)
             .map_err(candle_core::Error::wrap)?;
-        let logits = lm_logits(model, &enc).map_err(candle_core::Error::wrap)?;
-        let last = logits.dim(1)? - 1;
-        let id = logits
-            .narrow(1, last, 1)?
-            .flatten_all()?
-            .argmax(D::Minus1)?
-            .to_scalar::<u32>()?;
+        let id = argmax_last(model, &enc)?;
         if Some(id) == eos {
             break;
         }
@@ -77,6 +65,17 @@ pub fn greedy_uncached(
         seq.push(id);
     }
     Ok(out)
+}
+
+/// The most likely next token after the last position of a one-row forward.
+fn argmax_last(model: &Transformer, enc: &Encoded) -> candle_core::Result<u32> {
+    let logits = lm_logits(model, enc).map_err(candle_core::Error::wrap)?;
+    let last = logits.dim(1)? - 1;
+    logits
+        .narrow(1, last, 1)?
+        .flatten_all()?
+        .argmax(D::Minus1)?
+        .to_scalar::<u32>()
 }
 
 /// One unpadded row.

@@ -72,6 +72,23 @@ impl TaskSource {
     }
 }
 
+/// The tokenizer's chat template when the task asks for one; an error when it asks and the
+/// model has none.
+fn chat_template_of<'a>(
+    cfg: &TaskConfig,
+    tok: &'a TextTokenizer,
+    wanted: bool,
+) -> Result<Option<&'a peftbench_backbone::chat::ChatTemplate>, HarnessError> {
+    match (wanted, &tok.chat_template) {
+        (false, _) => Ok(None),
+        (true, Some(t)) => Ok(Some(t)),
+        (true, None) => Err(HarnessError::Config(format!(
+            "task `{}`: chat_template = true, but the model's tokenizer carries no chat template",
+            cfg.name
+        ))),
+    }
+}
+
 fn d_dev_fraction() -> f64 {
     0.1
 }
@@ -268,16 +285,7 @@ pub fn load_task(
             dev_fraction,
             chat_template,
         } => {
-            let template = match (chat_template, &tok.chat_template) {
-                (false, _) => None,
-                (true, Some(t)) => Some(t),
-                (true, None) => {
-                    return Err(HarnessError::Config(format!(
-                        "task `{}`: chat_template = true, but the model's tokenizer carries no chat template",
-                        cfg.name
-                    )))
-                }
-            };
+            let template = chat_template_of(cfg, tok, *chat_template)?;
             let loaded = load_alpaca(&resolve(path, data_root), &opts)?;
             let (train, dev) = split_dev(loaded.examples, *dev_fraction);
             let encode = |rows: Vec<peftbench_datasets::InstructionExample>| -> Result<Vec<Example>, HarnessError> {
@@ -320,16 +328,7 @@ pub fn load_task(
             dev_fraction,
             chat_template,
         } => {
-            let template = match (chat_template, &tok.chat_template) {
-                (false, _) => None,
-                (true, Some(t)) => Some(t),
-                (true, None) => {
-                    return Err(HarnessError::Config(format!(
-                        "task `{}`: chat_template = true, but the model's tokenizer carries no chat template",
-                        cfg.name
-                    )))
-                }
-            };
+            let template = chat_template_of(cfg, tok, *chat_template)?;
             let file = resolve(path, data_root);
             let loaded = load_preferences(&file, &opts)?;
             let (train, dev) = split_dev(loaded.examples, *dev_fraction);

@@ -72,6 +72,18 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Largest elementwise difference over the reference's largest magnitude, on the CPU in f32.
+pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let cpu = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .and_then(|t| t.to_dtype(candle_core::DType::F32))
+            .unwrap()
+    };
+    let (a, b) = (cpu(a), cpu(b));
+    let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    max_abs_diff(&a, &b) / scale.max(1e-12)
+}
+
 /// A random-weight synthetic base (the embedded suite's architecture and tokenizer, written
 /// into `dir`): no pretraining, so tests stay fast.
 pub fn synthetic_base(dir: &Path) -> peftbench_harness::Base {
