@@ -29,6 +29,27 @@ fn perturb(params: &TrainableParams, seed: u64) {
     }
 }
 
+/// `config` (at size 2 where it has a knob) attached to a copy of `base`, its variables
+/// moved off their start, in evaluation mode; `None` where the method refuses the model.
+fn attached(
+    base: &peftbench_backbone::Transformer,
+    config: MethodConfig,
+    seed: u64,
+) -> Option<(peftbench_backbone::Transformer, Box<dyn Method>)> {
+    config.validate(&base.config).ok()?;
+    let config = match config.knob() {
+        Some(_) => config.with_knob(2),
+        None => config,
+    };
+    let mut model = base.clone();
+    let method = config
+        .attach(&mut AttachContext::new(&mut model, seed))
+        .unwrap();
+    perturb(method.params(), seed ^ 3);
+    method.set_training(false);
+    Some((model, method))
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
 
@@ -42,12 +63,7 @@ proptest! {
         let base = tiny_model(if llama { "llama" } else { "gpt2" }, seed);
         for config in MethodConfig::defaults() {
             // BitFit refuses bias-free Llama.
-            if config.validate(&base.config).is_err() { continue; }
-            let config = match config.knob() { Some(_) => config.with_knob(2), None => config };
-            let mut model = base.clone();
-            let method = config.attach(&mut AttachContext::new(&mut model, seed)).unwrap();
-            perturb(method.params(), seed ^ 3);
-            method.set_training(false);
+            let Some((model, method)) = attached(&base, config.clone(), seed) else { continue };
             let mut init = Initializer::new(seed ^ 9);
             let ids: Vec<u32> = (0..prompt_len + steps).map(|_| 1 + init.index(45) as u32).collect();
             let full = model.forward(&row(&ids), method.as_ref()).unwrap().hidden;
@@ -73,12 +89,7 @@ proptest! {
     ) {
         let base = tiny_model(if llama { "llama" } else { "gpt2" }, seed);
         for config in MethodConfig::defaults() {
-            if config.validate(&base.config).is_err() { continue; }
-            let config = match config.knob() { Some(_) => config.with_knob(2), None => config };
-            let mut model = base.clone();
-            let method = config.attach(&mut AttachContext::new(&mut model, seed)).unwrap();
-            perturb(method.params(), seed ^ 5);
-            method.set_training(false);
+            let Some((model, method)) = attached(&base, config.clone(), seed ^ 1) else { continue };
             let mut init = Initializer::new(seed ^ 7);
             let prompt: Vec<u32> = (0..prompt_len).map(|_| 1 + init.index(45) as u32).collect();
             let eos = Some(2);
