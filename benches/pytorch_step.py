@@ -83,6 +83,34 @@ def configs(total_steps, llama=False):
     return out
 
 
+def build(name, cfg, base, dev, dtype):
+    """The model with its method attached, and its optimizer."""
+    # The frozen base in the run's dtype; PEFT keeps adapter weights in f32 (its
+    # autocast_adapter_dtype), as peftbench keeps every trained parameter.
+    model = base().to(device=dev, dtype=dtype)
+    if cfg == "bitfit":
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.endswith(".bias") and not n.startswith("bert.pooler"))
+        for p in model.classifier.parameters():
+            p.requires_grad_(True)
+    elif cfg is not None:
+        model = get_peft_model(model, cfg)
+    model.train()
+    # Dropout off, as in peftbench's backbone, so both do the same arithmetic.
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    if name == "lora_plus":
+        # LoRA+: B in a group of its own at 16x the rate (PEFT's create_loraplus_optimizer).
+        b = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+        rest = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" not in n]
+        opt = torch.optim.AdamW([{"params": rest, "lr": 1e-4}, {"params": b, "lr": 16e-4}])
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+    return (model, opt)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -120,33 +148,17 @@ def main():
             torch.cuda.synchronize()
     wanted = [m for m in args.methods.split(",") if m]
     setups = {}
+    # A method this transformers/PEFT pair cannot build or step (transformers 5 dropped the
+    # past_key_values PEFT's prefix tuning feeds BERT) is reported, not fatal to the others.
+    errors = {}
     for name, cfg in configs(args.warmup + args.steps + 10, llama).items():
         if wanted and name not in wanted:
             continue
-        # The frozen base in the run's dtype; PEFT keeps adapter weights in f32 (its
-        # autocast_adapter_dtype), as peftbench keeps every trained parameter.
-        model = base().to(device=dev, dtype=dtype)
-        if cfg == "bitfit":
-            for n, p in model.named_parameters():
-                p.requires_grad_(n.endswith(".bias") and not n.startswith("bert.pooler"))
-            for p in model.classifier.parameters():
-                p.requires_grad_(True)
-        elif cfg is not None:
-            model = get_peft_model(model, cfg)
-        model.train()
-        # Dropout off, as in peftbench's backbone, so both do the same arithmetic.
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-        if name == "lora_plus":
-            # LoRA+: B in a group of its own at 16x the rate (PEFT's create_loraplus_optimizer).
-            b = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
-            rest = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" not in n]
-            opt = torch.optim.AdamW([{"params": rest, "lr": 1e-4}, {"params": b, "lr": 16e-4}])
-        else:
-            params = [p for p in model.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=1e-4)
-        setups[name] = (model, opt)
+        try:
+            setups[name] = build(name, cfg, base, dev, dtype)
+        except Exception as e:  # noqa: BLE001 - any failure is reported per method
+            errors[name] = f"{type(e).__name__}: {e}"[:300]
+
 
     def step(model, opt):
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
@@ -155,9 +167,13 @@ def main():
         opt.zero_grad(set_to_none=True)
         sync()
 
-    for model, opt in setups.values():
-        for _ in range(args.warmup):
-            step(model, opt)
+    for name in list(setups):
+        try:
+            for _ in range(args.warmup):
+                step(*setups[name])
+        except Exception as e:  # noqa: BLE001
+            errors[name] = f"{type(e).__name__}: {e}"[:300]
+            del setups[name]
     times = {name: [] for name in setups}
     for _ in range(args.steps):
         for name, (model, opt) in setups.items():
@@ -165,7 +181,7 @@ def main():
             step(model, opt)
             times[name].append((time.perf_counter() - t0) * 1e3)
     json.dump(
-        {"torch": torch.__version__, "threads": torch.get_num_threads(), "ms": times},
+        {"torch": torch.__version__, "threads": torch.get_num_threads(), "ms": times, "errors": errors},
         sys.stdout,
     )
     print()

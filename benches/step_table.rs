@@ -87,6 +87,12 @@ fn pytorch_round(python: &str, methods: &[&str]) -> BTreeMap<String, Vec<f64>> {
     let line = String::from_utf8_lossy(&out.stdout);
     let v: serde_json::Value = serde_json::from_str(line.trim())
         .unwrap_or_else(|e| panic!("{}: bad output ({e}): {line}", script.display()));
+    if let Some(errors) = v["errors"].as_object().filter(|e| !e.is_empty()) {
+        // Methods this PyTorch/PEFT pair could not run: their PyTorch column stays empty.
+        for (method, why) in errors {
+            eprintln!("PyTorch side: {method}: {why}");
+        }
+    }
     serde_json::from_value(v["ms"].clone()).expect("ms per method")
 }
 

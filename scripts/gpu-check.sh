@@ -82,15 +82,17 @@ fi
 start=$(date +%s)
 
 say "1. device-generic tests on $device"
-PEFTBENCH_TEST_DEVICE=$device "$KERNELS_TEST" --nocapture > "$out/kernels.log" 2>&1 || { tail -n 30 "$out/kernels.log"; exit 1; }
+# Each stage goes on past another's failure: device minutes are too dear to stop at the first.
+failed=0
+PEFTBENCH_TEST_DEVICE=$device "$KERNELS_TEST" --nocapture > "$out/kernels.log" 2>&1 || { tail -n 30 "$out/kernels.log"; say "FAILED: device-generic tests"; failed=1; }
 grep -E "largest|test result" "$out/kernels.log" | tee -a "$log"
 
 step_table() { # name shape dtype batch seq
   say "step table: $2 $3 ${4}x$5 on $device"
   PEFTBENCH_MINILM=/nonexistent PEFTBENCH_BENCH_DEVICE=$device PEFTBENCH_BENCH_SHAPE=$2 \
     PEFTBENCH_BENCH_DTYPE=$3 PEFTBENCH_BENCH_BATCH=$4 PEFTBENCH_BENCH_SEQ=$5 \
-    PEFTBENCH_STEP_TABLE_OUT="$out/tmp-$1" "$STEP_TABLE" --bench >>"$log" 2>&1
-  mv "$out/tmp-$1/step_table.md" "$out/$1.md"
+    PEFTBENCH_STEP_TABLE_OUT="$out/tmp-$1" "$STEP_TABLE" --bench >>"$log" 2>&1 \
+    && mv "$out/tmp-$1/step_table.md" "$out/$1.md" || { say "FAILED: step table $1"; failed=1; }
   rm -rf "$out/tmp-$1"
 }
 step_table step_minilm_f32 "$shape" f32 16 "$seq"
@@ -99,8 +101,8 @@ step_table step_llama_bf16 "$llama_shape" bf16 "$llama_batch" "$llama_seq"
 
 say "4. the default suite on $device"
 results=$(mktemp -d)
-"$PEFTBENCH" run --device "$device" --results "$results" >>"$log" 2>&1
-"$python" - "$results/default/report/runs.csv" reports/results/default/runs.csv > "$out/default_vs_cpu.md" <<'PY'
+"$PEFTBENCH" run --device "$device" --results "$results" >>"$log" 2>&1 || { say "FAILED: default suite"; failed=1; }
+[ -f "$results/default/report/runs.csv" ] && "$python" - "$results/default/report/runs.csv" reports/results/default/runs.csv > "$out/default_vs_cpu.md" <<'PY'
 import csv, sys
 def scores(path):
     return {r["run_id"]: (r["primary_metric"], r["primary_reported"]) for r in csv.DictReader(open(path))}
@@ -115,3 +117,4 @@ for run in sorted(dev):
 PY
 say "done in $(( $(date +%s) - start )) s; tables in $out"
 ls -l "$out" | tee -a "$log"
+exit "$failed"
