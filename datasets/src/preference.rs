@@ -112,8 +112,12 @@ impl PreferencePair {
                 }
             }
         }
-        // The prompt ends with the human's turn; the reply is the assistant's.
-        if role != "user" {
+        // The prompt ends with the human's turn; the reply is the assistant's. Two turns of one
+        // speaker in a row leave a marker inside a turn: not alternating, not rendered.
+        let nested = turns
+            .iter()
+            .any(|(_, t)| t.contains(HUMAN) || t.contains(ASSISTANT));
+        if role != "user" || nested {
             return None;
         }
         turns.push(("assistant", reply.trim().to_string()));
@@ -148,6 +152,11 @@ mod hh_tests {
             ..p.clone()
         };
         assert!(bad.hh_turns("x").is_none());
+        let twice = PreferencePair {
+            prompt: "\n\nHuman: a\n\nHuman: b\n\nAssistant:".into(),
+            ..p.clone()
+        };
+        assert!(twice.hh_turns("x").is_none());
         let ends_with_assistant = PreferencePair {
             prompt: "\n\nHuman: a\n\nAssistant: b\n\nAssistant:".into(),
             ..p

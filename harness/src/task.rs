@@ -330,7 +330,23 @@ pub fn load_task(
         } => {
             let template = chat_template_of(cfg, tok, *chat_template)?;
             let file = resolve(path, data_root);
-            let loaded = load_preferences(&file, &opts)?;
+            let mut loaded = load_preferences(&file, &opts)?;
+            let mut skipped = loaded.skipped.len();
+            if template.is_some() {
+                // A conversation that is not alternating Human/Assistant turns has no rendering.
+                let before = loaded.examples.len();
+                loaded.examples.retain(|p| {
+                    p.hh_turns(&p.chosen).is_some() && p.hh_turns(&p.rejected).is_some()
+                });
+                let dropped = before - loaded.examples.len();
+                if dropped > 0 && !cfg.skip_bad_rows {
+                    return Err(HarnessError::Config(format!(
+                        "{}: {dropped} pairs are not alternating `\\n\\nHuman:` / `\\n\\nAssistant:` turns ending in an open assistant turn, so the chat template cannot render them (skip_bad_rows = true leaves them out)",
+                        file.display()
+                    )));
+                }
+                skipped += dropped;
+            }
             let (train, dev) = split_dev(loaded.examples, *dev_fraction);
             let encode = |rows: Vec<peftbench_datasets::PreferencePair>| -> Result<Vec<Example>, HarnessError> {
                 rows.iter()
@@ -362,7 +378,7 @@ pub fn load_task(
                 objective: Objective::Reward,
                 train: encode(limit(train, cfg.train_limit))?,
                 dev: encode(limit(dev, cfg.dev_limit))?,
-                skipped_rows: loaded.skipped.len(),
+                skipped_rows: skipped,
                 pooling: cfg.pooling,
             })
         }
