@@ -224,7 +224,10 @@ fn main() {
     let mut csv = String::from("method,trainable_params,ms_per_step,tokens_per_s,peak_mb,peak_vs_full,pytorch_ms,pytorch_same_run,ratio_vs_pytorch\n");
     let _ = writeln!(md, "# Training step cost per method\n");
     let _ = writeln!(md, "CPU: {}.\n", cpu_description());
-    let shape = std::env::var("PEFTBENCH_BENCH_SHAPE").unwrap_or_else(|_| "minilm".into());
+    let shape = match base.is_quantized() {
+        true => "SmolLM2-135M-Instruct (its Q4_1 GGUF file)".to_string(),
+        false => std::env::var("PEFTBENCH_BENCH_SHAPE").unwrap_or_else(|_| "minilm".into()),
+    };
     let objective = if bench_lm() {
         "a next-token (SFT) loss over the vocabulary at every position"
     } else {
@@ -232,7 +235,10 @@ fn main() {
     };
     let warm = 3.min(steps());
     let device = peftbench_backbone::device_name(base.device());
-    let dtype = format!("{:?}", base.dtype()).to_lowercase();
+    let mut dtype = format!("{:?}", base.dtype()).to_lowercase();
+    if base.is_quantized() {
+        dtype.push_str(" with the projections in their GGUF blocks");
+    }
     let _ = writeln!(md, "Device: {device}, dtype {dtype}, shape {shape}.\n");
     let _ = writeln!(md, "all-MiniLM-L6-v2 shape unless named above, batch {rows} × {seq}, each method's default configuration (the reference's: LoRA r=8 on query/value, AdaLoRA 12 → 8, 20 virtual tokens), {objective}, trainable counts include the 2-class head, median ms of interleaved steps after {warm} warm-up, peak MB the heap's high-water mark while the method is attached and takes two steps (the base's weights included), {} threads. {py_note}. Produced by `cargo bench --bench step_table`.\n", candle_core::utils::get_num_threads());
     let _ = writeln!(md, "| method | trainable | ms/step | tokens/s | peak MB | peak vs full FT | {py_label} | ratio |");

@@ -58,8 +58,9 @@ enum Command {
         /// Where to train: cpu, cuda or cuda:N (default: the suite's `device`, else cpu).
         #[arg(long)]
         device: Option<String>,
-        /// Precision, overriding the suite's `[train] dtype`: f32, or bf16 (the frozen base in
-        /// bf16, trained parameters in f32). Part of each run's configuration hash.
+        /// Precision, overriding the suite's `[train] dtype`: f32, bf16 (the frozen base in
+        /// bf16, trained parameters in f32), or quantized (a GGUF base's projections kept in
+        /// their blocks). Part of each run's configuration hash.
         #[arg(long)]
         dtype: Option<String>,
     },
@@ -305,6 +306,21 @@ fn run_suite(
         &suite.tasks,
     )?;
     suite.check_against(&base.model.config, &tasks)?;
+    if suite.train.dtype == peftbench_harness::Precision::Quantized {
+        let path = model_dir(&suite.model);
+        if !peftbench_backbone::is_gguf(&path) || !device.is_cpu() {
+            bail!(
+                "dtype = \"quantized\" keeps a GGUF base's projections in their blocks on the CPU; `{}` on {} is not that",
+                suite.model,
+                peftbench_backbone::device_name(device)
+            );
+        }
+        let n = peftbench_backbone::GgufFile::open(&path)?.quantize_projections(&mut base.model)?;
+        eprintln!(
+            "quantized base: {n} projections kept in their GGUF blocks, {:.0} MB of weights",
+            base.model.weight_bytes() as f64 / 1e6
+        );
+    }
     // The base moves to the device once, in the suite's precision; every run clones it there.
     base.model = base.model.to(device, suite.train.dtype.dtype())?;
     let summary = run_grid_with(&suite, &base, &tasks, results, shard, policy)?;
@@ -480,9 +496,12 @@ fn main() -> Result<()> {
         } => {
             let mut suite = resolve_suite(suite, config)?;
             if let Some(d) = dtype {
-                suite.train.dtype = match parse_dtype(&d).map_err(anyhow::Error::msg)? {
-                    candle_core::DType::BF16 => peftbench_harness::Precision::Bf16,
-                    _ => peftbench_harness::Precision::F32,
+                suite.train.dtype = match d.as_str() {
+                    "quantized" => peftbench_harness::Precision::Quantized,
+                    _ => match parse_dtype(&d).map_err(anyhow::Error::msg)? {
+                        candle_core::DType::BF16 => peftbench_harness::Precision::Bf16,
+                        _ => peftbench_harness::Precision::F32,
+                    },
                 };
             }
             let device = device.or_else(|| suite.device.clone());

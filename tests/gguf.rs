@@ -626,3 +626,82 @@ fn a_model_merged_from_a_gguf_base_keeps_its_tokenizer_and_chat_template() {
     );
     assert!(d <= 1e-4, "merged logits differ by {d}");
 }
+
+/// A quantized base (the projections in their GGUF blocks, dequantized inside the op) gives the
+/// dequantize-everything model's outputs and, through LoRA on every projection, the gradients
+/// that flow back through each frozen projection's input, for Q8_0 and Q4_1 files.
+#[test]
+fn a_quantized_base_matches_the_dequantized_one_in_outputs_and_input_gradients() {
+    let dir = tempfile::tempdir().unwrap();
+    for (dtype, seed) in [
+        (GgmlDType::Q8_0, 1),
+        (GgmlDType::Q4_1, 2),
+        (GgmlDType::Q4_1, 3),
+    ] {
+        let m = tiny_llama(seed % 2 == 0, seed);
+        let path = dir.path().join(format!("tiny-{seed}.gguf"));
+        write_gguf(&path, &m, dtype, &llama_metadata(&m));
+        let dense = load_model(&path, &Device::Cpu).unwrap();
+        let mut quant = dense.clone();
+        let n = GgufFile::open(&path)
+            .unwrap()
+            .quantize_projections(&mut quant)
+            .unwrap();
+        assert_eq!(n, dense.sites().len());
+        assert!(quant.is_quantized() && !dense.is_quantized());
+        assert!(
+            quant.weight_bytes() < dense.weight_bytes() / 2,
+            "{} vs {}",
+            quant.weight_bytes(),
+            dense.weight_bytes()
+        );
+        let run = |mut model: Transformer| {
+            let config = peftbench_methods::MethodConfig::Lora(peftbench_methods::LoraConfig {
+                target_modules: peftbench_methods::Targets(vec!["all-linear".into()]),
+                ..Default::default()
+            });
+            let method = config
+                .attach(&mut peftbench_methods::AttachContext::new(&mut model, seed))
+                .unwrap();
+            // B off zero, so the adapters' gradients depend on every frozen projection's.
+            let mut init = peftbench_backbone::Initializer::new(seed ^ 5);
+            for v in method.params().vars() {
+                let noise = init.normal(v.shape(), 0.1, v.device()).unwrap();
+                v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
+            }
+            let x = pad_rows(&rows(), None, 0, &Device::Cpu).unwrap();
+            let enc = model.forward(&x, method.as_ref()).unwrap();
+            let out = lm_logits(&model, &enc).unwrap();
+            let probe = peftbench_backbone::Initializer::new(9)
+                .normal(out.dims(), 1.0, &Device::Cpu)
+                .unwrap();
+            let grads = (&out * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g: Vec<Tensor> = method
+                .params()
+                .vars()
+                .iter()
+                .map(|v| grads.get(v.as_tensor()).unwrap().clone())
+                .collect();
+            (out, g)
+        };
+        let (out_d, grads_d) = run(dense);
+        let (out_q, grads_q) = run(quant);
+        let rel = |a: &Tensor, b: &Tensor| {
+            let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            max_abs_diff(a, b) / scale
+        };
+        assert!(rel(&out_q, &out_d) <= 1e-5, "{dtype:?}: logits differ");
+        for (i, (a, b)) in grads_q.iter().zip(&grads_d).enumerate() {
+            assert!(
+                rel(a, b) <= 1e-5,
+                "{dtype:?}: gradient {i} differs by {}",
+                rel(a, b)
+            );
+        }
+    }
+}

@@ -38,37 +38,7 @@ impl CustomOp1 for FrozenMatmul {
             candle_core::bail!("frozen-matmul: weight must be contiguous");
         };
         let w = &w_cpu.as_slice::<f32>()?[w_start..w_end];
-        let mut dst = vec![0f32; rows * out];
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
-        // dst[rows, out] = x[rows, in] · Wᵀ, reading W `[out, in]` through transposed strides.
-        unsafe {
-            gemm(
-                rows,
-                out,
-                inp,
-                dst.as_mut_ptr(),
-                1,
-                out as isize,
-                false,
-                x.as_ptr(),
-                1,
-                inp as isize,
-                w.as_ptr(),
-                inp as isize,
-                1,
-                0f32,
-                1f32,
-                false,
-                false,
-                false,
-                parallelism,
-            )
-        }
+        let dst = x_wt(x, rows, inp, w, out);
         Ok((CpuStorage::F32(dst), Shape::from((rows, out))))
     }
 
@@ -76,6 +46,42 @@ impl CustomOp1 for FrozenMatmul {
         // d/dx (x·Wᵀ) = grad·W; no gradient for W.
         Ok(Some(grad.matmul(&self.weight)?))
     }
+}
+
+/// `dst [rows, out] = x [rows, in] · Wᵀ` for a row-major `W [out, in]`, on the rayon pool.
+pub(crate) fn x_wt(x: &[f32], rows: usize, inp: usize, w: &[f32], out: usize) -> Vec<f32> {
+    let mut dst = vec![0f32; rows * out];
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    // W `[out, in]` is read through transposed strides.
+    unsafe {
+        gemm(
+            rows,
+            out,
+            inp,
+            dst.as_mut_ptr(),
+            1,
+            out as isize,
+            false,
+            x.as_ptr(),
+            1,
+            inp as isize,
+            w.as_ptr(),
+            inp as isize,
+            1,
+            0f32,
+            1f32,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+    dst
 }
 
 /// `x [rows, in] · Wᵀ` for a frozen, contiguous f32 CPU weight.

@@ -227,6 +227,54 @@ impl GgufFile {
         from_weights(config, &mut w)
     }
 
+    /// Puts the file's quantized projection weights into `model` (loaded from this file) in
+    /// their GGUF blocks, as a QLoRA-style base keeps them; f32 / f16 tensors stay dense.
+    /// Returns how many projections are now quantized.
+    pub fn quantize_projections(&self, model: &mut Transformer) -> Result<usize> {
+        use crate::intervention::Proj;
+        use candle_core::quantized::GgmlDType;
+        let mut reader = std::fs::File::open(&self.path).map_err(|source| BackboneError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        let (heads, kv_heads) = (model.config.num_heads, model.config.num_kv_heads);
+        let mut count = 0;
+        for layer in 0..model.layers.len() {
+            for proj in Proj::ALL {
+                let short = match proj {
+                    Proj::Query => "attn_q",
+                    Proj::Key => "attn_k",
+                    Proj::Value => "attn_v",
+                    Proj::AttnOut => "attn_output",
+                    Proj::Up => "ffn_up",
+                    Proj::Gate => "ffn_gate",
+                    Proj::Down => "ffn_down",
+                };
+                let name = format!("blk.{layer}.{short}.weight");
+                let Some(lin) = model.layers[layer].proj_mut(proj) else {
+                    continue;
+                };
+                let q = self
+                    .content
+                    .tensor(&mut reader, &name, &Device::Cpu)
+                    .map_err(|e| err(&self.path, format!("tensor `{name}`: {e}")))?;
+                if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+                    continue;
+                }
+                let q = match proj {
+                    Proj::Query => unpermute_blocks(&q, heads),
+                    Proj::Key => unpermute_blocks(&q, kv_heads),
+                    _ => Ok(q),
+                }
+                .map_err(|e| err(&self.path, format!("tensor `{name}`: {e}")))?;
+                lin.quantize(q)
+                    .map_err(|e| err(&self.path, format!("tensor `{name}`: {e}")))?;
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
     /// The tokenizer the file carries (`tokenizer.ggml.*`): byte-level BPE from its tokens and
     /// merges, the pre-tokenizer `tokenizer.ggml.pre` names, its control tokens as special.
     pub fn tokenizer(&self, max_len: usize) -> Result<TextTokenizer> {
@@ -425,6 +473,35 @@ fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
         .transpose(1, 2)?
         .contiguous()?
         .reshape((out, inp))?)
+}
+
+/// [`unpermute`] on a quantized weight: GGUF quantizes each row on its own, so rows move as
+/// whole runs of blocks in the raw data.
+fn unpermute_blocks(
+    q: &candle_core::quantized::QTensor,
+    heads: usize,
+) -> candle_core::Result<candle_core::quantized::QTensor> {
+    let (out, inp) = q.shape().dims2()?;
+    let dtype = q.dtype();
+    let row = inp / dtype.block_size() * dtype.type_size();
+    let data = q.data()?;
+    let half = out / heads / 2;
+    let mut moved = Vec::with_capacity(data.len());
+    // New row (h, a, j) is llama.cpp's row (h, j, a).
+    for h in 0..heads {
+        for a in 0..2 {
+            for j in 0..half {
+                let from = h * 2 * half + j * 2 + a;
+                moved.extend_from_slice(&data[from * row..(from + 1) * row]);
+            }
+        }
+    }
+    candle_core::quantized::ggml_file::qtensor_from_ggml(
+        dtype,
+        &moved,
+        vec![out, inp],
+        &Device::Cpu,
+    )
 }
 
 #[cfg(test)]

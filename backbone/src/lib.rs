@@ -21,6 +21,7 @@ pub mod load;
 pub mod model;
 pub mod ops;
 pub mod params;
+mod quantized;
 pub mod random;
 pub mod tokenizer;
 pub mod weights;

@@ -1,6 +1,8 @@
 //! A frozen-or-trainable affine map `y = x·Wᵀ + b`.
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Result, Tensor};
+use std::sync::Arc;
 
 /// A linear projection with weight `[out, in]` (PyTorch layout) and optional bias `[out]`.
 #[derive(Debug, Clone)]
@@ -9,26 +11,71 @@ pub struct Linear {
     pub weight: Tensor,
     /// Bias `[out]`.
     pub bias: Option<Tensor>,
+    /// The frozen weight in its GGUF blocks, when the base is kept quantized; `weight` is then
+    /// a shape-only stand-in and every read goes through [`Linear::weight_f32`].
+    quantized: Option<Arc<QTensor>>,
 }
 
 impl Linear {
     /// Wraps a weight and bias.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            quantized: None,
+        }
     }
 
-    /// Adds `delta` to the weight (a merge, or its undoing with `-delta`), in f32, keeping
-    /// the weight's own dtype.
-    pub fn add_to_weight(&mut self, delta: &Tensor) -> Result<()> {
-        let dtype = self.weight.dtype();
-        self.weight =
-            (self.weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+    /// Keeps the frozen weight in its quantized blocks (dequantized per use).
+    pub fn quantize(&mut self, q: QTensor) -> Result<()> {
+        let (out, inp) = q.shape().dims2()?;
+        if (out, inp) != (self.out_features(), self.in_features()) {
+            candle_core::bail!(
+                "quantized weight [{out}, {inp}] for a [{}, {}] projection",
+                self.out_features(),
+                self.in_features()
+            );
+        }
+        self.weight = crate::quantized::placeholder(out, inp)?;
+        self.quantized = Some(Arc::new(q));
         Ok(())
     }
 
-    /// The weight in f32 (methods that read the base's weight compute in f32).
+    /// Bytes the weight occupies: its quantized blocks, or the dense tensor.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.quantized {
+            Some(q) => q.storage_size_in_bytes(),
+            None => self.weight.elem_count() * self.weight.dtype().size_in_bytes(),
+        }
+    }
+
+    /// Whether the weight is held quantized.
+    pub fn is_quantized(&self) -> bool {
+        self.quantized.is_some()
+    }
+
+    /// Replaces the weight with a dense tensor (a merge's result).
+    pub fn set_weight(&mut self, weight: Tensor) {
+        self.weight = weight;
+        self.quantized = None;
+    }
+
+    /// Adds `delta` to the weight (a merge, or its undoing with `-delta`), in f32, keeping
+    /// the weight's own dtype. A quantized weight becomes dense.
+    pub fn add_to_weight(&mut self, delta: &Tensor) -> Result<()> {
+        let dtype = self.weight.dtype();
+        let sum = (self.weight_f32()? + delta.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+        self.set_weight(sum);
+        Ok(())
+    }
+
+    /// The weight in f32, dequantized if it is held quantized (methods that read the base's
+    /// weight compute in f32).
     pub fn weight_f32(&self) -> Result<Tensor> {
-        self.weight.to_dtype(DType::F32)
+        match &self.quantized {
+            Some(q) => q.dequantize(self.weight.device()),
+            None => self.weight.to_dtype(DType::F32),
+        }
     }
 
     /// Input width.
@@ -53,7 +100,9 @@ impl Linear {
             && crate::kernels::fused_on(self.weight.dtype(), self.weight.device())
             && x.dtype() == self.weight.dtype()
             && self.weight.is_contiguous();
-        let mut y = if frozen {
+        let mut y = if let Some(q) = &self.quantized {
+            crate::quantized::quantized_matmul(&x2, q)?
+        } else if frozen {
             crate::frozen_matmul::frozen_matmul(&x2, &self.weight)?
         } else {
             x2.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?

@@ -257,7 +257,7 @@ pub fn to_hf_tensors(m: &Transformer) -> Result<HashMap<String, Tensor>> {
                name: &str,
                l: &Linear|
      -> Result<()> {
-        put(format!("{name}.weight"), &l.weight)?;
+        put(format!("{name}.weight"), &l.weight_f32()?)?;
         if let Some(b) = &l.bias {
             put(format!("{name}.bias"), b)?;
         }
@@ -334,7 +334,14 @@ pub fn to_hf_tensors(m: &Transformer) -> Result<HashMap<String, Tensor>> {
             };
             for (i, l) in m.layers.iter().enumerate() {
                 let p = format!("h.{i}");
-                let w = Tensor::cat(&[&l.query.weight, &l.key.weight, &l.value.weight], 0)?;
+                let w = Tensor::cat(
+                    &[
+                        &l.query.weight_f32()?,
+                        &l.key.weight_f32()?,
+                        &l.value.weight_f32()?,
+                    ],
+                    0,
+                )?;
                 let bias = |l: &Linear| l.bias.clone().expect("gpt2 bias");
                 let b = Tensor::cat(&[&bias(&l.query), &bias(&l.key), &bias(&l.value)], 0)?;
                 conv(&mut put, &format!("{p}.attn.c_attn"), &w, &b)?;

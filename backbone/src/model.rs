@@ -346,6 +346,31 @@ impl Transformer {
         n
     }
 
+    /// Bytes the weights occupy, quantized projections at their block size.
+    pub fn weight_bytes(&self) -> usize {
+        let mut dense = 0;
+        self.for_each_weight(&mut |_, t| dense += t.elem_count() * t.dtype().size_in_bytes());
+        // A quantized projection's stand-in counted as dense above; its blocks instead.
+        for l in &self.layers {
+            for proj in Proj::ALL {
+                if let Some(lin) = l.proj(proj).filter(|lin| lin.is_quantized()) {
+                    dense -= lin.weight.elem_count() * lin.weight.dtype().size_in_bytes();
+                    dense += lin.weight_bytes();
+                }
+            }
+        }
+        dense
+    }
+
+    /// Whether any projection is held quantized.
+    pub fn is_quantized(&self) -> bool {
+        self.layers.iter().any(|l| {
+            Proj::ALL
+                .iter()
+                .any(|&p| l.proj(p).is_some_and(Linear::is_quantized))
+        })
+    }
+
     /// Visits every weight tensor with its Hugging Face-independent name.
     pub fn for_each_weight(&self, f: &mut dyn FnMut(&str, &Tensor)) {
         let mut me = self.clone();

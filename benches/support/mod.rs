@@ -68,6 +68,9 @@ pub fn bench_shape_config() -> Option<serde_json::Value> {
 /// shape `PEFTBENCH_BENCH_SHAPE` names, on `PEFTBENCH_BENCH_DEVICE` (default cpu) in
 /// `PEFTBENCH_BENCH_DTYPE` (f32 or bf16).
 pub fn bench_model() -> Transformer {
+    if std::env::var("PEFTBENCH_BENCH_DTYPE").as_deref() == Ok("quantized") {
+        return quantized_smollm2();
+    }
     let base = match bench_shape_config() {
         None => minilm(),
         Some(v) => {
@@ -76,6 +79,24 @@ pub fn bench_model() -> Transformer {
         }
     };
     base.to(&bench_device(), bench_dtype()).unwrap()
+}
+
+/// SmolLM2-135M-Instruct from its fetched GGUF file (`PEFTBENCH_SMOLLM2` or the cache) with
+/// its projections kept in their Q4_1 blocks: `PEFTBENCH_BENCH_DTYPE=quantized`.
+fn quantized_smollm2() -> Transformer {
+    let path = std::env::var_os("PEFTBENCH_SMOLLM2")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/peftbench/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    let mut m = peftbench_backbone::load_model(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-smollm2.sh)"));
+    peftbench_backbone::GgufFile::open(&path)
+        .unwrap()
+        .quantize_projections(&mut m)
+        .unwrap();
+    m
 }
 
 /// `PEFTBENCH_BENCH_DEVICE`: cpu (default), cuda or cuda:N.

@@ -144,8 +144,8 @@ pub fn update_analysis(
         let (Some(a), Some(b)) = (initial.linear(site), tuned.linear(site)) else {
             continue;
         };
-        let w = to_mat(&a.weight)?;
-        let after = to_mat(&b.weight)?;
+        let w = to_mat(&a.weight_f32()?)?;
+        let after = to_mat(&b.weight_f32()?)?;
         let delta = Mat::new(
             w.rows,
             w.cols,

@@ -60,6 +60,9 @@ pub enum Precision {
     F32,
     /// Mixed precision: the frozen base in bf16, trained parameters in f32.
     Bf16,
+    /// A GGUF base's quantized projections kept in their blocks, dequantized per use (a
+    /// QLoRA-style base); everything else f32.
+    Quantized,
 }
 
 impl Precision {
@@ -71,7 +74,7 @@ impl Precision {
     /// The base's dtype.
     pub fn dtype(self) -> candle_core::DType {
         match self {
-            Precision::F32 => candle_core::DType::F32,
+            Precision::F32 | Precision::Quantized => candle_core::DType::F32,
             Precision::Bf16 => candle_core::DType::BF16,
         }
     }
@@ -81,6 +84,7 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
+            Precision::Quantized => "quantized",
         }
     }
 }
@@ -383,10 +387,7 @@ pub fn run(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path) ->
 
 /// The run's peak split into the tensors it knows (f32 parameters, AdamW's two moments).
 fn memory_use(model: &Transformer, rec: &RunRecord) -> peftbench_reports::MemoryUse {
-    let mut base = 0u64;
-    model.for_each_weight(&mut |_, t| {
-        base += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-    });
+    let base = model.weight_bytes() as u64;
     let trainable = 4 * (rec.trainable_params + rec.head_params) as u64;
     let optimizer = 2 * trainable;
     peftbench_reports::MemoryUse {
@@ -420,6 +421,11 @@ fn run_inner(
     };
     // Configuration errors are the configuration's, never "budget unreachable".
     check_method(&spec.method, &model.config)?;
+    if model.is_quantized() && matches!(spec.method, MethodConfig::FullFinetune(_)) {
+        return Err(HarnessError::Config(
+            "full fine-tuning trains the base's weights, which a quantized base (dtype = \"quantized\") keeps frozen in their GGUF blocks".into(),
+        ));
+    }
     if task.objective == crate::objective::Objective::CausalLm && !model.config.is_causal() {
         return Err(HarnessError::Config(causal_lm_on_encoder(
             &spec.task,

@@ -9,7 +9,7 @@ use crate::peft::{PeftKey, PeftReader, PeftState};
 use crate::{AttachContext, Method};
 use candle_core::{Tensor, D};
 use peftbench_backbone::hf_names::{fused_qkv, module_path};
-use peftbench_backbone::{Intervention, ModelConfig, Site, TrainableParams, Transformer};
+use peftbench_backbone::{Intervention, Linear, ModelConfig, Site, TrainableParams, Transformer};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -55,7 +55,7 @@ pub struct Dora {
     parts: BTreeMap<Site, Part>,
     params: TrainableParams,
     /// While merged: the base weights, to restore exactly on unmerge.
-    originals: RefCell<Option<BTreeMap<Site, Tensor>>>,
+    originals: RefCell<Option<BTreeMap<Site, Linear>>>,
 }
 
 fn row_sq(w: &Tensor) -> candle_core::Result<Tensor> {
@@ -203,19 +203,20 @@ impl Method for Dora {
                 .linear_mut(*site)
                 .ok_or_else(|| invalid(NAME, format!("the model has no projection {site}")))?;
             let delta = (pair.b.matmul(&pair.a)?.detach() * pair.scaling)?;
-            originals.insert(*site, lin.weight.clone());
-            lin.weight = (lin.weight_f32()? + delta)?
+            originals.insert(*site, lin.clone());
+            let merged = (lin.weight_f32()? + delta)?
                 .broadcast_mul(&scale.unsqueeze(1)?)?
                 .to_dtype(lin.weight.dtype())?;
+            lin.set_weight(merged);
         }
         *self.originals.borrow_mut() = Some(originals);
         Ok(true)
     }
     fn unmerge_from(&self, model: &mut Transformer) -> Result<bool> {
         if let Some(originals) = self.originals.borrow_mut().take() {
-            for (site, w) in originals {
+            for (site, original) in originals {
                 if let Some(lin) = model.linear_mut(site) {
-                    lin.weight = w;
+                    *lin = original;
                 }
             }
         }

@@ -215,15 +215,11 @@ impl Ia3 {
             let dt = lin.weight.dtype();
             if v.feedforward {
                 // W·(l ⊙ x) = (W·diag l)·x: scale W's columns; the bias is untouched.
-                lin.weight = lin
-                    .weight_f32()?
-                    .broadcast_mul(&l.unsqueeze(0)?)?
-                    .to_dtype(dt)?;
+                let w = lin.weight_f32()?.broadcast_mul(&l.unsqueeze(0)?)?;
+                lin.set_weight(w.to_dtype(dt)?);
             } else {
-                lin.weight = lin
-                    .weight_f32()?
-                    .broadcast_mul(&l.unsqueeze(1)?)?
-                    .to_dtype(dt)?;
+                let w = lin.weight_f32()?.broadcast_mul(&l.unsqueeze(1)?)?;
+                lin.set_weight(w.to_dtype(dt)?);
                 if let Some(b) = &lin.bias {
                     lin.bias = Some((b.to_dtype(DType::F32)? * &l)?.to_dtype(b.dtype())?);
                 }

@@ -142,14 +142,15 @@ impl Lora {
                 .ok_or_else(|| invalid("lora", format!("the model has no projection {site}")))?;
             let (a0, b0, residual) = factors(
                 config.init,
-                &lin.weight,
+                &lin.weight_f32()?,
                 config.rank,
                 config.scaling(),
                 &mut ctx.init,
                 &dev,
             )?;
             if let Some(w) = residual {
-                lin.weight = w.to_dtype(lin.weight.dtype())?;
+                let dt = lin.weight.dtype();
+                lin.set_weight(w.to_dtype(dt)?);
                 initial.insert(site, (a0.clone(), b0.clone()));
             }
             let a = params.add(format!("{site}.lora_A"), a0)?;

@@ -197,7 +197,8 @@ pub fn environment(out: &mut String, records: &[RunRecord]) {
         // The fused kernels run only for f32 on the CPU (records before this was derived at
         // run time named the process's choice even where the composites ran).
         ("Kernels", |r| {
-            let f32_cpu = matches!(r.env.dtype.as_str(), "" | "f32") && r.env.device == "cpu";
+            let f32_cpu =
+                matches!(r.env.dtype.as_str(), "" | "f32" | "quantized") && r.env.device == "cpu";
             match r.env.kernels.as_str() {
                 "" | "fused" if f32_cpu => "fused".into(),
                 _ => "composite".into(),
