@@ -531,10 +531,10 @@ impl Transformer {
             None
         };
         if let Some(c) = cache.as_deref_mut() {
-            c.layers.resize_with(self.layers.len(), || {
-                let none = Tensor::zeros(0, DType::F32, &self.device).expect("empty tensor");
-                (none.clone(), none)
-            });
+            // Empty entries until the first call fills them.
+            let none = Tensor::zeros(0, DType::F32, &self.device)?;
+            c.layers
+                .resize_with(self.layers.len(), || (none.clone(), none.clone()));
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let prefix_i = kv.as_ref().map(|k| &k[i]);
