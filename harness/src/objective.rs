@@ -211,8 +211,10 @@ pub fn evaluate_outcomes(
     let mut gold_val = Vec::new();
     let (mut nll, mut tokens, mut wrong) = (Vec::new(), Vec::new(), Vec::new());
     let mut margins = Vec::new();
-    for chunk in examples.chunks(batch_size.max(1)) {
-        let refs: Vec<&Example> = chunk.iter().collect();
+    // Batches of similar length pad little; the outcomes are put back in the examples' order.
+    let order = longest_first(examples);
+    for chunk in order.chunks(batch_size.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
         let batch = make_batch(&refs, pad_id, device)?;
         match (obj, &batch) {
             (Objective::Classification { .. }, Batch::Text { inputs, targets }) => {
@@ -259,21 +261,46 @@ pub fn evaluate_outcomes(
             }
         }
     }
+    let back = |v| unpermute(v, &order);
     let outcomes = match obj {
         Objective::Classification { .. } => Outcomes::Classes {
-            gold: gold_cls,
-            pred: pred_cls,
+            gold: back(gold_cls),
+            pred: back(pred_cls),
         },
         Objective::Regression => Outcomes::Values {
-            gold: gold_val,
-            pred: pred_val,
+            gold: unpermute(gold_val, &order),
+            pred: unpermute(pred_val, &order),
         },
-        Objective::CausalLm => Outcomes::Tokens { nll, tokens, wrong },
-        Objective::Reward => Outcomes::Pairs { margins },
+        Objective::CausalLm => Outcomes::Tokens {
+            nll: unpermute(nll, &order),
+            tokens: back(tokens),
+            wrong: back(wrong),
+        },
+        Objective::Reward => Outcomes::Pairs {
+            margins: unpermute(margins, &order),
+        },
     };
     let out = metric_names(obj)
         .iter()
         .filter_map(|m| Some((m.to_string(), outcomes.metric(m)?)))
         .collect();
     Ok((out, outcomes))
+}
+
+/// Example indices, longest first (ties keep their order), so evaluation batches pad little
+/// and the largest batch comes first.
+pub fn longest_first(examples: &[Example]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].num_tokens()));
+    order
+}
+
+/// Puts values computed in `order` back at their examples' positions.
+pub fn unpermute<T: Clone>(values: Vec<T>, order: &[usize]) -> Vec<T> {
+    debug_assert_eq!(values.len(), order.len());
+    let mut out = values.clone();
+    for (v, &i) in values.into_iter().zip(order) {
+        out[i] = v;
+    }
+    out
 }

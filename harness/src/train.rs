@@ -49,6 +49,10 @@ pub struct TrainConfig {
     /// configuration hash at f32, so records made before it existed stay current.
     #[serde(default, skip_serializing_if = "Precision::is_f32")]
     pub dtype: Precision,
+    /// Batch examples of similar length, as the Hugging Face Trainer's `group_by_length`
+    /// (see [`Order::grouped`]). Left out of the configuration hash when off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub group_by_length: bool,
 }
 
 /// A run's numeric precision.
@@ -213,32 +217,57 @@ pub struct Base {
 }
 
 /// A seeded permutation stream over `n` items (epochs reshuffle).
-struct Order {
+pub struct Order {
     rng: Initializer,
     n: usize,
     perm: Vec<usize>,
     pos: usize,
+    /// With `group_by_length`: each item's length and the megabatch size.
+    grouping: Option<(Vec<usize>, usize)>,
 }
 
 impl Order {
-    fn new(n: usize, seed: u64) -> Self {
+    /// A plain shuffle.
+    pub fn new(n: usize, seed: u64) -> Self {
         Self {
             rng: Initializer::new(seed ^ 0xda7a),
             n,
             perm: Vec::new(),
             pos: 0,
+            grouping: None,
         }
     }
-    fn next_batch(&mut self, size: usize) -> Vec<usize> {
+
+    /// The Hugging Face Trainer's `group_by_length`: each epoch's shuffle is cut into
+    /// megabatches of up to 50 batches, each sorted longest first, so a batch holds examples
+    /// of similar length (little padding) while the epoch stays random at the megabatch scale.
+    pub fn grouped(lengths: Vec<usize>, batch_size: usize, seed: u64) -> Self {
+        let n = lengths.len();
+        let batches_per_mega = (n / (4 * batch_size.max(1))).clamp(1, 50);
+        let mut order = Self::new(n, seed);
+        order.grouping = Some((lengths, batches_per_mega * batch_size.max(1)));
+        order
+    }
+
+    fn reshuffle(&mut self) {
+        self.perm = (0..self.n).collect();
+        for i in (1..self.n).rev() {
+            let j = self.rng.index(i + 1);
+            self.perm.swap(i, j);
+        }
+        if let Some((lengths, mega)) = &self.grouping {
+            for chunk in self.perm.chunks_mut(*mega) {
+                chunk.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+            }
+        }
+        self.pos = 0;
+    }
+    /// The next `size` items (an epoch boundary continues into the next shuffle).
+    pub fn next_batch(&mut self, size: usize) -> Vec<usize> {
         let mut out = Vec::with_capacity(size);
         while out.len() < size.min(self.n) {
             if self.pos == self.perm.len() {
-                self.perm = (0..self.n).collect();
-                for i in (1..self.n).rev() {
-                    let j = self.rng.index(i + 1);
-                    self.perm.swap(i, j);
-                }
-                self.pos = 0;
+                self.reshuffle();
             }
             out.push(self.perm[self.pos]);
             self.pos += 1;
@@ -535,7 +564,12 @@ fn run_inner(
         MethodConfig::Adalora(a) => a.total_step.saturating_sub(a.tfinal),
         _ => 0,
     };
-    let mut order = Order::new(train_idx.len(), spec.seed);
+    let mut order = if spec.train.group_by_length {
+        let lengths = train_idx.iter().map(|&i| task.train[i].num_tokens()).collect();
+        Order::grouped(lengths, spec.train.batch_size, spec.seed)
+    } else {
+        Order::new(train_idx.len(), spec.seed)
+    };
     let accum = spec.optim.grad_accumulation.max(1);
     let total = spec.train.steps;
     let mut tokens = 0usize;
