@@ -205,6 +205,16 @@ fn main() {
             }
         }
     }
+    // The GEMM floor: each method's step's own GEMM calls (recorded from one step) replayed
+    // alone, one method at a time so only one set of replay buffers is alive.
+    let mut floors = Vec::new();
+    for s in setups.iter_mut() {
+        let ((), calls) = peftbench_backbone::gemm_floor::record(|| s.step(&b));
+        let mut replay = peftbench_backbone::gemm_floor::Replay::new(calls);
+        replay.run();
+        let ms: Vec<f64> = (0..steps()).map(|_| replay.run() * 1e3).collect();
+        floors.push(median(&ms));
+    }
     let full_peak = methods
         .iter()
         .position(|m| m.name() == "full_finetune")
@@ -221,7 +231,7 @@ fn main() {
         )
     };
     let mut md = String::new();
-    let mut csv = String::from("method,trainable_params,ms_per_step,tokens_per_s,peak_mb,peak_vs_full,pytorch_ms,pytorch_same_run,ratio_vs_pytorch\n");
+    let mut csv = String::from("method,trainable_params,ms_per_step,gemm_ms,gemm_share,tokens_per_s,peak_mb,peak_vs_full,pytorch_ms,pytorch_same_run,ratio_vs_pytorch\n");
     let _ = writeln!(md, "# Training step cost per method\n");
     let _ = writeln!(md, "CPU: {}.\n", cpu_description());
     let shape = match base.is_quantized() {
@@ -241,8 +251,9 @@ fn main() {
     }
     let _ = writeln!(md, "Device: {device}, dtype {dtype}, shape {shape}.\n");
     let _ = writeln!(md, "all-MiniLM-L6-v2 shape unless named above, batch {rows} × {seq}, each method's default configuration (the reference's: LoRA r=8 on query/value, AdaLoRA 12 → 8, 20 virtual tokens), {objective}, trainable counts include the 2-class head, median ms of interleaved steps after {warm} warm-up, peak MB the heap's high-water mark while the method is attached and takes two steps (the base's weights included), {} threads. {py_note}. Produced by `cargo bench --bench step_table`.\n", candle_core::utils::get_num_threads());
-    let _ = writeln!(md, "| method | trainable | ms/step | tokens/s | peak MB | peak vs full FT | {py_label} | ratio |");
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "GEMM ms is the step's floor: every f32 GEMM call one step of the method made (candle's matmuls and the backbone's own projection and attention kernels, recorded by `candle_core::gemm_trace`) replayed alone with the same shapes, strides and threading, median of {} replays in the same run; in GEMM is that over ms/step.\n", steps());
+    let _ = writeln!(md, "| method | trainable | ms/step | GEMM ms | in GEMM | tokens/s | peak MB | peak vs full FT | {py_label} | ratio |");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, m) in methods.iter().enumerate() {
         let med = median(&times[i]);
         let tps = (rows * seq) as f64 / (med / 1e3);
@@ -267,17 +278,21 @@ fn main() {
         let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.2}"));
         let _ = writeln!(
             md,
-            "| {} | {} | {med:.0} | {tps:.0} | {mb:.0} | {rel:.2} | {} | {} |",
+            "| {} | {} | {med:.0} | {:.0} | {:.0}% | {tps:.0} | {mb:.0} | {rel:.2} | {} | {} |",
             m.name(),
             setups[i].trainable,
+            floors[i],
+            100.0 * floors[i] / med,
             py.map_or("-".to_string(), |p| format!("{p:.0}")),
             fmt(ratio)
         );
         let _ = writeln!(
             csv,
-            "{},{},{med:.1},{tps:.0},{mb:.1},{rel:.3},{},{},{}",
+            "{},{},{med:.1},{:.1},{:.3},{tps:.0},{mb:.1},{rel:.3},{},{},{}",
             m.name(),
             setups[i].trainable,
+            floors[i],
+            floors[i] / med,
             py.map_or(String::new(), |p| format!("{p:.1}")),
             python.is_some(),
             ratio.map_or(String::new(), |r| format!("{r:.3}"))

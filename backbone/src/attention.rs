@@ -79,6 +79,19 @@ unsafe fn mm(
     rhs: View,
     scale: f32,
 ) {
+    candle_core::gemm_trace::record(candle_core::gemm_trace::Gemm {
+        batch: 1,
+        m,
+        n,
+        k,
+        lhs_skip: 0,
+        rhs_skip: 0,
+        lhs_cs: lhs.2,
+        lhs_rs: lhs.1,
+        rhs_cs: rhs.2,
+        rhs_rs: rhs.1,
+        threaded: false,
+    });
     gemm(
         m,
         n,

@@ -57,6 +57,19 @@ pub(crate) fn x_wt(x: &[f32], rows: usize, inp: usize, w: &[f32], out: usize) ->
     } else {
         Parallelism::None
     };
+    candle_core::gemm_trace::record(candle_core::gemm_trace::Gemm {
+        batch: 1,
+        m: rows,
+        n: out,
+        k: inp,
+        lhs_skip: 0,
+        rhs_skip: 0,
+        lhs_cs: 1,
+        lhs_rs: inp as isize,
+        rhs_cs: inp as isize,
+        rhs_rs: 1,
+        threaded: threads > 1,
+    });
     // W `[out, in]` is read through transposed strides.
     unsafe {
         gemm(

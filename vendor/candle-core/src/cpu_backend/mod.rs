@@ -1499,6 +1499,21 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
+        if T::DTYPE == DType::F32 {
+            crate::gemm_trace::record(crate::gemm_trace::Gemm {
+                batch: b,
+                m,
+                n,
+                k,
+                lhs_skip: a_skip,
+                rhs_skip: b_skip,
+                lhs_cs: lhs_cs as isize,
+                lhs_rs: lhs_rs as isize,
+                rhs_cs: rhs_cs as isize,
+                rhs_rs: rhs_rs as isize,
+                threaded: num_threads > 1,
+            });
+        }
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
