@@ -2,11 +2,14 @@
 //!
 //! Composed from candle primitives, attention is a copy per head split, two batched matmuls
 //! that run each (batch, head) pair as its own small multi-threaded GEMM, a scale, a bias add
-//! and a softmax, and a backward twice as long. Here each (batch, kv-head) group is one rayon
-//! task doing single-threaded GEMMs on strided views of the token-major projections, with the
-//! scale, bias and softmax applied in place. The softmax is kept for the backward.
-
-use std::sync::Mutex;
+//! and a softmax, and a backward twice as long, and it keeps every `t × s` probability of every
+//! head for the backward. Here the work is tiled over queries: each (batch, head, query tile)
+//! is one rayon task doing single-threaded GEMMs on strided views of the token-major
+//! projections, with the scale, bias and softmax applied in place on a `tile × s` block, and
+//! the backward recomputes each tile's probabilities (the same function, so the same bits)
+//! instead of keeping them. What attention holds between forward and backward is then linear
+//! in length: q, k, v and the one additive mask the whole model shares. A query tile's row of
+//! scores is whole (`s` floats), so the softmax needs no online rescaling at these lengths.
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
@@ -22,8 +25,6 @@ struct Attention {
     heads: usize,
     kv_heads: usize,
     scale: f32,
-    /// The softmax `[b, heads, t, s]` from the forward pass, read by the backward.
-    probs: Mutex<Option<Vec<f32>>>,
 }
 
 /// Sizes shared by the forward and backward kernels.
@@ -165,6 +166,63 @@ impl Attention {
     }
 }
 
+/// Queries per tile: a task holds one tile's scores, `QUERY_TILE × s` floats, never `t × s`.
+const QUERY_TILE: usize = 64;
+
+impl Attention {
+    /// The softmax of one query tile's scores into `p` (`rows × s`): rows `r0..r0 + rows` of
+    /// head `h` of batch `bi`, over every key of kv head `g`. The forward and the backward both
+    /// call it, so the backward's recomputed probabilities are the forward's, bit for bit.
+    ///
+    /// # Safety
+    /// `q` and `k` must be the checked operands of `n`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_probs(
+        &self,
+        n: &Dims,
+        q: &[f32],
+        k: &[f32],
+        bias: &[f32],
+        (bi, h, g): (usize, usize, usize),
+        r0: usize,
+        rows: usize,
+        p: &mut [f32],
+    ) {
+        let s = n.s;
+        // scores = q_h[r0..] · k_gᵀ · scale
+        mm(
+            rows,
+            s,
+            n.d,
+            p.as_mut_ptr(),
+            s,
+            false,
+            View(
+                q.as_ptr().add(n.q_at(bi, h) + r0 * n.q_rs()),
+                n.q_rs() as isize,
+                1,
+            ),
+            View(k.as_ptr().add(n.kv_at(bi, g)), 1, n.kv_rs() as isize),
+            self.scale,
+        );
+        let bias = &bias[n.bias_rows(bi) + r0 * s..][..rows * s];
+        let mut row = vec![0f32; s];
+        for (p, b) in p.chunks_mut(s).zip(bias.chunks(s)) {
+            for ((r, &x), &b) in row.iter_mut().zip(p.iter()).zip(b) {
+                *r = x + b;
+            }
+            softmax_row(&row, p);
+        }
+    }
+}
+
+/// Query tiles of a sequence of `t`: (first row, rows).
+fn tiles(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t)
+        .step_by(QUERY_TILE)
+        .map(move |r0| (r0, QUERY_TILE.min(t - r0)))
+}
+
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "fused-attention"
@@ -184,57 +242,39 @@ impl CustomOp3 for Attention {
         let (t, s, d) = (n.t, n.s, n.d);
         let rep = n.heads / n.kv_heads;
         let mut out = vec![0f32; n.b * t * n.q_rs()];
-        let mut probs = vec![0f32; n.b * n.heads * t * s];
         let out_ptr = SendPtr(out.as_mut_ptr());
+        let per_head: Vec<(usize, usize)> = tiles(t).collect();
         with_slices(&[&self.bias], |slices| {
             let bias = slices[0];
-            probs.par_chunks_mut(t * s).enumerate().for_each(|(bh, p)| {
-                let (bi, h) = (bh / n.heads, bh % n.heads);
-                let g = h / rep;
-                let (qp, kp, vp) = (q.as_ptr(), k.as_ptr(), v.as_ptr());
-                let (qa, ka) = (n.q_at(bi, h), n.kv_at(bi, g));
-                // SAFETY: offsets stay inside q, k, v (checked shapes); `p` is this task's
-                // own [t, s] block; the output columns h·d.. of batch bi belong to it alone.
-                unsafe {
-                    // scores = q_h · k_gᵀ · scale
-                    mm(
-                        t,
-                        s,
-                        d,
-                        p.as_mut_ptr(),
-                        s,
-                        false,
-                        View(qp.add(qa), n.q_rs() as isize, 1),
-                        View(kp.add(ka), 1, n.kv_rs() as isize),
-                        self.scale,
-                    );
-                }
-                let bias = &bias[n.bias_rows(bi)..n.bias_rows(bi) + t * s];
-                let mut row = vec![0f32; s];
-                for (p, b) in p.chunks_mut(s).zip(bias.chunks(s)) {
-                    for ((r, &x), &b) in row.iter_mut().zip(p.iter()).zip(b) {
-                        *r = x + b;
+            // One task per (batch, head, query tile); nothing of size t × s is kept.
+            (0..n.b * n.heads * per_head.len())
+                .into_par_iter()
+                .for_each(|task| {
+                    let (bh, tile) = (task / per_head.len(), task % per_head.len());
+                    let (bi, h) = (bh / n.heads, bh % n.heads);
+                    let g = h / rep;
+                    let (r0, rows) = per_head[tile];
+                    let mut p = vec![0f32; rows * s];
+                    // SAFETY: offsets stay inside q, k, v (checked shapes); rows r0.. of the
+                    // output columns h·d.. of batch bi belong to this task alone.
+                    unsafe {
+                        self.tile_probs(&n, q, k, bias, (bi, h, g), r0, rows, &mut p);
+                        // out_h[r0..] = probs · v_g
+                        mm(
+                            rows,
+                            d,
+                            s,
+                            out_ptr.at(n.q_at(bi, h) + r0 * n.q_rs()),
+                            n.q_rs(),
+                            false,
+                            View(p.as_ptr(), s as isize, 1),
+                            View(v.as_ptr().add(n.kv_at(bi, g)), n.kv_rs() as isize, 1),
+                            1.0,
+                        );
                     }
-                    softmax_row(&row, p);
-                }
-                unsafe {
-                    // out_h = probs · v_g
-                    mm(
-                        t,
-                        d,
-                        s,
-                        out_ptr.at(qa),
-                        n.q_rs(),
-                        false,
-                        View(p.as_ptr(), s as isize, 1),
-                        View(vp.add(ka), n.kv_rs() as isize, 1),
-                        1.0,
-                    );
-                }
-            });
+                });
             Ok(())
         })?;
-        *self.probs.lock().unwrap() = Some(probs);
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
 
@@ -246,9 +286,6 @@ impl CustomOp3 for Attention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Some(probs) = self.probs.lock().unwrap().take() else {
-            bail!("fused attention: backward ran twice or without its forward");
-        };
         let n = self.dims(q.layout(), k.layout(), v.layout())?;
         let grad = grad.contiguous()?;
         let (t, s, d) = (n.t, n.s, n.d);
@@ -261,77 +298,84 @@ impl CustomOp3 for Attention {
             SendPtr(dk.as_mut_ptr()),
             SendPtr(dv.as_mut_ptr()),
         );
-        with_slices(&[q, k, v, &grad], |slices| {
-            let [qv, kv, vv, gv] = [slices[0], slices[1], slices[2], slices[3]];
+        with_slices(&[q, k, v, &grad, &self.bias], |slices| {
+            let [qv, kv, vv, gv, bias] = [slices[0], slices[1], slices[2], slices[3], slices[4]];
             // One task per (batch, kv head): the heads sharing a kv head add into the same
-            // dk/dv block, so they run in sequence inside the task.
+            // dk/dv block, so they run in sequence inside the task. Each query tile's
+            // probabilities are recomputed rather than kept from the forward.
             (0..n.b * n.kv_heads).into_par_iter().for_each(|bg| {
                 let (bi, g) = (bg / n.kv_heads, bg % n.kv_heads);
                 let ka = n.kv_at(bi, g);
-                let mut ds = vec![0f32; t * s];
+                let mut p = vec![0f32; QUERY_TILE.min(t) * s];
+                let mut ds = vec![0f32; QUERY_TILE.min(t) * s];
                 let mut row = vec![0f32; s];
-                for (r, h) in (g * rep..(g + 1) * rep).enumerate() {
-                    let qa = n.q_at(bi, h);
-                    let p = &probs[(bi * n.heads + h) * t * s..][..t * s];
-                    let go = View(gv.as_ptr().wrapping_add(qa), n.q_rs() as isize, 1);
-                    // SAFETY: as in the forward; dq columns of head h and the dk/dv
-                    // block of (bi, g) belong to this task alone.
-                    unsafe {
-                        // dv_g += probsᵀ · dout_h
-                        mm(
-                            s,
-                            d,
-                            t,
-                            dv_p.at(ka),
-                            n.kv_rs(),
-                            r > 0,
-                            View(p.as_ptr(), 1, s as isize),
-                            go,
-                            1.0,
-                        );
-                        // dprobs = dout_h · v_gᵀ
-                        mm(
-                            t,
-                            s,
-                            d,
-                            ds.as_mut_ptr(),
-                            s,
-                            false,
-                            go,
-                            View(vv.as_ptr().add(ka), 1, n.kv_rs() as isize),
-                            1.0,
-                        );
-                    }
-                    // dscores = softmax backward of dprobs (the scale goes in below).
-                    for (dsr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
-                        row.copy_from_slice(dsr);
-                        softmax_bwd_row(&row, pr, dsr);
-                    }
-                    unsafe {
-                        // dq_h = dscores · k_g · scale
-                        mm(
-                            t,
-                            d,
-                            s,
-                            dq_p.at(qa),
-                            n.q_rs(),
-                            false,
-                            View(ds.as_ptr(), s as isize, 1),
-                            View(kv.as_ptr().add(ka), n.kv_rs() as isize, 1),
-                            self.scale,
-                        );
-                        // dk_g += dscoresᵀ · q_h · scale
-                        mm(
-                            s,
-                            d,
-                            t,
-                            dk_p.at(ka),
-                            n.kv_rs(),
-                            r > 0,
-                            View(ds.as_ptr(), 1, s as isize),
-                            View(qv.as_ptr().add(qa), n.q_rs() as isize, 1),
-                            self.scale,
-                        );
+                let mut first = true;
+                for h in g * rep..(g + 1) * rep {
+                    for (r0, rows) in tiles(t) {
+                        let (p, ds) = (&mut p[..rows * s], &mut ds[..rows * s]);
+                        let qa = n.q_at(bi, h) + r0 * n.q_rs();
+                        let go = View(gv.as_ptr().wrapping_add(qa), n.q_rs() as isize, 1);
+                        // SAFETY: as in the forward; rows r0.. of dq's head-h columns and the
+                        // dk/dv block of (bi, g) belong to this task alone.
+                        unsafe {
+                            self.tile_probs(&n, qv, kv, bias, (bi, h, g), r0, rows, p);
+                            // dv_g += probsᵀ · dout
+                            mm(
+                                s,
+                                d,
+                                rows,
+                                dv_p.at(ka),
+                                n.kv_rs(),
+                                !first,
+                                View(p.as_ptr(), 1, s as isize),
+                                go,
+                                1.0,
+                            );
+                            // dprobs = dout · v_gᵀ
+                            mm(
+                                rows,
+                                s,
+                                d,
+                                ds.as_mut_ptr(),
+                                s,
+                                false,
+                                go,
+                                View(vv.as_ptr().add(ka), 1, n.kv_rs() as isize),
+                                1.0,
+                            );
+                        }
+                        // dscores = softmax backward of dprobs (the scale goes in below).
+                        for (dsr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
+                            row.copy_from_slice(dsr);
+                            softmax_bwd_row(&row, pr, dsr);
+                        }
+                        unsafe {
+                            // dq_h[r0..] = dscores · k_g · scale
+                            mm(
+                                rows,
+                                d,
+                                s,
+                                dq_p.at(qa),
+                                n.q_rs(),
+                                false,
+                                View(ds.as_ptr(), s as isize, 1),
+                                View(kv.as_ptr().add(ka), n.kv_rs() as isize, 1),
+                                self.scale,
+                            );
+                            // dk_g += dscoresᵀ · q_h[r0..] · scale
+                            mm(
+                                s,
+                                d,
+                                rows,
+                                dk_p.at(ka),
+                                n.kv_rs(),
+                                !first,
+                                View(ds.as_ptr(), 1, s as isize),
+                                View(qv.as_ptr().add(qa), n.q_rs() as isize, 1),
+                                self.scale,
+                            );
+                        }
+                        first = false;
                     }
                 }
             });
@@ -365,7 +409,6 @@ pub(crate) fn attention(
         heads,
         kv_heads,
         scale: scale as f32,
-        probs: Mutex::new(None),
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)

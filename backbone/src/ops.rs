@@ -414,6 +414,9 @@ mod tests {
             (3, 4, 0, 6, 1, 5, 1),
             (4, 64, 10, 12, 12, 32, 4),
             (2, 33, 20, 8, 4, 16, 2),
+            // Several query tiles, the last one partial.
+            (2, 150, 6, 4, 2, 8, 2),
+            (1, 129, 0, 3, 1, 4, 1),
         ];
         for (k, &(b, t, pre, heads, kv, d, bb)) in cases.iter().enumerate() {
             let s = t + pre;
