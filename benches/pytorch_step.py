@@ -122,6 +122,7 @@ def main():
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--memory", action="store_true", help="report each method's first-step resident memory (MB)")
     ap.add_argument("--random-config", default=None, help="config.json of a random model to use instead of --model's weights")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -167,8 +168,27 @@ def main():
         opt.zero_grad(set_to_none=True)
         sync()
 
+    # What each method's first step adds to resident memory (activations, gradients, AdamW
+    # state): the kernel's high-water mark is reset before it (clear_refs 5) and read after.
+    # The scaling bench runs this with a fixed MALLOC_MMAP_THRESHOLD_, so a freed tensor
+    # leaves the resident set instead of staying in malloc's free lists for the next method.
+    step_mb = {}
+
+    def rss_kb(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        return 0
+
     for name in list(setups):
         try:
+            if args.memory:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                before = rss_kb("VmRSS")
+                step(*setups[name])
+                step_mb[name] = (rss_kb("VmHWM") - before) / 1e3
             for _ in range(args.warmup):
                 step(*setups[name])
         except Exception as e:  # noqa: BLE001
@@ -181,7 +201,7 @@ def main():
             step(model, opt)
             times[name].append((time.perf_counter() - t0) * 1e3)
     json.dump(
-        {"torch": torch.__version__, "threads": torch.get_num_threads(), "ms": times, "errors": errors},
+        {"torch": torch.__version__, "threads": torch.get_num_threads(), "ms": times, "step_mb": step_mb, "errors": errors},
         sys.stdout,
     )
     print()

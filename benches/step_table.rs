@@ -120,34 +120,6 @@ fn python_shape_args() -> Vec<String> {
     a
 }
 
-/// The CPU's model name and the vector extensions the kernels can use.
-fn cpu_description() -> String {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    #[cfg(target_arch = "x86_64")]
-    let flags: Vec<&str> = [
-        ("avx2", std::arch::is_x86_feature_detected!("avx2")),
-        ("fma", std::arch::is_x86_feature_detected!("fma")),
-        ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
-        (
-            "avx512bf16",
-            std::arch::is_x86_feature_detected!("avx512bf16"),
-        ),
-    ]
-    .into_iter()
-    .filter_map(|(n, on)| on.then_some(n))
-    .collect();
-    #[cfg(not(target_arch = "x86_64"))]
-    let flags: Vec<&str> = Vec::new();
-    format!("{model} ({})", flags.join(", "))
-}
-
 fn main() {
     // `cargo bench` passes --bench; the shape, device and dtype come from the environment
     // (support/mod.rs), as do PEFTBENCH_BENCH_BATCH and _SEQ (default 16 × 64).
@@ -233,7 +205,7 @@ fn main() {
     let mut md = String::new();
     let mut csv = String::from("method,trainable_params,ms_per_step,gemm_ms,gemm_share,tokens_per_s,peak_mb,peak_vs_full,pytorch_ms,pytorch_same_run,ratio_vs_pytorch\n");
     let _ = writeln!(md, "# Training step cost per method\n");
-    let _ = writeln!(md, "CPU: {}.\n", cpu_description());
+    let _ = writeln!(md, "CPU: {}.\n", cpu_line());
     let shape = match base.is_quantized() {
         true => "SmolLM2-135M-Instruct (its Q4_1 GGUF file)".to_string(),
         false => std::env::var("PEFTBENCH_BENCH_SHAPE").unwrap_or_else(|_| "minilm".into()),

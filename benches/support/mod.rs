@@ -291,3 +291,31 @@ pub fn budget_label(model: &Transformer) -> String {
 pub fn parse_budget(s: &str) -> Budget {
     Budget::parse(s).unwrap()
 }
+
+/// The CPU's model name and the vector extensions the kernels can use.
+pub fn cpu_line() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    #[cfg(target_arch = "x86_64")]
+    let flags: Vec<&str> = [
+        ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+        ("fma", std::arch::is_x86_feature_detected!("fma")),
+        ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+        (
+            "avx512bf16",
+            std::arch::is_x86_feature_detected!("avx512bf16"),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(n, on)| on.then_some(n))
+    .collect();
+    #[cfg(not(target_arch = "x86_64"))]
+    let flags: Vec<&str> = Vec::new();
+    format!("{model} ({})", flags.join(", "))
+}
