@@ -15,7 +15,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use crate::fused::{slice, softmax_bwd_row, softmax_row, with_slices};
+use crate::fused::{gemm_output, slice, softmax_bwd_row, softmax_row, with_slices};
 
 /// `softmax(q·kᵀ·scale + bias)·v` over token-major `q [b, t, heads·d]` and
 /// `k, v [b, s, kv_heads·d]`; the result is token-major `[b, t, heads·d]`.
@@ -241,7 +241,7 @@ impl CustomOp3 for Attention {
         let (q, k, v) = (slice(qs, ql)?, slice(ks, kl)?, slice(vs, vl)?);
         let (t, s, d) = (n.t, n.s, n.d);
         let rep = n.heads / n.kv_heads;
-        let mut out = vec![0f32; n.b * t * n.q_rs()];
+        let mut out = gemm_output(n.b * t * n.q_rs());
         let out_ptr = SendPtr(out.as_mut_ptr());
         let per_head: Vec<(usize, usize)> = tiles(t).collect();
         with_slices(&[&self.bias], |slices| {
@@ -254,7 +254,7 @@ impl CustomOp3 for Attention {
                     let (bi, h) = (bh / n.heads, bh % n.heads);
                     let g = h / rep;
                     let (r0, rows) = per_head[tile];
-                    let mut p = vec![0f32; rows * s];
+                    let mut p = gemm_output(rows * s);
                     // SAFETY: offsets stay inside q, k, v (checked shapes); rows r0.. of the
                     // output columns h·d.. of batch bi belong to this task alone.
                     unsafe {
@@ -290,9 +290,9 @@ impl CustomOp3 for Attention {
         let grad = grad.contiguous()?;
         let (t, s, d) = (n.t, n.s, n.d);
         let rep = n.heads / n.kv_heads;
-        let mut dq = vec![0f32; q.elem_count()];
-        let mut dk = vec![0f32; k.elem_count()];
-        let mut dv = vec![0f32; v.elem_count()];
+        let mut dq = gemm_output(q.elem_count());
+        let mut dk = gemm_output(k.elem_count());
+        let mut dv = gemm_output(v.elem_count());
         let (dq_p, dk_p, dv_p) = (
             SendPtr(dq.as_mut_ptr()),
             SendPtr(dk.as_mut_ptr()),
@@ -306,8 +306,8 @@ impl CustomOp3 for Attention {
             (0..n.b * n.kv_heads).into_par_iter().for_each(|bg| {
                 let (bi, g) = (bg / n.kv_heads, bg % n.kv_heads);
                 let ka = n.kv_at(bi, g);
-                let mut p = vec![0f32; QUERY_TILE.min(t) * s];
-                let mut ds = vec![0f32; QUERY_TILE.min(t) * s];
+                let mut p = gemm_output(QUERY_TILE.min(t) * s);
+                let mut ds = gemm_output(QUERY_TILE.min(t) * s);
                 let mut row = vec![0f32; s];
                 let mut first = true;
                 for h in g * rep..(g + 1) * rep {

@@ -50,7 +50,7 @@ impl CustomOp1 for FrozenMatmul {
 
 /// `dst [rows, out] = x [rows, in] · Wᵀ` for a row-major `W [out, in]`, on the rayon pool.
 pub(crate) fn x_wt(x: &[f32], rows: usize, inp: usize, w: &[f32], out: usize) -> Vec<f32> {
-    let mut dst = vec![0f32; rows * out];
+    let mut dst = crate::fused::gemm_output(rows * out);
     let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 {
         Parallelism::Rayon(threads)

@@ -182,15 +182,29 @@ fn contiguous_grad(g: &Tensor) -> Result<Tensor> {
     g.contiguous()
 }
 
+/// A buffer for a GEMM to write every element of without reading it (`read_dst` false):
+/// zero-filling it first would be a wasted pass over memory.
+pub(crate) fn gemm_output(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: f32 has no invalid bit patterns, and every caller's GEMMs write all `len`
+    // elements before anything reads them.
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        v.set_len(len)
+    };
+    v
+}
+
 // ---- vectorisable math ---------------------------------------------------------------------
 //
 // libm's expf/erff/tanhf are opaque calls, one element at a time, and they dominate these
 // kernels. The versions here are branch-free (selects, bit casts), so loops over them
-// vectorise; `simd!` compiles such loops a second time for AVX2 and picks it at run time.
-// No FMA contraction happens either way (Rust does not contract), so both builds give
-// bit-identical results.
+// vectorise; `simd!` compiles such loops again for AVX2 and for AVX-512 and picks at run
+// time. No FMA contraction happens in any (Rust does not contract), so all give bit-identical
+// results.
 
-/// Defines `fn $name` whose body is compiled twice, baseline and AVX2, dispatching on the CPU.
+/// Defines `fn $name` whose body is compiled three times, baseline, AVX2 and AVX-512,
+/// dispatching on the CPU.
 macro_rules! simd {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$m])*
@@ -199,6 +213,14 @@ macro_rules! simd {
             fn generic($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    generic($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports AVX-512F, the only feature `avx512` was built with.
+                    return unsafe { avx512($($arg),*) };
+                }
                 #[target_feature(enable = "avx2")]
                 unsafe fn avx2($($arg: $ty),*) {
                     generic($($arg),*)
