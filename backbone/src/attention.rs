@@ -15,13 +15,14 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+use crate::ops::Visible;
 use crate::fused::{gemm_output, slice, softmax_bwd_row, softmax_row, with_slices};
 
 /// `softmax(q·kᵀ·scale + bias)·v` over token-major `q [b, t, heads·d]` and
 /// `k, v [b, s, kv_heads·d]`; the result is token-major `[b, t, heads·d]`.
 struct Attention {
-    /// Additive `[b or 1, 1, t, s]`, contiguous; carries no gradient.
-    bias: Tensor,
+    /// Which keys each query sees (contiguous); carries no gradient.
+    visible: Visible,
     heads: usize,
     kv_heads: usize,
     scale: f32,
@@ -149,11 +150,25 @@ impl Attention {
         if kw != kv_heads * d {
             bail!("fused attention: k width {kw}, expected {kv_heads} × {d}");
         }
-        let bias_dims = self.bias.dims();
-        let bias_b = bias_dims.first().copied().unwrap_or(0);
-        if bias_dims.len() != 4 || !(bias_b == 1 || bias_b == b) || bias_dims[1..] != [1, t, s] {
-            bail!("fused attention: bias {bias_dims:?} does not fit [{b}, 1, {t}, {s}]");
-        }
+        let bias_b = match &self.visible {
+            Visible::Bias(bias) => {
+                let dims = bias.dims();
+                let bb = dims.first().copied().unwrap_or(0);
+                if dims.len() != 4 || !(bb == 1 || bb == b) || dims[1..] != [1, t, s] {
+                    bail!("fused attention: bias {dims:?} does not fit [{b}, 1, {t}, {s}]");
+                }
+                bb
+            }
+            Visible::Keys { keys, .. } => {
+                if keys.dims() != [b, s] || s < t {
+                    bail!(
+                        "fused attention: key mask {:?} does not fit [{b}, {s}] for {t} queries",
+                        keys.dims()
+                    );
+                }
+                b
+            }
+        };
         Ok(Dims {
             b,
             t,
@@ -163,6 +178,15 @@ impl Attention {
             d,
             bias_b,
         })
+    }
+}
+
+impl Attention {
+    /// The mask's tensor, whichever form it has.
+    fn mask(&self) -> &Tensor {
+        match &self.visible {
+            Visible::Bias(t) | Visible::Keys { keys: t, .. } => t,
+        }
     }
 }
 
@@ -182,7 +206,7 @@ impl Attention {
         n: &Dims,
         q: &[f32],
         k: &[f32],
-        bias: &[f32],
+        mask: &[f32],
         (bi, h, g): (usize, usize, usize),
         r0: usize,
         rows: usize,
@@ -205,13 +229,29 @@ impl Attention {
             View(k.as_ptr().add(n.kv_at(bi, g)), 1, n.kv_rs() as isize),
             self.scale,
         );
-        let bias = &bias[n.bias_rows(bi) + r0 * s..][..rows * s];
         let mut row = vec![0f32; s];
-        for (p, b) in p.chunks_mut(s).zip(bias.chunks(s)) {
-            for ((r, &x), &b) in row.iter_mut().zip(p.iter()).zip(b) {
-                *r = x + b;
+        match &self.visible {
+            Visible::Bias(_) => {
+                let bias = &mask[n.bias_rows(bi) + r0 * s..][..rows * s];
+                for (p, b) in p.chunks_mut(s).zip(bias.chunks(s)) {
+                    for ((r, &x), &b) in row.iter_mut().zip(p.iter()).zip(b) {
+                        *r = x + b;
+                    }
+                    softmax_row(&row, p);
+                }
             }
-            softmax_row(&row, p);
+            Visible::Keys { causal, .. } => {
+                let keys = &mask[bi * s..][..s];
+                for (i, p) in p.chunks_mut(s).enumerate() {
+                    // Keys after `last` are hidden from query r0 + i in a decoder (the same
+                    // f32::MIN the dense bias holds there).
+                    let last = if *causal { r0 + i + s - n.t } else { s - 1 };
+                    for (j, ((r, &x), &b)) in row.iter_mut().zip(p.iter()).zip(keys).enumerate() {
+                        *r = x + if j > last { f32::MIN } else { b };
+                    }
+                    softmax_row(&row, p);
+                }
+            }
         }
     }
 }
@@ -244,7 +284,7 @@ impl CustomOp3 for Attention {
         let mut out = gemm_output(n.b * t * n.q_rs());
         let out_ptr = SendPtr(out.as_mut_ptr());
         let per_head: Vec<(usize, usize)> = tiles(t).collect();
-        with_slices(&[&self.bias], |slices| {
+        with_slices(&[self.mask()], |slices| {
             let bias = slices[0];
             // One task per (batch, head, query tile); nothing of size t × s is kept.
             (0..n.b * n.heads * per_head.len())
@@ -298,7 +338,7 @@ impl CustomOp3 for Attention {
             SendPtr(dk.as_mut_ptr()),
             SendPtr(dv.as_mut_ptr()),
         );
-        with_slices(&[q, k, v, &grad, &self.bias], |slices| {
+        with_slices(&[q, k, v, &grad, self.mask()], |slices| {
             let [qv, kv, vv, gv, bias] = [slices[0], slices[1], slices[2], slices[3], slices[4]];
             // One task per (batch, kv head): the heads sharing a kv head add into the same
             // dk/dv block, so they run in sequence inside the task. Each query tile's
@@ -394,18 +434,25 @@ impl CustomOp3 for Attention {
 }
 
 /// Fused attention (f32, CPU) over token-major `q [b, t, heads·d]`, `k, v [b, s,
-/// kv_heads·d]` and an additive `bias [b or 1, 1, t, s]`: `[b, t, heads·d]`.
+/// kv_heads·d]` and which keys each query sees: `[b, t, heads·d]`.
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    bias: &Tensor,
+    visible: &Visible,
     heads: usize,
     kv_heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
+    let visible = match visible {
+        Visible::Bias(b) => Visible::Bias(b.contiguous()?),
+        Visible::Keys { keys, causal } => Visible::Keys {
+            keys: keys.contiguous()?,
+            causal: *causal,
+        },
+    };
     let op = Attention {
-        bias: bias.contiguous()?,
+        visible,
         heads,
         kv_heads,
         scale: scale as f32,

@@ -522,7 +522,15 @@ impl Transformer {
         };
 
         let mut h = self.embed(inputs, prefix.as_ref(), shift, kv_len, iv)?;
-        let bias = attention_bias(&mask, kv_len, cfg.is_causal())?;
+        // The fused kernel reads the mask per key; candle's composite needs it dense.
+        let visible = if crate::kernels::fused_on(self.dtype, &self.device) {
+            ops::Visible::Keys {
+                keys: key_bias(&mask, kv_len)?,
+                causal: cfg.is_causal(),
+            }
+        } else {
+            ops::Visible::Bias(attention_bias(&mask, kv_len, cfg.is_causal())?)
+        };
         let rope = if cfg.family == Family::Llama {
             let (cos, sin) =
                 ops::rope_tables(kv_len, seq, cfg.head_dim(), cfg.rope_theta, &self.device)?;
@@ -540,7 +548,7 @@ impl Transformer {
             let prefix_i = kv.as_ref().map(|k| &k[i]);
             let cached = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let step = Step {
-                bias: &bias,
+                visible: &visible,
                 rope: rope.as_ref(),
                 prefix: prefix_i,
                 cached,
@@ -682,7 +690,7 @@ impl Transformer {
         iv: &dyn Intervention,
     ) -> Result<Tensor> {
         let Step {
-            bias,
+            visible,
             rope,
             prefix,
             cached,
@@ -728,7 +736,7 @@ impl Transformer {
             (*ck, *cv) = (k.detach(), v.detach());
         }
         let scale = 1.0 / (d as f64).sqrt();
-        let ctx = ops::attention(&q, &k, &v, bias, nh, nkv, scale)?;
+        let ctx = ops::attention(&q, &k, &v, visible, nh, nkv, scale)?;
         project(iv, site(Proj::AttnOut), &layer.attn_out, &ctx)
     }
 
@@ -752,13 +760,28 @@ impl Transformer {
     }
 }
 
-/// What one layer's attention needs beside its input: the mask bias, the rotary tables, the
+/// What one layer's attention needs beside its input: which keys it sees, the rotary tables, the
 /// method's key/value prefix, and the layer's cache entry when decoding incrementally.
 struct Step<'a> {
-    bias: &'a Tensor,
+    visible: &'a ops::Visible,
     rope: Option<&'a (Tensor, Tensor)>,
     prefix: Option<&'a KvPrefix>,
     cached: Option<&'a mut (Tensor, Tensor)>,
+}
+
+/// Additive bias per key `[batch, kv_len + len]`: 0 at prefix keys and real tokens, f32::MIN
+/// at padding (the per-key form of [`attention_bias`]).
+pub fn key_bias(mask: &Tensor, kv_len: usize) -> Result<Tensor> {
+    let b = mask.dim(0)?;
+    let padding = mask
+        .to_dtype(DType::F32)?
+        .affine(-1.0, 1.0)?
+        .affine(f32::MIN as f64, 0.0)?;
+    if kv_len == 0 {
+        return Ok(padding.contiguous()?);
+    }
+    let visible = Tensor::zeros((b, kv_len), DType::F32, mask.device())?;
+    Ok(Tensor::cat(&[&visible, &padding], 1)?.contiguous()?)
 }
 
 /// Additive attention bias `[batch, 1, len, kv_len + len]`: 0 where a query may attend,

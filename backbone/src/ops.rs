@@ -138,22 +138,75 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
 }
 
+/// Which keys each query of an attention may see.
+#[derive(Debug, Clone)]
+pub enum Visible {
+    /// An additive bias `[b or 1, 1, t, s]`: 0 where a query may attend, f32::MIN elsewhere.
+    Bias(Tensor),
+    /// An additive bias per key `[b, s]` (0 or f32::MIN; f32), and, for decoders, the causal
+    /// rule: query `i` of `t` sees key `j` only when `j ≤ i + s − t` (keys before the queries,
+    /// a prefix or a cache, are visible to all). The fused kernel reads it as is, so nothing
+    /// of size `t × s` is ever made.
+    Keys {
+        /// `[b, s]` additive.
+        keys: Tensor,
+        /// Whether later keys are hidden.
+        causal: bool,
+    },
+}
+
+impl Visible {
+    /// The dense `[b or 1, 1, t, s]` bias this stands for.
+    pub fn dense(&self, t: usize) -> Result<Tensor> {
+        match self {
+            Visible::Bias(b) => Ok(b.clone()),
+            Visible::Keys { keys, causal } => {
+                let (b, s) = keys.dims2()?;
+                let keys = keys.reshape((b, 1, 1, s))?.broadcast_as((b, 1, t, s))?;
+                if !causal {
+                    return keys.contiguous();
+                }
+                // Key j is later than query i when j > i + s − t.
+                let dev = keys.device();
+                let j = Tensor::arange(0u32, s as u32, dev)?
+                    .unsqueeze(0)?
+                    .broadcast_as((t, s))?;
+                let limit = Tensor::arange((s - t) as u32, s as u32, dev)?
+                    .unsqueeze(1)?
+                    .broadcast_as((t, s))?;
+                let later = j
+                    .gt(&limit)?
+                    .to_dtype(DType::F32)?
+                    .affine(f32::MIN as f64, 0.0)?
+                    .reshape((1, 1, t, s))?;
+                // The smaller of the two: MIN where either hides (their sum would be −inf).
+                keys.broadcast_minimum(&later)?.contiguous()
+            }
+        }
+    }
+}
+
 /// Scaled dot-product attention over token-major projections: `q [b, t, heads·d]`,
-/// `k, v [b, s, kv_heads·d]` (kv heads shared by `heads / kv_heads` query heads), additive
-/// `bias [b or 1, 1, t, s]` (no gradient). Returns `[b, t, heads·d]`.
+/// `k, v [b, s, kv_heads·d]` (kv heads shared by `heads / kv_heads` query heads), which keys
+/// each query sees (no gradient). Returns `[b, t, heads·d]`.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    bias: &Tensor,
+    visible: &Visible,
     heads: usize,
     kv_heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
-    if fused::eligible(&[q, k, v, bias]) && bias.rank() == 4 {
-        return crate::attention::attention(q, k, v, bias, heads, kv_heads, scale);
+    let mask = match visible {
+        Visible::Bias(b) => b,
+        Visible::Keys { keys, .. } => keys,
+    };
+    if fused::eligible(&[q, k, v, mask]) {
+        return crate::attention::attention(q, k, v, visible, heads, kv_heads, scale);
     }
-    attention_composite(q, k, v, bias, heads, kv_heads, scale)
+    let bias = visible.dense(q.dim(1)?)?;
+    attention_composite(q, k, v, &bias, heads, kv_heads, scale)
 }
 
 fn attention_composite(
@@ -357,7 +410,11 @@ mod tests {
         // Two query heads of width 2 sharing one kv head.
         let kv = Tensor::ones((2, 3, 2), DType::F32, &Device::Cpu).unwrap();
         let bias = Tensor::zeros((2, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
+        let bias = Visible::Bias(bias);
         assert!(is_fused(&attention(x, &kv, &kv, &bias, 2, 1, 0.5).unwrap()));
+        let keys = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+        let keys = Visible::Keys { keys, causal: true };
+        assert!(is_fused(&attention(x, &kv, &kv, &keys, 2, 1, 0.5).unwrap()));
         // f64 falls back to the composite.
         let x64 = x.to_dtype(DType::F64).unwrap();
         assert!(!is_fused(&softmax_last_dim(&x64).unwrap()));
@@ -431,13 +488,74 @@ mod tests {
                 &what,
                 &[q, kk, v],
                 |t| t.clone(),
-                move |a| attention(&a[0], &a[1], &a[2], &bias_f, heads, kv, scale),
+                move |a| attention(&a[0], &a[1], &a[2], &Visible::Bias(bias_f.clone()), heads, kv, scale),
                 |a| {
                     let bias = bias.to_dtype(a[0].dtype())?;
                     attention_composite(&a[0], &a[1], &a[2], &bias, heads, kv, scale)
                 },
                 k as u64,
             );
+        }
+    }
+
+    #[test]
+    fn attention_with_a_key_mask_matches_composite() {
+        let mut init = Initializer::new(6);
+        // (batch, queries, keys before the queries, heads, kv heads, head dim, causal)
+        let cases = [
+            (1, 1, 0, 1, 1, 2, true),
+            (2, 5, 0, 3, 3, 4, false),
+            (2, 7, 3, 4, 2, 8, true),
+            (3, 70, 0, 2, 1, 4, true),
+            (2, 130, 9, 4, 2, 8, false),
+            (2, 129, 4, 3, 3, 4, true),
+        ];
+        for (c, &(b, t, pre, heads, kv, d, causal)) in cases.iter().enumerate() {
+            let s = t + pre;
+            let q = randn(&mut init, &[b, t, heads * d], 1.0);
+            let kk = randn(&mut init, &[b, s, kv * d], 1.0);
+            let v = randn(&mut init, &[b, s, kv * d], 1.0);
+            // Padding at the end of each row (never the first key), as the model's masks.
+            let mut keys = vec![0f32; b * s];
+            for (r, row) in keys.chunks_mut(s).enumerate() {
+                let real = s - (r * 3) % (t.max(2) - 1);
+                row[real..].fill(f32::MIN);
+            }
+            let keys = Tensor::from_vec(keys, (b, s), &Device::Cpu).unwrap();
+            let visible = Visible::Keys { keys, causal };
+            let dense = visible.dense(t).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let what = format!("key-mask attention b{b} t{t} s{s} heads {heads}/{kv} causal {causal}");
+            check(
+                &what,
+                &[q, kk, v],
+                |t| t.clone(),
+                move |a| attention(&a[0], &a[1], &a[2], &visible, heads, kv, scale),
+                |a| attention_composite(&a[0], &a[1], &a[2], &dense, heads, kv, scale),
+                c as u64,
+            );
+        }
+    }
+
+    #[test]
+    fn the_per_key_mask_is_the_dense_bias() {
+        let mut init = Initializer::new(7);
+        for (b, t, pre) in [(1, 1, 0), (2, 6, 0), (3, 5, 4), (2, 9, 2)] {
+            let m: Vec<u32> = (0..b * t)
+                .map(|i| u32::from(i % t == 0 || init.index(4) > 0))
+                .collect();
+            let mask = Tensor::from_vec(m, (b, t), &Device::Cpu).unwrap();
+            for causal in [false, true] {
+                let keys = crate::model::key_bias(&mask, pre).unwrap();
+                let dense = Visible::Keys { keys, causal }.dense(t).unwrap();
+                let want = crate::model::attention_bias(&mask, pre, causal).unwrap();
+                let (a, w): (Vec<f32>, Vec<f32>) = (
+                    dense.flatten_all().unwrap().to_vec1().unwrap(),
+                    want.flatten_all().unwrap().to_vec1().unwrap(),
+                );
+                assert_eq!(dense.dims(), want.dims());
+                assert!(a == w, "b{b} t{t} prefix {pre} causal {causal}");
+            }
         }
     }
 
