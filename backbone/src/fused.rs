@@ -673,6 +673,95 @@ pub(crate) fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     y.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
 }
 
+// ---- column scale --------------------------------------------------------------------------
+
+/// `x ⊙ l` for `x [.., n]` and a vector `l [n]` ((IA)³'s rescaling): candle's backward for the
+/// broadcast would sum `g ⊙ x` over rows with its strided single-threaded reduction; here
+/// both gradients are one parallel pass each.
+struct ScaleColumns;
+
+/// Σ over rows of `g ⊙ x` (both `[rows, n]`), partial sums per chunk of rows.
+fn column_dot_sums(g: &[f32], x: &[f32], n: usize) -> Vec<f32> {
+    g.par_chunks(step(n))
+        .zip(x.par_chunks(step(n)))
+        .map(|(g, x)| {
+            let mut acc = vec![0f32; n];
+            for (g, x) in g.chunks_exact(n).zip(x.chunks_exact(n)) {
+                for ((a, &g), &x) in acc.iter_mut().zip(g).zip(x) {
+                    *a += g * x;
+                }
+            }
+            acc
+        })
+        .reduce(
+            || vec![0f32; n],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    *x += y;
+                }
+                a
+            },
+        )
+}
+
+impl CustomOp2 for ScaleColumns {
+    fn name(&self) -> &'static str {
+        "fused-scale-columns"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let l = slice(s2, l2)?;
+        let y = map_rows(slice(s1, l1)?, l.len(), |r, o| {
+            for ((o, &r), &l) in o.iter_mut().zip(r).zip(l) {
+                *o = r * l;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        l: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = contiguous_grad(grad)?;
+        let n = l.elem_count();
+        let dl = if l.track_op() {
+            let sums = with_slices(&[&g, x], |s| Ok(column_dot_sums(s[0], s[1], n)))?;
+            Some(Tensor::from_vec(sums, l.shape(), l.device())?)
+        } else {
+            None
+        };
+        let dx = if x.track_op() {
+            let dx = with_slices(&[&g, l], |s| {
+                let l = s[1];
+                Ok(map_rows(s[0], n, |r, o| {
+                    for ((o, &r), &l) in o.iter_mut().zip(r).zip(l) {
+                        *o = r * l;
+                    }
+                }))
+            })?;
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        Ok((dx, dl))
+    }
+}
+
+/// `x [.., n] ⊙ l [n]` (f32, CPU).
+pub(crate) fn scale_columns(x: &Tensor, l: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&l.contiguous()?, ScaleColumns)
+}
+
 // ---- RMS norm ------------------------------------------------------------------------------
 
 /// RMSNorm over the last dimension: args `(x, weight [d])`.

@@ -50,6 +50,14 @@ pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     y.broadcast_add(b)
 }
 
+/// `x [.., n] ⊙ l [n]`: a vector scaling the last dimension ((IA)³).
+pub fn scale_columns(x: &Tensor, l: &Tensor) -> Result<Tensor> {
+    if fused::eligible(&[x, l]) && fused::is_row_vector(l, x) {
+        return fused::scale_columns(x, l);
+    }
+    x.broadcast_mul(l)
+}
+
 /// LayerNorm over the last dimension.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if fused::eligible(&[x, weight, bias])
@@ -404,6 +412,7 @@ mod tests {
         assert!(is_fused(&layer_norm(x, &w, &w, 1e-5).unwrap()));
         assert!(is_fused(&rms_norm(x, &w, 1e-5).unwrap()));
         assert!(is_fused(&add_bias(x, &w).unwrap()));
+        assert!(is_fused(&scale_columns(x, &w).unwrap()));
         for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Silu] {
             assert!(is_fused(&activate(x, act).unwrap()));
         }
@@ -556,6 +565,24 @@ mod tests {
                 assert_eq!(dense.dims(), want.dims());
                 assert!(a == w, "b{b} t{t} prefix {pre} causal {causal}");
             }
+        }
+    }
+
+    #[test]
+    fn column_scale_matches_composite() {
+        let mut init = Initializer::new(8);
+        for (k, shape) in SHAPES.iter().enumerate() {
+            let d = *shape.last().unwrap();
+            let x = randn(&mut init, shape, 1.0);
+            let l = randn(&mut init, &[d], 1.0);
+            check(
+                &format!("scale_columns {shape:?}"),
+                &[x, l],
+                |t| t.clone(),
+                |a| scale_columns(&a[0], &a[1]),
+                |a| a[0].broadcast_mul(&a[1]),
+                k as u64,
+            );
         }
     }
 

@@ -204,7 +204,7 @@ impl BitFit {
 impl Intervention for BitFit {
     fn project(&self, site: Site, _input: &Tensor, output: Tensor) -> candle_core::Result<Tensor> {
         match self.projections.get(&site) {
-            Some(d) if !self.merged.get() => output.broadcast_add(d),
+            Some(d) if !self.merged.get() => peftbench_backbone::ops::add_bias(&output, d),
             _ => Ok(output),
         }
     }

@@ -8,6 +8,7 @@ use crate::peft::{PeftKey, PeftReader, PeftState};
 use crate::{AttachContext, Method, Targets};
 use candle_core::{DType, Tensor};
 use peftbench_backbone::hf_names::{fused_qkv, module_path};
+use peftbench_backbone::ops::scale_columns;
 use peftbench_backbone::{
     Family, Intervention, ModelConfig, Proj, Site, TrainableParams, Transformer,
 };
@@ -232,14 +233,14 @@ impl Ia3 {
 impl Intervention for Ia3 {
     fn project_input(&self, site: Site, input: &Tensor) -> candle_core::Result<Tensor> {
         match self.vectors.get(&site) {
-            Some(v) if v.feedforward && !self.merged.get() => input.broadcast_mul(&v.l),
+            Some(v) if v.feedforward && !self.merged.get() => scale_columns(input, &v.l),
             _ => Ok(input.clone()),
         }
     }
 
     fn project(&self, site: Site, _input: &Tensor, output: Tensor) -> candle_core::Result<Tensor> {
         match self.vectors.get(&site) {
-            Some(v) if !v.feedforward && !self.merged.get() => output.broadcast_mul(&v.l),
+            Some(v) if !v.feedforward && !self.merged.get() => scale_columns(&output, &v.l),
             _ => Ok(output),
         }
     }
