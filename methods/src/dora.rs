@@ -8,6 +8,7 @@ use crate::lora::{Lora, LoraConfig};
 use crate::peft::{PeftKey, PeftReader, PeftState};
 use crate::{AttachContext, Method};
 use candle_core::{Tensor, D};
+use peftbench_backbone::ops::scale_columns;
 use peftbench_backbone::hf_names::{fused_qkv, module_path};
 use peftbench_backbone::{Intervention, Linear, ModelConfig, Site, TrainableParams, Transformer};
 use serde::{Deserialize, Serialize};
@@ -176,7 +177,7 @@ impl Intervention for Dora {
         };
         let low = x.broadcast_matmul(&pair.a.t()?)?;
         let up = (low.broadcast_matmul(&pair.b.t()?)? * pair.scaling)?;
-        let dora = (base.broadcast_mul(&(&scale - 1.0)?)? + up.broadcast_mul(&scale)?)?;
+        let dora = (scale_columns(&base, &(&scale - 1.0)?)? + scale_columns(&up, &scale)?)?;
         output + dora
     }
 }

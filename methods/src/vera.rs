@@ -7,6 +7,7 @@ use crate::error::{invalid, Result};
 use crate::peft::{PeftKey, PeftReader, PeftState};
 use crate::{AttachContext, Method, Targets};
 use candle_core::{DType, Tensor};
+use peftbench_backbone::ops::scale_columns;
 use peftbench_backbone::hf_names::{fused_qkv, module_path, target_name};
 use peftbench_backbone::{
     Initializer, Intervention, ModelConfig, Site, TrainableParams, Transformer,
@@ -261,12 +262,8 @@ impl Intervention for Vera {
         if self.merged.get() {
             return Ok(output);
         }
-        let low = input
-            .broadcast_matmul(&part.a.t()?)?
-            .broadcast_mul(&part.lambda_d)?;
-        let up = low
-            .broadcast_matmul(&part.b.t()?)?
-            .broadcast_mul(&part.lambda_b)?;
+        let low = scale_columns(&input.broadcast_matmul(&part.a.t()?)?, &part.lambda_d)?;
+        let up = scale_columns(&low.broadcast_matmul(&part.b.t()?)?, &part.lambda_b)?;
         output + up
     }
 }
