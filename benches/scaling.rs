@@ -78,33 +78,28 @@ fn pytorch_point(
     seq: usize,
     steps: usize,
 ) -> BTreeMap<String, (f64, f64)> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/pytorch_step.py");
-    let out = std::process::Command::new(python)
-        .arg(&script)
-        .args(["--model", "-", "--random-config"])
-        .arg(config)
-        .args(["--batch", &batch.to_string(), "--seq", &seq.to_string()])
-        .args(["--warmup", "1", "--steps", &steps.to_string(), "--memory"])
-        .args(["--threads", &candle_core::utils::get_num_threads().to_string()])
-        .args(["--methods", &METHODS.join(",")])
-        // Freed tensors go back to the kernel, so each method's resident peak is its own.
-        .env("MALLOC_MMAP_THRESHOLD_", "65536")
-        .output()
-        .unwrap_or_else(|e| panic!("running {python} {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "{} failed:\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(line.trim())
-        .unwrap_or_else(|e| panic!("{}: bad output ({e}): {line}", script.display()));
-    if let Some(errors) = v["errors"].as_object().filter(|e| !e.is_empty()) {
-        for (method, why) in errors {
-            eprintln!("PyTorch side: {method}: {why}");
-        }
-    }
+    let args: Vec<String> = [
+        "--model",
+        "-",
+        "--random-config",
+        &config.display().to_string(),
+        "--batch",
+        &batch.to_string(),
+        "--seq",
+        &seq.to_string(),
+        "--warmup",
+        "1",
+        "--steps",
+        &steps.to_string(),
+        "--memory",
+        "--methods",
+        &METHODS.join(","),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // Freed tensors go back to the kernel, so each method's resident peak is its own.
+    let v = pytorch_step(python, &args, &[("MALLOC_MMAP_THRESHOLD_", "65536")]);
     let mut out = BTreeMap::new();
     for m in METHODS {
         let Some(ms) = v["ms"][m].as_array() else {
@@ -197,17 +192,36 @@ fn main() {
     }
     let mut md = String::new();
     let _ = writeln!(md, "# Step cost against sequence length and model shape\n");
-    let _ = writeln!(md, "CPU: {}, {} threads.\n", cpu_line(), candle_core::utils::get_num_threads());
+    let _ = writeln!(
+        md,
+        "CPU: {}, {} threads.\n",
+        cpu_line(),
+        candle_core::utils::get_num_threads()
+    );
     let _ = writeln!(md, "Random weights of each shape (BERT shapes with 1,088 positions), batch {batch} × length, f32, each method's default configuration (LoRA r = 8 on query/value, prefix tuning with 20 virtual tokens through its MLP) with a 2-class head; ms is the median of {steps} interleaved steps after one warm-up; step MB is what the first step adds to the heap at its peak (activations, gradients, AdamW state; the weights excluded). {} Produced by `cargo bench --bench scaling`.\n",
         if python.is_some() { "PyTorch + PEFT ran each point in its own process on this machine (`benches/pytorch_step.py --memory`: its resident high-water mark over the first step minus resident before it, with freed tensors returned to the kernel)." } else { "PyTorch columns are empty: set `PEFTBENCH_PYTHON` to run PyTorch + PEFT beside it." });
     let _ = writeln!(md, "| shape | length | method | ms/step | step MB | PyTorch ms | PyTorch step MB | time ratio | memory ratio |");
     let _ = writeln!(md, "|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
-        let dash = |s: &String| if s.is_empty() { "-".to_string() } else { s.clone() };
+        let dash = |s: &String| {
+            if s.is_empty() {
+                "-".to_string()
+            } else {
+                s.clone()
+            }
+        };
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            r[0], r[1], r[3], r[4], r[5], dash(&r[6]), dash(&r[7]), dash(&r[8]), dash(&r[9])
+            r[0],
+            r[1],
+            r[3],
+            r[4],
+            r[5],
+            dash(&r[6]),
+            dash(&r[7]),
+            dash(&r[8]),
+            dash(&r[9])
         );
     }
     let dir = if std::env::var_os("PEFTBENCH_WRITE_SCALING").is_some_and(|v| v == "1") {

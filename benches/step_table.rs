@@ -60,39 +60,22 @@ fn median(v: &[f64]) -> f64 {
 
 /// One PyTorch round: ms samples per method.
 fn pytorch_round(python: &str, methods: &[&str]) -> BTreeMap<String, Vec<f64>> {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/pytorch_step.py");
     let model = std::env::var("PEFTBENCH_MINILM").unwrap_or_else(|_| {
         format!(
             "{}/.cache/peftbench/all-MiniLM-L6-v2",
             std::env::var("HOME").unwrap_or_default()
         )
     });
-    let out = std::process::Command::new(python)
-        .arg(&script)
-        .args(["--model", &model, "--steps", &steps().to_string()])
-        .args(python_shape_args())
-        .args([
-            "--threads",
-            &candle_core::utils::get_num_threads().to_string(),
-        ])
-        .args(["--methods", &methods.join(",")])
-        .output()
-        .unwrap_or_else(|e| panic!("running {python} {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "{} failed:\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(line.trim())
-        .unwrap_or_else(|e| panic!("{}: bad output ({e}): {line}", script.display()));
-    if let Some(errors) = v["errors"].as_object().filter(|e| !e.is_empty()) {
-        // Methods this PyTorch/PEFT pair could not run: their PyTorch column stays empty.
-        for (method, why) in errors {
-            eprintln!("PyTorch side: {method}: {why}");
-        }
-    }
+    let mut args = vec![
+        "--model".to_string(),
+        model,
+        "--steps".into(),
+        steps().to_string(),
+        "--methods".into(),
+        methods.join(","),
+    ];
+    args.extend(python_shape_args());
+    let v = pytorch_step(python, &args, &[]);
     serde_json::from_value(v["ms"].clone()).expect("ms per method")
 }
 

@@ -15,8 +15,8 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use crate::ops::Visible;
 use crate::fused::{gemm_output, slice, softmax_bwd_row, softmax_row, with_slices};
+use crate::ops::Visible;
 
 /// `softmax(q·kᵀ·scale + bias)·v` over token-major `q [b, t, heads·d]` and
 /// `k, v [b, s, kv_heads·d]`; the result is token-major `[b, t, heads·d]`.

@@ -598,21 +598,43 @@ pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result
         .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })
 }
 
-// ---- bias add ------------------------------------------------------------------------------
+// ---- column ops ----------------------------------------------------------------------------
 
-/// `y + b` for `y [.., n]` and a bias `b [n]`. candle's backward for the broadcast sums the
-/// gradient over its leading dims with a strided single-threaded reduction; here the column
-/// sums run over row chunks in parallel, and `y`'s gradient is the output gradient itself.
-struct AddBias;
+/// `y + v` (a bias) or `y ⊙ v` ((IA)³'s, DoRA's and VeRA's rescaling) for `y [.., n]` and a
+/// vector `v [n]`. candle's backward for the broadcast sums over the leading dims with a
+/// strided single-threaded reduction; here the column sums run over row chunks in parallel.
+#[derive(Clone, Copy)]
+enum ColumnOp {
+    Add,
+    Mul,
+}
 
-/// Σ over rows of `g [rows, n]`: partial sums per chunk of rows, then added up.
-fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
-    g.par_chunks(step(n))
+/// Σ over rows of `g [rows, n]` (of `g ⊙ x` when `x` is given): partial sums per chunk of
+/// rows, then added up.
+fn column_sums(g: &[f32], x: Option<&[f32]>, n: usize) -> Vec<f32> {
+    let s = step(n);
+    (0..g.len().div_ceil(s))
+        .into_par_iter()
         .map(|c| {
+            let range = c * s..(c * s + s).min(g.len());
             let mut acc = vec![0f32; n];
-            for row in c.chunks_exact(n) {
-                for (a, &x) in acc.iter_mut().zip(row) {
-                    *a += x;
+            match x {
+                None => {
+                    for row in g[range].chunks_exact(n) {
+                        for (a, &g) in acc.iter_mut().zip(row) {
+                            *a += g;
+                        }
+                    }
+                }
+                Some(x) => {
+                    let rows = g[range.clone()]
+                        .chunks_exact(n)
+                        .zip(x[range].chunks_exact(n));
+                    for (g, x) in rows {
+                        for ((a, &g), &x) in acc.iter_mut().zip(g).zip(x) {
+                            *a += g * x;
+                        }
+                    }
                 }
             }
             acc
@@ -628,9 +650,28 @@ fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
         )
 }
 
-impl CustomOp2 for AddBias {
+/// `out[row] = y[row] (+ or ⊙) v` for rows of `v.len()`.
+fn apply_columns(op: ColumnOp, y: &[f32], v: &[f32]) -> Vec<f32> {
+    map_rows(y, v.len(), |r, o| match op {
+        ColumnOp::Add => {
+            for ((o, &r), &v) in o.iter_mut().zip(r).zip(v) {
+                *o = r + v;
+            }
+        }
+        ColumnOp::Mul => {
+            for ((o, &r), &v) in o.iter_mut().zip(r).zip(v) {
+                *o = r * v;
+            }
+        }
+    })
+}
+
+impl CustomOp2 for ColumnOp {
     fn name(&self) -> &'static str {
-        "fused-add-bias"
+        match self {
+            ColumnOp::Add => "fused-add-bias",
+            ColumnOp::Mul => "fused-scale-columns",
+        }
     }
 
     fn cpu_fwd(
@@ -640,126 +681,50 @@ impl CustomOp2 for AddBias {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let b = slice(s2, l2)?;
-        let y = map_rows(slice(s1, l1)?, b.len(), |r, o| {
-            for ((o, &r), &b) in o.iter_mut().zip(r).zip(b) {
-                *o = r + b;
-            }
-        });
+        let y = apply_columns(*self, slice(s1, l1)?, slice(s2, l2)?);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
     fn bwd(
         &self,
         y: &Tensor,
-        b: &Tensor,
+        v: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = contiguous_grad(grad)?;
-        let db = if b.track_op() {
-            let n = b.elem_count();
-            let sums = with_slices(&[&g], |s| Ok(column_sums(s[0], n)))?;
-            Some(Tensor::from_vec(sums, b.shape(), b.device())?)
+        let n = v.elem_count();
+        // d/dv: Σ_rows g (bias) or Σ_rows g ⊙ y (scale).
+        let dv = if v.track_op() {
+            let sums = match self {
+                ColumnOp::Add => with_slices(&[&g], |s| Ok(column_sums(s[0], None, n)))?,
+                ColumnOp::Mul => with_slices(&[&g, y], |s| Ok(column_sums(s[0], Some(s[1]), n)))?,
+            };
+            Some(Tensor::from_vec(sums, v.shape(), v.device())?)
         } else {
             None
         };
-        Ok((y.track_op().then_some(g), db))
+        // d/dy: g itself (bias) or g ⊙ v (scale).
+        let dy = match (y.track_op(), self) {
+            (false, _) => None,
+            (true, ColumnOp::Add) => Some(g),
+            (true, ColumnOp::Mul) => {
+                let dy = with_slices(&[&g, v], |s| Ok(apply_columns(*self, s[0], s[1])))?;
+                Some(Tensor::from_vec(dy, y.shape(), y.device())?)
+            }
+        };
+        Ok((dy, dv))
     }
 }
 
 /// `y [.., n] + b [n]` (f32, CPU).
 pub(crate) fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
-    y.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
-}
-
-// ---- column scale --------------------------------------------------------------------------
-
-/// `x ⊙ l` for `x [.., n]` and a vector `l [n]` ((IA)³'s rescaling): candle's backward for the
-/// broadcast would sum `g ⊙ x` over rows with its strided single-threaded reduction; here
-/// both gradients are one parallel pass each.
-struct ScaleColumns;
-
-/// Σ over rows of `g ⊙ x` (both `[rows, n]`), partial sums per chunk of rows.
-fn column_dot_sums(g: &[f32], x: &[f32], n: usize) -> Vec<f32> {
-    g.par_chunks(step(n))
-        .zip(x.par_chunks(step(n)))
-        .map(|(g, x)| {
-            let mut acc = vec![0f32; n];
-            for (g, x) in g.chunks_exact(n).zip(x.chunks_exact(n)) {
-                for ((a, &g), &x) in acc.iter_mut().zip(g).zip(x) {
-                    *a += g * x;
-                }
-            }
-            acc
-        })
-        .reduce(
-            || vec![0f32; n],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(&b) {
-                    *x += y;
-                }
-                a
-            },
-        )
-}
-
-impl CustomOp2 for ScaleColumns {
-    fn name(&self) -> &'static str {
-        "fused-scale-columns"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let l = slice(s2, l2)?;
-        let y = map_rows(slice(s1, l1)?, l.len(), |r, o| {
-            for ((o, &r), &l) in o.iter_mut().zip(r).zip(l) {
-                *o = r * l;
-            }
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        l: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = contiguous_grad(grad)?;
-        let n = l.elem_count();
-        let dl = if l.track_op() {
-            let sums = with_slices(&[&g, x], |s| Ok(column_dot_sums(s[0], s[1], n)))?;
-            Some(Tensor::from_vec(sums, l.shape(), l.device())?)
-        } else {
-            None
-        };
-        let dx = if x.track_op() {
-            let dx = with_slices(&[&g, l], |s| {
-                let l = s[1];
-                Ok(map_rows(s[0], n, |r, o| {
-                    for ((o, &r), &l) in o.iter_mut().zip(r).zip(l) {
-                        *o = r * l;
-                    }
-                }))
-            })?;
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
-        } else {
-            None
-        };
-        Ok((dx, dl))
-    }
+    y.contiguous()?.apply_op2(&b.contiguous()?, ColumnOp::Add)
 }
 
 /// `x [.., n] ⊙ l [n]` (f32, CPU).
 pub(crate) fn scale_columns(x: &Tensor, l: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&l.contiguous()?, ScaleColumns)
+    x.contiguous()?.apply_op2(&l.contiguous()?, ColumnOp::Mul)
 }
 
 // ---- RMS norm ------------------------------------------------------------------------------

@@ -35,6 +35,13 @@ struct Dst(*mut f32);
 unsafe impl Send for Dst {}
 unsafe impl Sync for Dst {}
 
+impl Dst {
+    /// A method, so closures capture the whole `Dst` rather than its raw field.
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
 impl Replay {
     /// Buffers for `calls` (calls with an empty dimension are dropped: they compute nothing).
     pub fn new(calls: Vec<Gemm>) -> Self {
@@ -91,9 +98,8 @@ impl Replay {
                 })
                 .collect();
             group.par_iter().zip(offsets).for_each(|(c, o)| {
-                let dst = dst;
                 // SAFETY: each task writes its own `batch·m·n` destination slice.
-                unsafe { call(c, lhs, rhs, dst.0.add(o), Parallelism::None) }
+                unsafe { call(c, lhs, rhs, dst.at(o), Parallelism::None) }
             });
         }
         t0.elapsed().as_secs_f64()

@@ -497,7 +497,17 @@ mod tests {
                 &what,
                 &[q, kk, v],
                 |t| t.clone(),
-                move |a| attention(&a[0], &a[1], &a[2], &Visible::Bias(bias_f.clone()), heads, kv, scale),
+                move |a| {
+                    attention(
+                        &a[0],
+                        &a[1],
+                        &a[2],
+                        &Visible::Bias(bias_f.clone()),
+                        heads,
+                        kv,
+                        scale,
+                    )
+                },
                 |a| {
                     let bias = bias.to_dtype(a[0].dtype())?;
                     attention_composite(&a[0], &a[1], &a[2], &bias, heads, kv, scale)
@@ -534,7 +544,8 @@ mod tests {
             let visible = Visible::Keys { keys, causal };
             let dense = visible.dense(t).unwrap();
             let scale = 1.0 / (d as f64).sqrt();
-            let what = format!("key-mask attention b{b} t{t} s{s} heads {heads}/{kv} causal {causal}");
+            let what =
+                format!("key-mask attention b{b} t{t} s{s} heads {heads}/{kv} causal {causal}");
             check(
                 &what,
                 &[q, kk, v],

@@ -319,3 +319,35 @@ pub fn cpu_line() -> String {
     let flags: Vec<&str> = Vec::new();
     format!("{model} ({})", flags.join(", "))
 }
+
+/// Runs `benches/pytorch_step.py` with `args` (and `--threads` at ours) under `python` and
+/// returns its JSON; methods PyTorch + PEFT could not run are printed, not fatal.
+pub fn pytorch_step(python: &str, args: &[String], env: &[(&str, &str)]) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/pytorch_step.py");
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args(args)
+        .args([
+            "--threads",
+            &candle_core::utils::get_num_threads().to_string(),
+        ])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("running {python} {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed:\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.trim())
+        .unwrap_or_else(|e| panic!("{}: bad output ({e}): {line}", script.display()));
+    if let Some(errors) = v["errors"].as_object().filter(|e| !e.is_empty()) {
+        // Their PyTorch column stays empty.
+        for (method, why) in errors {
+            eprintln!("PyTorch side: {method}: {why}");
+        }
+    }
+    v
+}

@@ -565,7 +565,10 @@ fn run_inner(
         _ => 0,
     };
     let mut order = if spec.train.group_by_length {
-        let lengths = train_idx.iter().map(|&i| task.train[i].num_tokens()).collect();
+        let lengths = train_idx
+            .iter()
+            .map(|&i| task.train[i].num_tokens())
+            .collect();
         Order::grouped(lengths, spec.train.batch_size, spec.seed)
     } else {
         Order::new(train_idx.len(), spec.seed)

@@ -7,8 +7,8 @@ use crate::error::{invalid, Result};
 use crate::peft::{PeftKey, PeftReader, PeftState};
 use crate::{AttachContext, Method, Targets};
 use candle_core::{DType, Tensor};
-use peftbench_backbone::ops::scale_columns;
 use peftbench_backbone::hf_names::{fused_qkv, module_path, target_name};
+use peftbench_backbone::ops::scale_columns;
 use peftbench_backbone::{
     Initializer, Intervention, ModelConfig, Site, TrainableParams, Transformer,
 };
