@@ -6,6 +6,8 @@ use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 use std::time::Instant;
 
+use crate::attention::SendPtr;
+
 pub use candle_core::gemm_trace::Gemm;
 
 /// Runs `f` and returns what it returned with the GEMM calls it made, in order.
@@ -27,19 +29,6 @@ pub struct Replay {
     lhs: Vec<f32>,
     rhs: Vec<f32>,
     dst: Vec<f32>,
-}
-
-/// A pointer shared by the tasks of one parallel group, each writing its own part.
-#[derive(Clone, Copy)]
-struct Dst(*mut f32);
-unsafe impl Send for Dst {}
-unsafe impl Sync for Dst {}
-
-impl Dst {
-    /// A method, so closures capture the whole `Dst` rather than its raw field.
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
 }
 
 impl Replay {
@@ -81,7 +70,7 @@ impl Replay {
     pub fn run(&mut self) -> f64 {
         let threads = candle_core::utils::get_num_threads();
         let (lhs, rhs) = (self.lhs.as_slice(), self.rhs.as_slice());
-        let dst = Dst(self.dst.as_mut_ptr());
+        let dst = SendPtr(self.dst.as_mut_ptr());
         let t0 = Instant::now();
         for group in groups(&self.calls) {
             if group[0].threaded {
