@@ -16,6 +16,8 @@ pub fn keep_freed_memory() {
     // SAFETY: mallopt only changes allocator tunables; it is safe to call at any time.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        // -1: never trim (mallopt(3)). i32::MAX (2 GiB) still trimmed: a SmolLM2 evaluation
+        // batch frees more than that at once, and its pages were faulted in again each batch.
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
     }
 }
