@@ -62,7 +62,7 @@ pub(crate) fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result
 }
 
 /// Elements per task for rows of length `d`: whole rows, about [`GRAIN`] elements.
-fn step(d: usize) -> usize {
+pub(crate) fn step(d: usize) -> usize {
     (GRAIN / d).max(1) * d
 }
 
@@ -234,6 +234,7 @@ macro_rules! simd {
         }
     };
 }
+pub(crate) use simd;
 
 /// e^r for |r| ≤ ln2/2 (Cephes' expf polynomial, about 1 ulp).
 #[inline(always)]

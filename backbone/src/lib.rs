@@ -24,6 +24,7 @@ pub mod ops;
 pub mod params;
 mod quantized;
 pub mod random;
+mod rope;
 pub mod tokenizer;
 pub mod weights;
 

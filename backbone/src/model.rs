@@ -696,7 +696,7 @@ impl Transformer {
             cached,
         } = step;
         let cfg = &self.config;
-        let (b, t, _) = x.dims3()?;
+        let b = x.dim(0)?;
         let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim());
         let site = |proj| Site { layer: i, proj };
         let mut q = project(iv, site(Proj::Query), &layer.query, x)?;
@@ -704,14 +704,8 @@ impl Transformer {
         let mut v = project(iv, site(Proj::Value), &layer.value, x)?;
         // Attention takes token-major [b, len, heads·d]; RoPE works on [b, heads, len, d].
         if let Some((cos, sin)) = rope {
-            let rotate = |y: &Tensor, n: usize| -> candle_core::Result<Tensor> {
-                let y = y.reshape((b, t, n, d))?.transpose(1, 2)?;
-                ops::apply_rope(&y, cos, sin)?
-                    .transpose(1, 2)?
-                    .reshape((b, t, n * d))
-            };
-            q = rotate(&q, nh)?;
-            k = rotate(&k, nkv)?;
+            q = ops::rope(&q, cos, sin, nh)?;
+            k = ops::rope(&k, cos, sin, nkv)?;
         }
         if let Some(p) = prefix.filter(|p| !p.is_empty()) {
             let len = p.len();

@@ -257,6 +257,31 @@ fn attention_composite(
         .reshape((b, t, heads * d))
 }
 
+/// Rotary position embedding on token-major `x [b, t, heads·d]` (as the projections leave
+/// it) with `cos`/`sin` `[t, d]`, or `[b·t, d]` for a position per token.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
+    if fused::eligible(&[x, cos, sin]) {
+        return crate::rope::rope(x, cos, sin, heads);
+    }
+    rope_composite(x, cos, sin, heads)
+}
+
+/// RoPE from candle primitives, through the head-major layout.
+fn rope_composite(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, width) = x.dims3()?;
+    let d = width / heads;
+    let (cos, sin) = if cos.dim(0)? == t {
+        (cos.clone(), sin.clone())
+    } else {
+        // A row per token: [b, 1, t, d] against the head-major [b, heads, t, d].
+        (cos.reshape((b, 1, t, d))?, sin.reshape((b, 1, t, d))?)
+    };
+    let y = x.reshape((b, t, heads, d))?.transpose(1, 2)?;
+    apply_rope(&y, &cos, &sin)?
+        .transpose(1, 2)?
+        .reshape((b, t, width))
+}
+
 /// Applies rotary position embedding to `x [b, heads, t, d]` with `cos`/`sin` `[t, d]`.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
@@ -576,6 +601,47 @@ mod tests {
                 assert_eq!(dense.dims(), want.dims());
                 assert!(a == w, "b{b} t{t} prefix {pre} causal {causal}");
             }
+        }
+    }
+
+    /// The fused RoPE against the composite: output and input gradient equal (the same
+    /// products and sums, no contraction), with tables shared by the batch or one row per token.
+    #[test]
+    fn rope_matches_composite() {
+        let mut init = Initializer::new(12);
+        // (batch, len, heads, head_dim, a table row per token)
+        let cases = [
+            (1, 1, 1, 2, false),
+            (2, 5, 3, 8, false),
+            (3, 7, 9, 64, false),
+            (2, 40, 3, 64, true),
+            (1, 300, 2, 16, false),
+        ];
+        for (k, &(b, t, heads, d, per_token)) in cases.iter().enumerate() {
+            let x = randn(&mut init, &[b, t, heads * d], 1.0);
+            let rows = if per_token { b * t } else { t };
+            let (cos, sin) = rope_tables(3, rows, d, 10_000.0, &Device::Cpu).unwrap();
+            let probe = randn(&mut Initializer::new(k as u64), x.dims(), 1.0);
+            let run = |fused: bool| {
+                let v = Var::from_tensor(&x).unwrap();
+                let y = if fused {
+                    rope(v.as_tensor(), &cos, &sin, heads).unwrap()
+                } else {
+                    rope_composite(v.as_tensor(), &cos, &sin, heads).unwrap()
+                };
+                assert_eq!(is_fused(&y), fused);
+                let g = (&y * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                (y, g.get(v.as_tensor()).unwrap().clone())
+            };
+            let ((yf, gf), (yc, gc)) = (run(true), run(false));
+            let what = format!("rope b{b} t{t} h{heads} d{d} per-token {per_token}");
+            assert!(rel_err(&yf, &yc) <= 1e-6, "{what}: forward");
+            assert!(rel_err(&gf, &gc) <= 1e-6, "{what}: gradient");
         }
     }
 
