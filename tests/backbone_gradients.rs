@@ -15,6 +15,7 @@ fn batch() -> Inputs {
         input_ids: ids,
         attention_mask: mask,
         token_type_ids: None,
+        packing: None,
     }
 }
 

@@ -16,6 +16,7 @@ fn full_mask(ids: &Tensor) -> Inputs {
         input_ids: ids.clone(),
         attention_mask: Tensor::ones(ids.dims(), DType::U32, ids.device()).unwrap(),
         token_type_ids: None,
+        packing: None,
     }
 }
 

@@ -45,6 +45,7 @@ proptest! {
             input_ids: Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(),
             attention_mask: Tensor::ones((b, t), DType::U32, &Device::Cpu).unwrap(),
             token_type_ids: None,
+            packing: None,
         };
         let kernels = if composite { Kernels::Composite } else { Kernels::Fused };
         let (out, calls) = with_kernels(kernels, || record(|| model.forward(&inputs, &NoIntervention)));

@@ -17,6 +17,7 @@ fn row(ids: &[u32]) -> Inputs {
         attention_mask: Tensor::ones((1, ids.len()), candle_core::DType::U32, &Device::Cpu)
             .unwrap(),
         token_type_ids: None,
+        packing: None,
     }
 }
 

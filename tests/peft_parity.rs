@@ -28,6 +28,7 @@ fn inputs(case: &Path) -> Inputs {
         input_ids: t(rows("input_ids")),
         attention_mask: t(rows("attention_mask")),
         token_type_ids: None,
+        packing: None,
     }
 }
 

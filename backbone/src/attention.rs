@@ -23,6 +23,8 @@ use crate::ops::Visible;
 struct Attention {
     /// Which keys each query sees (contiguous); carries no gradient.
     visible: Visible,
+    /// The packed rows' example per key, `[b, s]` flat, read on the host.
+    segments: Option<Vec<u32>>,
     heads: usize,
     kv_heads: usize,
     scale: f32,
@@ -166,6 +168,9 @@ impl Attention {
                         keys.dims()
                     );
                 }
+                if self.segments.as_ref().is_some_and(|g| g.len() != b * s) {
+                    bail!("fused attention: segment ids do not fit [{b}, {s}]");
+                }
                 b
             }
         };
@@ -242,12 +247,22 @@ impl Attention {
             }
             Visible::Keys { causal, .. } => {
                 let keys = &mask[bi * s..][..s];
+                let segments = self.segments.as_ref().map(|g| &g[bi * s..][..s]);
                 for (i, p) in p.chunks_mut(s).enumerate() {
                     // Keys after `last` are hidden from query r0 + i in a decoder (the same
                     // f32::MIN the dense bias holds there).
                     let last = if *causal { r0 + i + s - n.t } else { s - 1 };
                     for (j, ((r, &x), &b)) in row.iter_mut().zip(p.iter()).zip(keys).enumerate() {
                         *r = x + if j > last { f32::MIN } else { b };
+                    }
+                    if let Some(seg) = segments {
+                        // Another example's keys are hidden; example 0's are shared.
+                        let own = seg[r0 + i + s - n.t];
+                        for (r, &g) in row.iter_mut().zip(seg) {
+                            if g != 0 && g != own {
+                                *r = f32::MIN;
+                            }
+                        }
                     }
                     softmax_row(&row, p);
                 }
@@ -444,15 +459,27 @@ pub(crate) fn attention(
     kv_heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
-    let visible = match visible {
-        Visible::Bias(b) => Visible::Bias(b.contiguous()?),
-        Visible::Keys { keys, causal } => Visible::Keys {
-            keys: keys.contiguous()?,
-            causal: *causal,
-        },
+    let (visible, segments) = match visible {
+        Visible::Bias(b) => (Visible::Bias(b.contiguous()?), None),
+        Visible::Keys {
+            keys,
+            causal,
+            segments,
+        } => (
+            Visible::Keys {
+                keys: keys.contiguous()?,
+                causal: *causal,
+                segments: None,
+            },
+            match segments {
+                Some(g) => Some(g.flatten_all()?.to_vec1::<u32>()?),
+                None => None,
+            },
+        ),
     };
     let op = Attention {
         visible,
+        segments,
         heads,
         kv_heads,
         scale: scale as f32,

@@ -41,6 +41,6 @@ pub use intervention::{
 pub use kernels::{device_name, kernels, parse_device, parse_dtype, with_kernels, Kernels};
 pub use linear::Linear;
 pub use load::{load_model, load_model_dir, save_model_dir};
-pub use model::{Encoded, Inputs, KvCache, Norm, Transformer};
+pub use model::{Encoded, Inputs, KvCache, Norm, Packing, Transformer};
 pub use params::TrainableParams;
 pub use tokenizer::{pad_rows, TextTokenizer};

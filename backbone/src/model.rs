@@ -155,6 +155,20 @@ pub struct Inputs {
     pub attention_mask: Tensor,
     /// Segment ids `[batch, len]`, u32 (BERT pairs); zeros when absent.
     pub token_type_ids: Option<Tensor>,
+    /// Several examples end to end in each row, when set: attention stays within an example
+    /// and positions restart at each.
+    pub packing: Option<Packing>,
+}
+
+/// Which example of a packed row each token belongs to, and its position in it.
+#[derive(Debug, Clone)]
+pub struct Packing {
+    /// `[batch, len]` u32: the example, from 1. Tokens of example 0 are seen by every later
+    /// token of the row (a prompt that several continuations share).
+    pub segments: Tensor,
+    /// `[batch, len]` u32: each token's position within its example (a continuation goes on
+    /// from its shared prompt's last position).
+    pub positions: Tensor,
 }
 
 /// What a forward pass returns.
@@ -498,6 +512,27 @@ impl Transformer {
                 cfg.family
             )));
         }
+        if let Some(pk) = &inputs.packing {
+            if p_in > 0 {
+                return Err(BackboneError::Input(format!(
+                    "packed rows take no input prefix: the method's {p_in} virtual tokens would open the row, not each example"
+                )));
+            }
+            if past > 0 {
+                return Err(BackboneError::Input(
+                    "packed rows cannot continue a key/value cache".into(),
+                ));
+            }
+            for (what, x) in [("segments", &pk.segments), ("positions", &pk.positions)] {
+                if x.dims() != [b, t] {
+                    return Err(BackboneError::Input(format!(
+                        "packing {what} has shape {:?}, input_ids {:?}",
+                        x.dims(),
+                        [b, t]
+                    )));
+                }
+            }
+        }
         let positioned = if shift { seq } else { t };
         let positions_needed = cfg.position_offset + kv_len + positioned;
         if positions_needed > cfg.max_position_embeddings {
@@ -523,17 +558,44 @@ impl Transformer {
 
         let mut h = self.embed(inputs, prefix.as_ref(), shift, kv_len, iv)?;
         // The fused kernel reads the mask per key; candle's composite needs it dense.
-        let visible = if crate::kernels::fused_on(self.dtype, &self.device) {
-            ops::Visible::Keys {
-                keys: key_bias(&mask, kv_len)?,
-                causal: cfg.is_causal(),
+        let fused = crate::kernels::fused_on(self.dtype, &self.device);
+        let visible = match &inputs.packing {
+            None if !fused => ops::Visible::Bias(attention_bias(&mask, kv_len, cfg.is_causal())?),
+            packing => {
+                // Prefix keys belong to example 0: every query sees them.
+                let segments = match packing {
+                    Some(pk) if kv_len > 0 => Some(Tensor::cat(
+                        &[
+                            &Tensor::zeros((b, kv_len), DType::U32, &self.device)?,
+                            &pk.segments,
+                        ],
+                        1,
+                    )?),
+                    Some(pk) => Some(pk.segments.clone()),
+                    None => None,
+                };
+                let keys = ops::Visible::Keys {
+                    keys: key_bias(&mask, kv_len)?,
+                    causal: cfg.is_causal(),
+                    segments,
+                };
+                if fused {
+                    keys
+                } else {
+                    ops::Visible::Bias(keys.dense(seq)?)
+                }
             }
-        } else {
-            ops::Visible::Bias(attention_bias(&mask, kv_len, cfg.is_causal())?)
         };
         let rope = if cfg.family == Family::Llama {
-            let (cos, sin) =
-                ops::rope_tables(kv_len, seq, cfg.head_dim(), cfg.rope_theta, &self.device)?;
+            let (d, theta) = (cfg.head_dim(), cfg.rope_theta);
+            let (cos, sin) = match &inputs.packing {
+                Some(pk) => {
+                    let at: Vec<u32> = pk.positions.flatten_all()?.to_vec1()?;
+                    let at = at.iter().map(|&p| kv_len + p as usize);
+                    ops::rope_tables_at(at, d, theta, &self.device)?
+                }
+                None => ops::rope_tables(kv_len, seq, d, theta, &self.device)?,
+            };
             Some((cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?))
         } else {
             None
@@ -595,10 +657,24 @@ impl Transformer {
             .to_dtype(dt)?
             .reshape((b, t, cfg.hidden_size))?;
         let start = cfg.position_offset + kv_len;
+        // Learned positions of `len` tokens from `start`, or of each packed token.
+        let positions = |pos: &Tensor, len: usize| -> Result<Tensor> {
+            Ok(match &inputs.packing {
+                Some(pk) => {
+                    let at = (pk.positions.to_dtype(DType::F32)? + start as f64)?
+                        .to_dtype(DType::U32)?
+                        .flatten_all()?;
+                    pos.index_select(&at, 0)?
+                        .to_dtype(dt)?
+                        .reshape((b, len, cfg.hidden_size))?
+                }
+                None => pos.narrow(0, start, len)?.to_dtype(dt)?.unsqueeze(0)?,
+            })
+        };
         if !prefix_shifts {
             // The input's tokens keep the positions they have without a prefix.
             if let Some(pos) = &e.position {
-                x = x.broadcast_add(&pos.narrow(0, start, t)?.to_dtype(dt)?.unsqueeze(0)?)?;
+                x = x.broadcast_add(&positions(pos, t)?)?;
             }
         }
         let mut p_in = 0;
@@ -615,7 +691,7 @@ impl Transformer {
         let seq = p_in + t;
         if prefix_shifts {
             if let Some(pos) = &e.position {
-                x = x.broadcast_add(&pos.narrow(0, start, seq)?.to_dtype(dt)?.unsqueeze(0)?)?;
+                x = x.broadcast_add(&positions(pos, seq)?)?;
             }
         }
         if let Some(tt) = &e.token_type {

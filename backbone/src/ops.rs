@@ -160,6 +160,10 @@ pub enum Visible {
         keys: Tensor,
         /// Whether later keys are hidden.
         causal: bool,
+        /// Packed rows: the example each key belongs to, `[b, s]` u32 (the queries are the
+        /// last `t` keys). A query sees keys of its own example and keys of example 0, which
+        /// is shared: a method's prefix keys, or a prompt several continuations branch from.
+        segments: Option<Tensor>,
     },
 }
 
@@ -168,27 +172,40 @@ impl Visible {
     pub fn dense(&self, t: usize) -> Result<Tensor> {
         match self {
             Visible::Bias(b) => Ok(b.clone()),
-            Visible::Keys { keys, causal } => {
+            Visible::Keys {
+                keys,
+                causal,
+                segments,
+            } => {
                 let (b, s) = keys.dims2()?;
-                let keys = keys.reshape((b, 1, 1, s))?.broadcast_as((b, 1, t, s))?;
-                if !causal {
-                    return keys.contiguous();
-                }
-                // Key j is later than query i when j > i + s − t.
+                let mut bias = keys.reshape((b, 1, 1, s))?.broadcast_as((b, 1, t, s))?;
                 let dev = keys.device();
-                let j = Tensor::arange(0u32, s as u32, dev)?
-                    .unsqueeze(0)?
-                    .broadcast_as((t, s))?;
-                let limit = Tensor::arange((s - t) as u32, s as u32, dev)?
-                    .unsqueeze(1)?
-                    .broadcast_as((t, s))?;
-                let later = j
-                    .gt(&limit)?
-                    .to_dtype(DType::F32)?
-                    .affine(f32::MIN as f64, 0.0)?
-                    .reshape((1, 1, t, s))?;
-                // The smaller of the two: MIN where either hides (their sum would be −inf).
-                keys.broadcast_minimum(&later)?.contiguous()
+                let hide = |bias: &Tensor, hidden: Tensor| -> Result<Tensor> {
+                    // MIN where hidden: the smaller of two biases (their sum would be −inf).
+                    let min = hidden.to_dtype(DType::F32)?.affine(f32::MIN as f64, 0.0)?;
+                    bias.broadcast_minimum(&min)
+                };
+                if *causal {
+                    // Key j is later than query i when j > i + s − t.
+                    let j = Tensor::arange(0u32, s as u32, dev)?
+                        .unsqueeze(0)?
+                        .broadcast_as((t, s))?;
+                    let limit = Tensor::arange((s - t) as u32, s as u32, dev)?
+                        .unsqueeze(1)?
+                        .broadcast_as((t, s))?;
+                    bias = hide(&bias, j.gt(&limit)?.reshape((1, 1, t, s))?)?;
+                }
+                if let Some(seg) = segments {
+                    let key = seg.reshape((b, 1, 1, s))?.broadcast_as((b, 1, t, s))?;
+                    let query = seg
+                        .narrow(1, s - t, t)?
+                        .reshape((b, 1, t, 1))?
+                        .broadcast_as((b, 1, t, s))?;
+                    let other = key.ne(&query)?.to_dtype(DType::F32)?;
+                    let private = key.ne(0u32)?.to_dtype(DType::F32)?;
+                    bias = hide(&bias, (other * private)?.gt(0.5)?)?;
+                }
+                bias.contiguous()
             }
         }
     }
@@ -295,12 +312,23 @@ pub fn rope_tables(
     theta: f64,
     device: &candle_core::Device,
 ) -> Result<(Tensor, Tensor)> {
+    rope_tables_at(start..start + len, head_dim, theta, device)
+}
+
+/// The cos/sin tables `[n, head_dim]` for the given positions, one row each.
+pub fn rope_tables_at(
+    positions: impl ExactSizeIterator<Item = usize>,
+    head_dim: usize,
+    theta: f64,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
     let inv: Vec<f32> = (0..half)
         .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64) as f32)
         .collect();
+    let len = positions.len();
     let mut angles = Vec::with_capacity(len * head_dim);
-    for p in start..start + len {
+    for p in positions {
         for j in 0..head_dim {
             angles.push(p as f32 * inv[j % half]);
         }
@@ -447,7 +475,11 @@ mod tests {
         let bias = Visible::Bias(bias);
         assert!(is_fused(&attention(x, &kv, &kv, &bias, 2, 1, 0.5).unwrap()));
         let keys = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
-        let keys = Visible::Keys { keys, causal: true };
+        let keys = Visible::Keys {
+            keys,
+            causal: true,
+            segments: None,
+        };
         assert!(is_fused(&attention(x, &kv, &kv, &keys, 2, 1, 0.5).unwrap()));
         // f64 falls back to the composite.
         let x64 = x.to_dtype(DType::F64).unwrap();
@@ -566,7 +598,11 @@ mod tests {
                 row[real..].fill(f32::MIN);
             }
             let keys = Tensor::from_vec(keys, (b, s), &Device::Cpu).unwrap();
-            let visible = Visible::Keys { keys, causal };
+            let visible = Visible::Keys {
+                keys,
+                causal,
+                segments: None,
+            };
             let dense = visible.dense(t).unwrap();
             let scale = 1.0 / (d as f64).sqrt();
             let what =
@@ -592,7 +628,13 @@ mod tests {
             let mask = Tensor::from_vec(m, (b, t), &Device::Cpu).unwrap();
             for causal in [false, true] {
                 let keys = crate::model::key_bias(&mask, pre).unwrap();
-                let dense = Visible::Keys { keys, causal }.dense(t).unwrap();
+                let dense = Visible::Keys {
+                    keys,
+                    causal,
+                    segments: None,
+                }
+                .dense(t)
+                .unwrap();
                 let want = crate::model::attention_bias(&mask, pre, causal).unwrap();
                 let (a, w): (Vec<f32>, Vec<f32>) = (
                     dense.flatten_all().unwrap().to_vec1().unwrap(),

@@ -255,5 +255,6 @@ pub fn pad_rows(
             Some(_) => Some(Tensor::from_vec(tys, (b, t), device)?),
             None => None,
         },
+        packing: None,
     })
 }

@@ -85,6 +85,7 @@ fn row(ids: &[u32], device: &Device) -> candle_core::Result<Inputs> {
         input_ids: Tensor::from_vec(ids.to_vec(), (1, n), device)?,
         attention_mask: Tensor::ones((1, n), candle_core::DType::U32, device)?,
         token_type_ids: None,
+        packing: None,
     })
 }
 

@@ -1,0 +1,233 @@
+//! Packed rows (several examples end to end, attention kept within each, positions restarting)
+//! against the same examples each in its own padded row: every token's hidden state and every
+//! method parameter's gradient agree, for every method on the three families, under both the
+//! fused kernels and the composite graph. For decoders, a shared prompt with two continuations
+//! in one row (a preference pair's tree) agrees with the two full conversations.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::tiny_model;
+use peftbench_backbone::{
+    pad_rows, with_kernels, Initializer, Inputs, Kernels, Packing, Transformer,
+};
+use peftbench_methods::*;
+use proptest::prelude::*;
+
+const FAMILIES: [&str; 3] = ["bert", "gpt2", "llama"];
+
+fn methods() -> Vec<MethodConfig> {
+    MethodConfig::defaults()
+        .into_iter()
+        .map(|m| match m.knob() {
+            Some(_) => m.with_knob(2),
+            None => m,
+        })
+        .collect()
+}
+
+/// `rows` laid end to end in one row: `(segment, position)` per token given.
+fn packed(tokens: &[u32], segments: &[u32], positions: &[u32]) -> Inputs {
+    let n = tokens.len();
+    let t = |v: &[u32]| Tensor::from_vec(v.to_vec(), (1, n), &Device::Cpu).unwrap();
+    Inputs {
+        input_ids: t(tokens),
+        attention_mask: t(&vec![1; n]),
+        token_type_ids: None,
+        packing: Some(Packing {
+            segments: t(segments),
+            positions: t(positions),
+        }),
+    }
+}
+
+/// A method attached to a copy of `base` with its parameters moved off their identity start
+/// (so every gradient is live); `None` where the method refuses the family.
+fn attach(base: &Transformer, config: &MethodConfig) -> Option<(Transformer, Box<dyn Method>)> {
+    config.validate(&base.config).ok()?;
+    let mut model = base.clone();
+    let method = config
+        .attach(&mut AttachContext::new(&mut model, 7))
+        .unwrap();
+    let mut init = Initializer::new(9);
+    for v in method.params().vars() {
+        let noise = init.normal(v.shape(), 0.05, v.device()).unwrap();
+        v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
+    }
+    method.set_training(false);
+    Some((model, method))
+}
+
+/// Hidden states `[tokens, hidden]` of `picks` ((row, position) pairs) and the gradients of
+/// `Σ hidden · probe` over them with respect to the method's variables.
+fn hidden_and_grads(
+    model: &Transformer,
+    method: &dyn Method,
+    x: &Inputs,
+    picks: &[(usize, usize)],
+    probe: &Tensor,
+) -> std::result::Result<(Tensor, Vec<Tensor>), String> {
+    let enc = model.forward(x, method).map_err(|e| e.to_string())?;
+    let rows: Vec<Tensor> = picks
+        .iter()
+        .map(|&(r, p)| enc.hidden.get(r).unwrap().get(p).unwrap())
+        .collect();
+    let h = Tensor::stack(&rows, 0).unwrap();
+    let grads = (&h * probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = method
+        .params()
+        .vars()
+        .iter()
+        .map(|v| match grads.get(v.as_tensor()) {
+            Some(g) => g.clone(),
+            None => v.zeros_like().unwrap(),
+        })
+        .collect();
+    Ok((h, g))
+}
+
+fn rel(a: &Tensor, b: &Tensor) -> f32 {
+    common::max_abs_diff(a, b)
+        / b.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-6)
+}
+
+/// Compares the packed run with the reference for one method; `Ok(false)` where it refuses.
+fn agree(
+    what: &str,
+    base: &Transformer,
+    config: &MethodConfig,
+    reference: (&Inputs, &[(usize, usize)]),
+    pack: (&Inputs, &[(usize, usize)]),
+) -> bool {
+    let Some((model, method)) = attach(base, config) else {
+        return false;
+    };
+    let hidden = model.config.hidden_size;
+    let probe = Initializer::new(3)
+        .normal(&[reference.1.len(), hidden], 1.0, &Device::Cpu)
+        .unwrap();
+    let (h_ref, g_ref) =
+        hidden_and_grads(&model, method.as_ref(), reference.0, reference.1, &probe).unwrap();
+    let packed = hidden_and_grads(&model, method.as_ref(), pack.0, pack.1, &probe);
+    if method.input_prefix().unwrap().is_some() {
+        // Virtual tokens open a row, not an example: refused, with the reason.
+        let e = packed.expect_err(what);
+        assert!(e.contains("input prefix"), "{what}: {e}");
+        return false;
+    }
+    let (h, g) = packed.unwrap_or_else(|e| panic!("{what}: {e}"));
+    let e = rel(&h, &h_ref);
+    assert!(e <= 1e-5, "{what}: hidden states differ by {e}");
+    let scale = g_ref
+        .iter()
+        .map(|g| {
+            g.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .fold(1e-6f32, f32::max);
+    for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
+        let e = common::max_abs_diff(a, b) / scale;
+        assert!(e <= 1e-4, "{what}: gradient {i} differs by {e}");
+    }
+    true
+}
+
+fn random_rows(lens: &[usize], seed: u64) -> Vec<Vec<u32>> {
+    let mut init = Initializer::new(seed);
+    lens.iter()
+        .map(|&n| (0..n).map(|_| 1 + init.index(45) as u32).collect())
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+
+    /// Examples packed into one row equal the same examples padded, one per row.
+    #[test]
+    fn packed_rows_equal_padded_rows(
+        lens in proptest::collection::vec(1usize..7, 1..4),
+        seed in 0u64..1000,
+        composite in any::<bool>(),
+    ) {
+        let rows = random_rows(&lens, seed);
+        let padded = pad_rows(&rows, None, 0, &Device::Cpu).unwrap();
+        let mut picks_ref = Vec::new();
+        let (mut tokens, mut segments, mut positions, mut picks) = (vec![], vec![], vec![], vec![]);
+        for (r, row) in rows.iter().enumerate() {
+            for (p, &id) in row.iter().enumerate() {
+                picks_ref.push((r, p));
+                picks.push((0, tokens.len()));
+                tokens.push(id);
+                segments.push(r as u32 + 1);
+                positions.push(p as u32);
+            }
+        }
+        let pack = packed(&tokens, &segments, &positions);
+        let kernels = if composite { Kernels::Composite } else { Kernels::Fused };
+        let mut compared = 0;
+        for family in FAMILIES {
+            let base = tiny_model(family, 11);
+            for config in methods() {
+                let what = format!("{family} {} {lens:?} {kernels:?}", config.name());
+                compared += with_kernels(kernels, || {
+                    agree(&what, &base, &config, (&padded, &picks_ref), (&pack, &picks))
+                }) as usize;
+            }
+        }
+        prop_assert!(compared > 20, "only {compared} method × family runs compared");
+    }
+
+    /// A decoder's shared prompt with two continuations in one row (the prompt as example 0,
+    /// each continuation's positions going on from it) equals the two whole conversations.
+    #[test]
+    fn a_shared_prompt_with_two_branches_equals_both_conversations(
+        prompt in 1usize..6,
+        a in 1usize..5,
+        b in 1usize..5,
+        seed in 0u64..1000,
+    ) {
+        let parts = random_rows(&[prompt, a, b], seed);
+        let full = |branch: &Vec<u32>| [parts[0].clone(), branch.clone()].concat();
+        let padded = pad_rows(&[full(&parts[1]), full(&parts[2])], None, 0, &Device::Cpu).unwrap();
+        let (mut tokens, mut segments, mut positions) = (vec![], vec![], vec![]);
+        for (seg, part) in parts.iter().enumerate() {
+            let start = if seg == 0 { 0 } else { prompt };
+            for (p, &id) in part.iter().enumerate() {
+                tokens.push(id);
+                segments.push(seg as u32);
+                positions.push((start + p) as u32);
+            }
+        }
+        let pack = packed(&tokens, &segments, &positions);
+        // Every position of both conversations, the prompt's read from the first branch.
+        let mut picks_ref = Vec::new();
+        let mut picks = Vec::new();
+        for p in 0..prompt + a {
+            picks_ref.push((0, p));
+            picks.push((0, p));
+        }
+        for p in prompt..prompt + b {
+            picks_ref.push((1, p));
+            picks.push((0, prompt + a + (p - prompt)));
+        }
+        let mut compared = 0;
+        for family in ["gpt2", "llama"] {
+            let base = tiny_model(family, 5);
+            for config in methods() {
+                let what = format!("{family} {} tree {prompt}/{a}/{b}", config.name());
+                compared += agree(&what, &base, &config, (&padded, &picks_ref), (&pack, &picks)) as usize;
+            }
+        }
+        prop_assert!(compared > 10, "only {compared} method × family runs compared");
+    }
+}
