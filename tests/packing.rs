@@ -231,3 +231,67 @@ proptest! {
         prop_assert!(compared > 10, "only {compared} method × family runs compared");
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+
+    /// Preference pairs scored with their shared prefix packed once give the rewards and the
+    /// gradients (method and head) of the pairs scored as separate rows, for every method a
+    /// decoder's packing admits; pairs with no common prefix, or where one reply is a prefix
+    /// of the other, included.
+    #[test]
+    fn packed_pairs_score_as_separate_rows(
+        shapes in proptest::collection::vec((0usize..5, 0usize..4, 0usize..4), 1..4),
+        seed in 0u64..1000,
+    ) {
+        use peftbench_backbone::{HeadKind, SequenceHead, TrainableParams};
+        use peftbench_harness::objective::{pair_scores, pairs_packable, Scorer};
+        let mut chosen = Vec::new();
+        let mut rejected = Vec::new();
+        for (i, &(p, a, b)) in shapes.iter().enumerate() {
+            let parts = random_rows(&[p, a.max(usize::from(p == 0)), b.max(usize::from(p == 0))], seed + i as u64);
+            chosen.push([parts[0].clone(), parts[1].clone()].concat());
+            rejected.push([parts[0].clone(), parts[2].clone()].concat());
+        }
+        let chosen = pad_rows(&chosen, None, 0, &Device::Cpu).unwrap();
+        let rejected = pad_rows(&rejected, None, 0, &Device::Cpu).unwrap();
+        let mut compared = 0;
+        for family in ["gpt2", "llama"] {
+            let base = tiny_model(family, 5);
+            for config in methods() {
+                let Some((model, method)) = attach(&base, &config) else { continue };
+                let mut head_params = TrainableParams::new();
+                let head = SequenceHead::new(&model, HeadKind::Reward, &mut head_params, &mut Initializer::new(4)).unwrap();
+                let s = Scorer { model: &model, method: method.as_ref(), head: Some(&head) };
+                let what = format!("{family} {} {shapes:?}", config.name());
+                if !pairs_packable(&s).unwrap() {
+                    continue;
+                }
+                let mut vars = method.params().vars();
+                vars.extend(head_params.vars());
+                let run = |packed: bool| {
+                    let (c, r) = pair_scores(&s, &chosen, &rejected, packed).unwrap();
+                    let loss = (&c - &r).unwrap().sqr().unwrap().sum_all().unwrap();
+                    let grads = loss.backward().unwrap();
+                    let g: Vec<Tensor> = vars.iter().map(|v| match grads.get(v.as_tensor()) {
+                        Some(g) => g.clone(),
+                        None => v.zeros_like().unwrap(),
+                    }).collect();
+                    (Tensor::cat(&[c, r], 0).unwrap(), g)
+                };
+                let ((y, g), (y_ref, g_ref)) = (run(true), run(false));
+                let e = rel(&y, &y_ref);
+                prop_assert!(e <= 1e-5, "{}: rewards differ by {}", what, e);
+                let scale = g_ref.iter()
+                    .map(|g| g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap())
+                    .fold(1e-6f32, f32::max);
+                for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
+                    let e = common::max_abs_diff(a, b) / scale;
+                    prop_assert!(e <= 1e-4, "{}: gradient {} differs by {}", what, i, e);
+                }
+                compared += 1;
+            }
+        }
+        prop_assert!(compared > 10, "only {compared} method × family runs compared");
+    }
+}

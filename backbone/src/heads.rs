@@ -144,6 +144,25 @@ impl SequenceHead {
         kind.outputs() * (hidden + bias as usize)
     }
 
+    /// Head outputs `[n, outputs]` read at given tokens of `enc` (flat `row · len + position`
+    /// u32 indices), for packed rows where examples end inside a row. Last-token pooling only:
+    /// the other poolings summarise a whole row.
+    pub fn forward_at(&self, enc: &Encoded, at: &Tensor) -> Result<Tensor> {
+        if self.pooling != Pooling::LastToken {
+            return Err(crate::BackboneError::Input(format!(
+                "a head pooling {:?} cannot read packed rows",
+                self.pooling
+            )));
+        }
+        let (b, s, h) = enc.hidden.dims3()?;
+        let x = enc
+            .hidden
+            .reshape((b * s, h))?
+            .index_select(at, 0)?
+            .to_dtype(DType::F32)?;
+        Ok(self.out.forward(&x)?)
+    }
+
     /// Head outputs `[batch, outputs]`.
     pub fn forward(&self, model: &Transformer, enc: &Encoded) -> Result<Tensor> {
         let mut x = pool(enc, self.pooling)?;

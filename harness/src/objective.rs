@@ -108,6 +108,106 @@ fn scores(s: &Scorer, inputs: &peftbench_backbone::Inputs) -> candle_core::Resul
         .map_err(candle_core::Error::wrap)
 }
 
+/// Whether a pair's shared prompt can run once for both replies: a causal model (a prompt's
+/// states do not depend on what follows), no input prefix (it would open the row, not the
+/// pair) and a head that reads the last token.
+pub fn pairs_packable(s: &Scorer) -> candle_core::Result<bool> {
+    Ok(s.model.config.is_causal()
+        && s.method.input_prefix()?.is_none()
+        && s.head
+            .is_some_and(|h| h.pooling == peftbench_backbone::Pooling::LastToken))
+}
+
+/// The reward of each side of each pair, `([n], [n])`. Packed: one row per pair holds the
+/// common prefix of its two conversations once (example 0, seen by both), then the chosen
+/// and the rejected tails (examples 1 and 2, positions going on from the prefix), so a
+/// prompt shared by both replies is computed once; equal to the two rows apart up to f32
+/// rounding (tests/packing.rs).
+pub fn pair_scores(
+    s: &Scorer,
+    chosen: &peftbench_backbone::Inputs,
+    rejected: &peftbench_backbone::Inputs,
+    packed: bool,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    if !packed {
+        return Ok((
+            scores(s, chosen)?.squeeze(1)?,
+            scores(s, rejected)?.squeeze(1)?,
+        ));
+    }
+    let rows = |x: &peftbench_backbone::Inputs| -> candle_core::Result<Vec<Vec<u32>>> {
+        let ids: Vec<Vec<u32>> = x.input_ids.to_vec2()?;
+        let mask: Vec<Vec<u32>> = x.attention_mask.to_vec2()?;
+        Ok(ids
+            .into_iter()
+            .zip(mask)
+            .map(|(ids, m)| ids[..m.iter().filter(|&&v| v > 0).count()].to_vec())
+            .collect())
+    };
+    let (c, r) = (rows(chosen)?, rows(rejected)?);
+    let n = c.len();
+    let len = c
+        .iter()
+        .zip(&r)
+        .map(|(c, r)| c.len() + r.len() - common_prefix(c, r))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    // Padding: token 0 under a zero mask.
+    let (mut ids, mut mask) = (vec![0u32; n * len], vec![0u32; n * len]);
+    // Padding is an example of its own (3), seen by nothing real.
+    let (mut seg, mut pos) = (vec![3u32; n * len], vec![0u32; n * len]);
+    let (mut at_c, mut at_r) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for (i, (c, r)) in c.iter().zip(&r).enumerate() {
+        let p = common_prefix(c, r);
+        let row = i * len;
+        let mut k = row;
+        for (example, part, from) in [(0, &c[..p], 0), (1, &c[p..], p), (2, &r[p..], p)] {
+            for (j, &id) in part.iter().enumerate() {
+                (ids[k], mask[k], seg[k], pos[k]) = (id, 1, example, (from + j) as u32);
+                k += 1;
+            }
+        }
+        // Each side's last token: in its tail, or the prefix's last when the tail is empty.
+        at_c.push((row + c.len().max(1) - 1) as u32);
+        let r_last = if r.len() > p {
+            c.len() + r.len() - p
+        } else {
+            p.max(1)
+        };
+        at_r.push((row + r_last - 1) as u32);
+    }
+    let dev = chosen.input_ids.device();
+    let t = |v: Vec<u32>| Tensor::from_vec(v, (n, len), dev);
+    let inputs = peftbench_backbone::Inputs {
+        input_ids: t(ids)?,
+        attention_mask: t(mask)?,
+        token_type_ids: None,
+        packing: Some(peftbench_backbone::Packing {
+            segments: t(seg)?,
+            positions: t(pos)?,
+        }),
+    };
+    let enc = s
+        .model
+        .forward(&inputs, s.method)
+        .map_err(candle_core::Error::wrap)?;
+    let head = s
+        .head
+        .ok_or_else(|| candle_core::Error::Msg("objective needs a head".into()))?;
+    let at = Tensor::from_vec([at_c, at_r].concat(), 2 * n, dev)?;
+    let both = head
+        .forward_at(&enc, &at)
+        .map_err(candle_core::Error::wrap)?
+        .squeeze(1)?;
+    Ok((both.narrow(0, 0, n)?, both.narrow(0, n, n)?))
+}
+
+/// Length of the common prefix of two token sequences.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 fn softplus(x: &Tensor) -> candle_core::Result<Tensor> {
     // log(1 + e^x) = max(x, 0) + log(1 + e^−|x|), stable for large |x|.
     x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
@@ -153,8 +253,7 @@ pub fn loss(obj: &Objective, s: &Scorer, batch: &Batch) -> candle_core::Result<T
             nll.sum_all()?.div(&mask.sum_all()?.maximum(1.0)?)
         }
         (Objective::Reward, Batch::Pair { chosen, rejected }) => {
-            let rc = scores(s, chosen)?.squeeze(1)?;
-            let rr = scores(s, rejected)?.squeeze(1)?;
+            let (rc, rr) = pair_scores(s, chosen, rejected, pairs_packable(s)?)?;
             softplus(&(rr - rc)?)?.mean_all()
         }
         _ => Err(candle_core::Error::Msg(
@@ -213,6 +312,7 @@ pub fn evaluate_outcomes(
     let mut margins = Vec::new();
     // Batches of similar length pad little; the outcomes are put back in the examples' order.
     let order = longest_first(examples);
+    let packable = *obj == Objective::Reward && pairs_packable(s)?;
     for chunk in order.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
         let batch = make_batch(&refs, pad_id, device)?;
@@ -250,8 +350,8 @@ pub fn evaluate_outcomes(
                 wrong.extend(w.iter().map(|x| x.round() as u32));
             }
             (Objective::Reward, Batch::Pair { chosen, rejected }) => {
-                let rc: Vec<f32> = scores(s, chosen)?.squeeze(1)?.to_vec1()?;
-                let rr: Vec<f32> = scores(s, rejected)?.squeeze(1)?.to_vec1()?;
+                let (rc, rr) = pair_scores(s, chosen, rejected, packable)?;
+                let (rc, rr): (Vec<f32>, Vec<f32>) = (rc.to_vec1()?, rr.to_vec1()?);
                 margins.extend(rc.iter().zip(&rr).map(|(a, b)| (*a - *b) as f64));
             }
             _ => {
