@@ -20,6 +20,7 @@ pub mod linalg;
 pub mod linear;
 pub mod load;
 pub mod model;
+mod no_grad;
 pub mod ops;
 pub mod params;
 mod quantized;
@@ -42,5 +43,6 @@ pub use kernels::{device_name, kernels, parse_device, parse_dtype, with_kernels,
 pub use linear::Linear;
 pub use load::{load_model, load_model_dir, save_model_dir};
 pub use model::{Encoded, Inputs, KvCache, Norm, Packing, Transformer};
+pub use no_grad::{grad_enabled, no_grad};
 pub use params::TrainableParams;
 pub use tokenizer::{pad_rows, TextTokenizer};

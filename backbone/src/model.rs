@@ -616,6 +616,10 @@ impl Transformer {
                 cached,
             };
             h = self.layer_forward(i, layer, &h, step, iv)?;
+            if !crate::grad_enabled() {
+                // Frees this layer's activations once the next layer has read `h`.
+                h = h.detach();
+            }
         }
         if let Some(c) = cache {
             c.len = kv_len + seq;

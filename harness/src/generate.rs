@@ -29,8 +29,7 @@ pub fn greedy(
             break;
         }
         let inputs = row(&next, model.device())?;
-        let enc = model
-            .forward_cached(&inputs, iv, &mut cache)
+        let enc = peftbench_backbone::no_grad(|| model.forward_cached(&inputs, iv, &mut cache))
             .map_err(candle_core::Error::wrap)?;
         let id = argmax_last(model, &enc)?;
         if Some(id) == eos {
@@ -54,8 +53,8 @@ pub fn greedy_uncached(
     let mut seq = prompt.to_vec();
     let mut out = Vec::new();
     while out.len() < max_new_tokens {
-        let enc = model
-            .forward(&row(&seq, model.device())?, iv)
+        let inputs = row(&seq, model.device())?;
+        let enc = peftbench_backbone::no_grad(|| model.forward(&inputs, iv))
             .map_err(candle_core::Error::wrap)?;
         let id = argmax_last(model, &enc)?;
         if Some(id) == eos {

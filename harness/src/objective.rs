@@ -304,6 +304,18 @@ pub fn evaluate_outcomes(
     pad_id: u32,
     device: &Device,
 ) -> candle_core::Result<(BTreeMap<String, f64>, Outcomes)> {
+    // No backward follows: each layer's activations can go once the next has run.
+    peftbench_backbone::no_grad(|| outcomes(obj, s, examples, batch_size, pad_id, device))
+}
+
+fn outcomes(
+    obj: &Objective,
+    s: &Scorer,
+    examples: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+    device: &Device,
+) -> candle_core::Result<(BTreeMap<String, f64>, Outcomes)> {
     let mut pred_cls = Vec::new();
     let mut gold_cls = Vec::new();
     let mut pred_val = Vec::new();
