@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 /// Elements per rayon task: smaller tensors run as one task on the calling thread, where
 /// waking the pool would cost more than the work.
-const GRAIN: usize = 1 << 14;
+pub(crate) const GRAIN: usize = 1 << 14;
 
 /// Whether the fused path applies: every tensor f32 on the CPU, the fused kernels chosen
 /// ([`crate::kernels`]), and `x` (the first) at least 1-D and non-empty (the kernels chunk by
@@ -897,7 +897,7 @@ fn silu_grad(v: f32) -> f32 {
 
 simd! {
     /// y = act(x), elementwise (one loop per activation, so each vectorises).
-    fn act_fwd(act: Act, x: &[f32], y: &mut [f32]) {
+    pub(crate) fn act_fwd(act: Act, x: &[f32], y: &mut [f32]) {
         // Plain loops: a `for_each` closure may stay out of line, outside the AVX2 build.
         let it = y.iter_mut().zip(x);
         match act {
@@ -922,7 +922,7 @@ simd! {
 
 simd! {
     /// dx = g · act'(x), elementwise.
-    fn act_bwd(act: Act, x: &[f32], g: &[f32], dx: &mut [f32]) {
+    pub(crate) fn act_bwd(act: Act, x: &[f32], g: &[f32], dx: &mut [f32]) {
         let it = dx.iter_mut().zip(x).zip(g);
         match act {
             Act::GeluErf => {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 mod frozen_matmul;
 mod fused;
+mod gated;
 pub mod gemm_floor;
 pub mod gguf;
 pub mod heads;

@@ -826,7 +826,7 @@ impl Transformer {
         let inner = match &layer.gate {
             Some(gate) => {
                 let g = project(iv, site(Proj::Gate), gate, x)?;
-                (ops::activate(&g, self.config.activation)? * up)?
+                ops::gated(&g, &up, self.config.activation)?
             }
             None => ops::activate(&up, self.config.activation)?,
         };

@@ -108,6 +108,22 @@ pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
     }
 }
 
+/// A gated feed-forward's `act(gate) ⊙ up` (SwiGLU and its kin).
+pub fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
+    let fused_act = match act {
+        Activation::GeluErf => Some(fused::Act::GeluErf),
+        Activation::GeluTanh => Some(fused::Act::GeluTanh),
+        Activation::Silu => Some(fused::Act::Silu),
+        Activation::Relu => None,
+    };
+    match fused_act {
+        Some(a) if fused::eligible(&[gate, up]) && gate.dims() == up.dims() => {
+            crate::gated::gated(gate, up, a)
+        }
+        _ => activate(gate, act)? * up,
+    }
+}
+
 /// The activation as candle's unary ops (whose backward is composed of primitives).
 fn activate_composite(x: &Tensor, act: Activation) -> Result<Tensor> {
     match act {
@@ -684,6 +700,29 @@ mod tests {
             let what = format!("rope b{b} t{t} h{heads} d{d} per-token {per_token}");
             assert!(rel_err(&yf, &yc) <= 1e-6, "{what}: forward");
             assert!(rel_err(&gf, &gc) <= 1e-6, "{what}: gradient");
+        }
+    }
+
+    #[test]
+    fn gated_matches_composite() {
+        let mut init = Initializer::new(13);
+        for (k, shape) in SHAPES.iter().enumerate() {
+            let g = randn(&mut init, shape, 2.0);
+            let up = randn(&mut init, shape, 1.0);
+            for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Silu] {
+                check(
+                    &format!("gated {act:?} {shape:?}"),
+                    &[g.clone(), up.clone()],
+                    |t| t.clone(),
+                    |a| {
+                        let y = gated(&a[0], &a[1], act)?;
+                        assert!(is_fused(&y));
+                        Ok(y)
+                    },
+                    |a| activate_composite(&a[0], act)? * &a[1],
+                    k as u64,
+                );
+            }
         }
     }
 
