@@ -28,9 +28,7 @@ fn no_grad_gives_the_same_outputs_and_keeps_only_a_layer_of_activations() {
             .into_iter()
             .find(|m| m.name() == "lora")
             .unwrap();
-        let method = lora
-            .attach(&mut AttachContext::new(&mut model, 7))
-            .unwrap();
+        let method = lora.attach(&mut AttachContext::new(&mut model, 7)).unwrap();
         // Live heap the output holds on to (its graph included), and the output.
         let held = |off: bool| {
             let before = live_bytes();
@@ -44,11 +42,18 @@ fn no_grad_gives_the_same_outputs_and_keeps_only_a_layer_of_activations() {
         };
         let (with_graph, h) = held(false);
         let (without, h_eval) = held(true);
-        assert_eq!(common::max_abs_diff(&h, &h_eval), 0.0, "{family}: outputs differ");
+        assert_eq!(
+            common::max_abs_diff(&h, &h_eval),
+            0.0,
+            "{family}: outputs differ"
+        );
         assert!(
             without * 4 < with_graph,
             "{family}: an evaluation forward holds {without} bytes, a training one {with_graph}"
         );
-        assert!(peftbench_backbone::grad_enabled(), "no_grad left gradients off");
+        assert!(
+            peftbench_backbone::grad_enabled(),
+            "no_grad left gradients off"
+        );
     }
 }
