@@ -295,3 +295,65 @@ proptest! {
         prop_assert!(compared > 10, "only {compared} method × family runs compared");
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+
+    /// A causal-LM batch packed into rows gives the padded batch's loss and gradients for
+    /// every method that admits packing, in no more rows.
+    #[test]
+    fn a_packed_lm_batch_trains_as_the_padded_one(
+        shapes in proptest::collection::vec((2usize..9, 0usize..4), 1..6),
+        seed in 0u64..1000,
+    ) {
+        use peftbench_harness::data::{make_batch, pack_lm_batch, Batch, Example};
+        use peftbench_harness::objective::{loss, Objective, Scorer};
+        let lens: Vec<usize> = shapes.iter().map(|s| s.0).collect();
+        let examples: Vec<Example> = random_rows(&lens, seed)
+            .into_iter()
+            .zip(&shapes)
+            .map(|(ids, &(n, start))| Example::Lm { ids, response_start: start.min(n - 1) })
+            .collect();
+        let refs: Vec<&Example> = examples.iter().collect();
+        let padded = make_batch(&refs, 0, &Device::Cpu).unwrap();
+        let packed = pack_lm_batch(&refs, 0, &Device::Cpu).unwrap();
+        let rows = |b: &Batch| match b {
+            Batch::Lm { inputs, .. } => inputs.input_ids.dim(0).unwrap(),
+            _ => unreachable!(),
+        };
+        prop_assert!(rows(&packed) <= rows(&padded));
+        let mut compared = 0;
+        for family in ["gpt2", "llama"] {
+            let base = tiny_model(family, 5);
+            for config in methods() {
+                let Some((model, method)) = attach(&base, &config) else { continue };
+                if method.input_prefix().unwrap().is_some() {
+                    continue;
+                }
+                let s = Scorer { model: &model, method: method.as_ref(), head: None };
+                let vars = method.params().vars();
+                let run = |b: &Batch| {
+                    let l = loss(&Objective::CausalLm, &s, b).unwrap();
+                    let grads = l.backward().unwrap();
+                    let g: Vec<Tensor> = vars.iter().map(|v| match grads.get(v.as_tensor()) {
+                        Some(g) => g.clone(),
+                        None => v.zeros_like().unwrap(),
+                    }).collect();
+                    (l.to_scalar::<f32>().unwrap(), g)
+                };
+                let what = format!("{family} {} {shapes:?}", config.name());
+                let ((l, g), (l_ref, g_ref)) = (run(&packed), run(&padded));
+                prop_assert!((l - l_ref).abs() <= 1e-5 * l_ref.abs().max(1.0), "{}: loss {} vs {}", what, l, l_ref);
+                let scale = g_ref.iter()
+                    .map(|g| g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap())
+                    .fold(1e-6f32, f32::max);
+                for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
+                    let e = common::max_abs_diff(a, b) / scale;
+                    prop_assert!(e <= 1e-4, "{}: gradient {} differs by {}", what, i, e);
+                }
+                compared += 1;
+            }
+        }
+        prop_assert!(compared > 10, "only {compared} method × family runs compared");
+    }
+}

@@ -162,6 +162,86 @@ pub fn make_batch(
     }
 }
 
+/// Causal-LM examples laid end to end in rows (first fit, longest first), no row longer than
+/// the longest example: each token carries its example (from 1) and its position in it, and
+/// no example's last token is asked for the next one's first. The loss over the batch is the
+/// padded batch's ([`make_batch`]), without the padding's compute.
+pub fn pack_lm_batch(
+    examples: &[&Example],
+    pad_id: u32,
+    device: &Device,
+) -> candle_core::Result<Batch> {
+    let mut parts = Vec::with_capacity(examples.len());
+    for e in examples {
+        let Example::Lm {
+            ids,
+            response_start,
+        } = e
+        else {
+            candle_core::bail!("only causal-LM examples are packed");
+        };
+        parts.push((ids, *response_start));
+    }
+    let cap = parts
+        .iter()
+        .map(|(ids, _)| ids.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut order: Vec<usize> = (0..parts.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(parts[i].0.len()));
+    // Rows as lists of examples, and the room each has left.
+    let mut rows: Vec<(Vec<usize>, usize)> = Vec::new();
+    for i in order {
+        let n = parts[i].0.len();
+        match rows.iter_mut().find(|(_, room)| *room >= n) {
+            Some((row, room)) => {
+                row.push(i);
+                *room -= n;
+            }
+            None => rows.push((vec![i], cap - n)),
+        }
+    }
+    let (b, t) = (rows.len(), cap);
+    let mut ids = vec![pad_id; b * t];
+    let mut attention = vec![0u32; b * t];
+    let mut segments = vec![0u32; b * t];
+    let mut positions = vec![0u32; b * t];
+    let mut mask = vec![0f32; b * t];
+    let mut next = vec![0u32; b * t];
+    for (r, (row, _)) in rows.iter().enumerate() {
+        let mut at = r * t;
+        for (k, &i) in row.iter().enumerate() {
+            let (tokens, start) = parts[i];
+            for (pos, &id) in tokens.iter().enumerate() {
+                ids[at] = id;
+                attention[at] = 1;
+                segments[at] = k as u32 + 1;
+                positions[at] = pos as u32;
+                if pos + 1 < tokens.len() && pos + 1 >= start {
+                    mask[at] = 1.0;
+                    next[at] = tokens[pos + 1];
+                }
+                at += 1;
+            }
+        }
+    }
+    let u = |v: Vec<u32>| Tensor::from_vec(v, (b, t), device);
+    Ok(Batch::Lm {
+        inputs: Inputs {
+            input_ids: u(ids)?,
+            attention_mask: u(attention)?,
+            token_type_ids: None,
+            packing: Some(peftbench_backbone::Packing {
+                segments: u(segments)?,
+                positions: u(positions)?,
+            }),
+        },
+        loss_mask: Tensor::from_vec(mask, (b, t), device)?,
+        next: u(next)?,
+    })
+}
+
 /// Number of non-padding tokens in a batch's inputs.
 pub fn batch_tokens(b: &Batch) -> candle_core::Result<usize> {
     let count = |i: &Inputs| -> candle_core::Result<usize> {

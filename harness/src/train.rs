@@ -53,6 +53,12 @@ pub struct TrainConfig {
     /// (see [`Order::grouped`]). Left out of the configuration hash when off.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub group_by_length: bool,
+    /// Lay a causal-LM batch's examples end to end in as few rows as hold them (none longer
+    /// than its longest example), attention kept within each example: the same examples and
+    /// loss as the padded batch, without computing the padding. Methods that prepend virtual
+    /// tokens (prompt tuning, P-Tuning) keep padded rows. Left out of the hash when off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub packing: bool,
 }
 
 /// A run's numeric precision.
@@ -604,6 +610,9 @@ fn run_inner(
         }
         _ => None,
     };
+    let pack = spec.train.packing
+        && task.objective == crate::objective::Objective::CausalLm
+        && method.input_prefix()?.is_none();
     let started = Instant::now();
     let mut eval_seconds = 0f64;
     let log_every = (total / 50).max(1);
@@ -613,7 +622,11 @@ fn run_inner(
         for _ in 0..accum {
             let idx = order.next_batch(spec.train.batch_size);
             let examples: Vec<&Example> = idx.iter().map(|&i| &task.train[train_idx[i]]).collect();
-            let batch = make_batch(&examples, pad, &device)?;
+            let batch = if pack {
+                crate::data::pack_lm_batch(&examples, pad, &device)?
+            } else {
+                make_batch(&examples, pad, &device)?
+            };
             tokens += batch_tokens(&batch)?;
             let scorer = Scorer {
                 model: &model,
