@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{max_rel_diff, tiny_model};
+use common::{largest, max_rel_diff, tiny_model};
 use peftbench_backbone::{
     pad_rows, with_kernels, HeadKind, Initializer, Inputs, Kernels, SequenceHead, TrainableParams,
     Transformer,
@@ -32,15 +32,8 @@ fn f32_tolerance() -> f32 {
     }
 }
 
-/// Every method the registry ships, each at a small size that fits the tiny models.
 fn methods() -> Vec<MethodConfig> {
-    MethodConfig::defaults()
-        .into_iter()
-        .map(|m| match m.knob() {
-            Some(_) => m.with_knob(2),
-            None => m,
-        })
-        .collect()
+    common::small_methods()
 }
 
 fn batch(seed: u64, device: &Device) -> Inputs {
@@ -151,20 +144,6 @@ impl Attached {
         }
         losses
     }
-}
-
-/// Largest absolute value over a set of tensors.
-fn largest(ts: &[Tensor]) -> f32 {
-    ts.iter()
-        .map(|g| {
-            g.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        })
-        .fold(0f32, f32::max)
 }
 
 #[test]

@@ -17,13 +17,7 @@ use proptest::prelude::*;
 const FAMILIES: [&str; 3] = ["bert", "gpt2", "llama"];
 
 fn methods() -> Vec<MethodConfig> {
-    MethodConfig::defaults()
-        .into_iter()
-        .map(|m| match m.knob() {
-            Some(_) => m.with_knob(2),
-            None => m,
-        })
-        .collect()
+    common::small_methods()
 }
 
 /// `rows` laid end to end in one row: `(segment, position)` per token given.
@@ -74,16 +68,7 @@ fn hidden_and_grads(
         .collect();
     let h = Tensor::stack(&rows, 0).unwrap();
     let grads = (&h * probe).unwrap().sum_all().unwrap().backward().unwrap();
-    let g = method
-        .params()
-        .vars()
-        .iter()
-        .map(|v| match grads.get(v.as_tensor()) {
-            Some(g) => g.clone(),
-            None => v.zeros_like().unwrap(),
-        })
-        .collect();
-    Ok((h, g))
+    Ok((h, common::grads_of(&grads, &method.params().vars())))
 }
 
 fn rel(a: &Tensor, b: &Tensor) -> f32 {
@@ -124,21 +109,8 @@ fn agree(
     let (h, g) = packed.unwrap_or_else(|e| panic!("{what}: {e}"));
     let e = rel(&h, &h_ref);
     assert!(e <= 1e-5, "{what}: hidden states differ by {e}");
-    let scale = g_ref
-        .iter()
-        .map(|g| {
-            g.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        })
-        .fold(1e-6f32, f32::max);
-    for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
-        let e = common::max_abs_diff(a, b) / scale;
-        assert!(e <= 1e-4, "{what}: gradient {i} differs by {e}");
-    }
+    let e = common::grads_rel_diff(&g, &g_ref);
+    assert!(e <= 1e-4, "{what}: gradients differ by {e}");
     true
 }
 
@@ -273,22 +245,14 @@ proptest! {
                     let (c, r) = pair_scores(&s, &chosen, &rejected, packed).unwrap();
                     let loss = (&c - &r).unwrap().sqr().unwrap().sum_all().unwrap();
                     let grads = loss.backward().unwrap();
-                    let g: Vec<Tensor> = vars.iter().map(|v| match grads.get(v.as_tensor()) {
-                        Some(g) => g.clone(),
-                        None => v.zeros_like().unwrap(),
-                    }).collect();
+                    let g = common::grads_of(&grads, &vars);
                     (Tensor::cat(&[c, r], 0).unwrap(), g)
                 };
                 let ((y, g), (y_ref, g_ref)) = (run(true), run(false));
                 let e = rel(&y, &y_ref);
                 prop_assert!(e <= 1e-5, "{}: rewards differ by {}", what, e);
-                let scale = g_ref.iter()
-                    .map(|g| g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap())
-                    .fold(1e-6f32, f32::max);
-                for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
-                    let e = common::max_abs_diff(a, b) / scale;
-                    prop_assert!(e <= 1e-4, "{}: gradient {} differs by {}", what, i, e);
-                }
+                let e = common::grads_rel_diff(&g, &g_ref);
+                prop_assert!(e <= 1e-4, "{}: gradients differ by {}", what, e);
                 compared += 1;
             }
         }
@@ -335,22 +299,14 @@ proptest! {
                 let run = |b: &Batch| {
                     let l = loss(&Objective::CausalLm, &s, b).unwrap();
                     let grads = l.backward().unwrap();
-                    let g: Vec<Tensor> = vars.iter().map(|v| match grads.get(v.as_tensor()) {
-                        Some(g) => g.clone(),
-                        None => v.zeros_like().unwrap(),
-                    }).collect();
+                    let g = common::grads_of(&grads, &vars);
                     (l.to_scalar::<f32>().unwrap(), g)
                 };
                 let what = format!("{family} {} {shapes:?}", config.name());
                 let ((l, g), (l_ref, g_ref)) = (run(&packed), run(&padded));
                 prop_assert!((l - l_ref).abs() <= 1e-5 * l_ref.abs().max(1.0), "{}: loss {} vs {}", what, l, l_ref);
-                let scale = g_ref.iter()
-                    .map(|g| g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap())
-                    .fold(1e-6f32, f32::max);
-                for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
-                    let e = common::max_abs_diff(a, b) / scale;
-                    prop_assert!(e <= 1e-4, "{}: gradient {} differs by {}", what, i, e);
-                }
+                let e = common::grads_rel_diff(&g, &g_ref);
+                prop_assert!(e <= 1e-4, "{}: gradients differ by {}", what, e);
                 compared += 1;
             }
         }

@@ -93,16 +93,20 @@ fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     normed.broadcast_mul(weight)
 }
 
-/// Applies an (ungated) activation.
-pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
-    let fused_act = match act {
+/// The fused kernel of an activation, where there is one.
+fn fused_act(act: Activation) -> Option<fused::Act> {
+    match act {
         Activation::GeluErf => Some(fused::Act::GeluErf),
         Activation::GeluTanh => Some(fused::Act::GeluTanh),
         Activation::Silu => Some(fused::Act::Silu),
         // candle's relu backward is already a single mask-multiply.
         Activation::Relu => None,
-    };
-    match fused_act {
+    }
+}
+
+/// Applies an (ungated) activation.
+pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    match fused_act(act) {
         Some(a) if fused::eligible(&[x]) => fused::activate(x, a),
         _ => activate_composite(x, act),
     }
@@ -110,13 +114,7 @@ pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
 
 /// A gated feed-forward's `act(gate) ⊙ up` (SwiGLU and its kin).
 pub fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
-    let fused_act = match act {
-        Activation::GeluErf => Some(fused::Act::GeluErf),
-        Activation::GeluTanh => Some(fused::Act::GeluTanh),
-        Activation::Silu => Some(fused::Act::Silu),
-        Activation::Relu => None,
-    };
-    match fused_act {
+    match fused_act(act) {
         Some(a) if fused::eligible(&[gate, up]) && gate.dims() == up.dims() => {
             crate::gated::gated(gate, up, a)
         }

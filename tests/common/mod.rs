@@ -116,3 +116,50 @@ pub fn synthetic_tasks(
         })
         .collect()
 }
+
+/// Every method the registry ships, each at a small size that fits the tiny models.
+pub fn small_methods() -> Vec<peftbench_methods::MethodConfig> {
+    peftbench_methods::MethodConfig::defaults()
+        .into_iter()
+        .map(|m| match m.knob() {
+            Some(_) => m.with_knob(2),
+            None => m,
+        })
+        .collect()
+}
+
+/// Each variable's gradient in `grads` (zeros where it got none).
+pub fn grads_of(
+    grads: &candle_core::backprop::GradStore,
+    vars: &[candle_core::Var],
+) -> Vec<Tensor> {
+    vars.iter()
+        .map(|v| match grads.get(v.as_tensor()) {
+            Some(g) => g.clone(),
+            None => v.zeros_like().unwrap(),
+        })
+        .collect()
+}
+
+/// Largest difference between two gradient lists over the reference's largest magnitude.
+pub fn grads_rel_diff(got: &[Tensor], reference: &[Tensor]) -> f32 {
+    let scale = largest(reference).max(1e-6);
+    got.iter()
+        .zip(reference)
+        .map(|(a, b)| max_abs_diff(a, b) / scale)
+        .fold(0f32, f32::max)
+}
+
+/// Largest absolute value over a set of tensors.
+pub fn largest(ts: &[Tensor]) -> f32 {
+    ts.iter()
+        .map(|g| {
+            g.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .fold(0f32, f32::max)
+}
