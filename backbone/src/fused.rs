@@ -107,7 +107,7 @@ fn map_rows2(
 /// Σ f(xᵢ) over eight lanes: the compiler can vectorise it, and it rounds less than a
 /// running sum.
 #[inline(always)]
-fn sum_by(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+pub(crate) fn sum_by(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = x.chunks_exact(8);
     let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
@@ -156,7 +156,7 @@ fn sum_by2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
 
 /// The largest element (NaNs ignored, as `f32::max`), over eight lanes so it vectorises.
 #[inline(always)]
-fn max_of(x: &[f32]) -> f32 {
+pub(crate) fn max_of(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = x.chunks_exact(8);
     let tail = chunks
@@ -261,7 +261,7 @@ const EXP_LO: f32 = -87.336_55;
 
 /// e^x to about 1 ulp (2ⁿ·e^r with n = round(x/ln2)), branch-free; NaN stays NaN.
 #[inline(always)]
-fn exp_fast(x: f32) -> f32 {
+pub(crate) fn exp_fast(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer.
     let xc = if x > EXP_HI { EXP_HI } else { x };
     let xc = if xc < EXP_LO { EXP_LO } else { xc };

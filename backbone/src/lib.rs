@@ -19,6 +19,7 @@ pub mod intervention;
 pub mod kernels;
 pub mod linalg;
 pub mod linear;
+pub mod lm_loss;
 pub mod load;
 pub mod model;
 mod no_grad;

@@ -1,9 +1,10 @@
 //! Losses and dev metrics of the three objectives; every method plugs in unchanged.
 
 use crate::data::{make_batch, Batch, Example, Target};
-use candle_core::{DType, Device, Tensor, D};
-use peftbench_backbone::ops::{cross_entropy, log_softmax_last_dim};
-use peftbench_backbone::{lm_logits, Intervention, SequenceHead, Transformer};
+use candle_core::{Device, Tensor, D};
+use peftbench_backbone::lm_loss::token_nll;
+use peftbench_backbone::ops::cross_entropy;
+use peftbench_backbone::{Intervention, SequenceHead, Transformer};
 use peftbench_datasets::GlueMetric;
 use peftbench_reports::outcomes::Outcomes;
 use std::collections::BTreeMap;
@@ -84,15 +85,17 @@ fn lm_stats(
         .model
         .forward(inputs, s.method)
         .map_err(candle_core::Error::wrap)?;
-    let (_, t) = inputs.input_ids.dims2()?;
-    let logits = lm_logits(s.model, &enc).map_err(candle_core::Error::wrap)?;
+    let (b, t) = inputs.input_ids.dims2()?;
     // Positions of real tokens sit after any input prefix.
-    let logits = logits.narrow(1, enc.input_prefix_len, t)?;
-    let logp = log_softmax_last_dim(&logits)?;
-    let picked = logp.gather(&next.unsqueeze(2)?, 2)?.squeeze(2)?;
-    let nll = (picked.neg()? * mask)?;
-    let argmax = logits.argmax(D::Minus1)?;
-    let wrong = (argmax.ne(next)?.to_dtype(DType::F32)? * mask)?.sum(1)?;
+    let hidden = enc.hidden.narrow(1, enc.input_prefix_len, t)?;
+    let hidden = hidden.reshape((b * t, hidden.dim(2)?))?;
+    // Positions outside the loss get an out-of-vocabulary target: the op skips them.
+    let outside = Tensor::full(u32::MAX, (b, t), next.device())?;
+    let targets = mask.gt(0.0)?.where_cond(next, &outside)?.flatten_all()?;
+    let stats = token_nll(&hidden, s.model.lm_head_weight(), &targets)?;
+    let nll = (stats.narrow(1, 0, 1)?.reshape((b, t))? * mask)?;
+    let correct = stats.narrow(1, 1, 1)?.reshape((b, t))?;
+    let wrong = (mask - correct)?.sum(1)?;
     Ok((nll, mask.clone(), wrong))
 }
 
