@@ -137,16 +137,24 @@ simd! {
     /// the logits row becomes `softmax − onehot(target)`, scaled by `scale`.
     fn nll_row(x: &mut [f32], target: usize, grad: bool, scale: f32, stats: &mut [f32]) {
         let max = crate::fused::max_of(x);
-        let sum = crate::fused::sum_by(x, |v| crate::fused::exp_fast(v - max));
-        let lse = max + sum.ln();
         // The first maximum, as candle's argmax; a NaN row has none and is never correct.
         let argmax = x.iter().position(|&v| v == max);
-        stats[0] = lse - x[target];
+        let picked = x[target];
+        let sum = if grad {
+            // e^(x − max) kept in place: the gradient pass only scales it.
+            for v in x.iter_mut() {
+                *v = crate::fused::exp_fast(*v - max);
+            }
+            crate::fused::sum_by(x, |v| v)
+        } else {
+            crate::fused::sum_by(x, |v| crate::fused::exp_fast(v - max))
+        };
+        stats[0] = max + sum.ln() - picked;
         stats[1] = if argmax == Some(target) { 1.0 } else { 0.0 };
         if grad {
             let inv = scale / sum;
             for v in x.iter_mut() {
-                *v = crate::fused::exp_fast(*v - max) * inv;
+                *v *= inv;
             }
             x[target] -= scale;
         }
