@@ -3,6 +3,7 @@
 
 pub mod alloc;
 mod attention;
+pub mod bf16_gemm;
 pub mod chat;
 pub mod config;
 pub mod error;
