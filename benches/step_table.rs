@@ -86,7 +86,9 @@ fn python_shape_args() -> Vec<String> {
         "--device".into(),
         var("PEFTBENCH_BENCH_DEVICE", "cpu"),
         "--dtype".into(),
-        var("PEFTBENCH_BENCH_DTYPE", "f32"),
+        // PyTorch's precision may differ from ours (bf16 products here against PyTorch f32).
+        std::env::var("PEFTBENCH_BENCH_PYTORCH_DTYPE")
+            .unwrap_or_else(|_| var("PEFTBENCH_BENCH_DTYPE", "f32")),
         "--batch".into(),
         var("PEFTBENCH_BENCH_BATCH", "16"),
         "--seq".into(),
@@ -177,7 +179,7 @@ fn main() {
     let (py_label, py_note) = if python.is_some() {
         (
             "PyTorch ms (same run)",
-            format!("PyTorch + PEFT ran the same steps on this machine in {ROUNDS} rounds alternating with ours (`benches/pytorch_step.py`, `PEFTBENCH_PYTHON` set); both columns are medians over all rounds"),
+            format!("PyTorch + PEFT ran the same steps on this machine in {ROUNDS} rounds alternating with ours (`benches/pytorch_step.py`, `PEFTBENCH_PYTHON` set, PyTorch in {}); both columns are medians over all rounds", std::env::var("PEFTBENCH_BENCH_PYTORCH_DTYPE").or_else(|_| std::env::var("PEFTBENCH_BENCH_DTYPE")).unwrap_or_else(|_| "f32".into())),
         )
     } else {
         (
@@ -203,6 +205,12 @@ fn main() {
     let mut dtype = format!("{:?}", base.dtype()).to_lowercase();
     if base.is_quantized() {
         dtype.push_str(" with the projections in their GGUF blocks");
+    }
+    if base.is_packed_bf16() {
+        let k = peftbench_backbone::bf16_gemm::best().map_or("", |k| k.name());
+        dtype.push_str(&format!(
+            " with the frozen projections' products in bf16 ({k}; the GEMM floor replays f32 GEMMs only, so it leaves those out)"
+        ));
     }
     let _ = writeln!(md, "Device: {device}, dtype {dtype}, shape {shape}.\n");
     let _ = writeln!(md, "all-MiniLM-L6-v2 shape unless named above, batch {rows} × {seq}, each method's default configuration (the reference's: LoRA r=8 on query/value, AdaLoRA 12 → 8, 20 virtual tokens), {objective}, trainable counts include the 2-class head, median ms of interleaved steps after {warm} warm-up, peak MB the heap's high-water mark while the method is attached and takes two steps (the base's weights included), {} threads. {py_note}. Produced by `cargo bench --bench step_table`.\n", candle_core::utils::get_num_threads());

@@ -322,7 +322,7 @@ fn run_suite(
         );
     }
     // The base moves to the device once, in the suite's precision; every run clones it there.
-    base.model = base.model.to(device, suite.train.dtype.dtype())?;
+    base.model = base.model.to(device, suite.train.dtype.dtype_on(device))?;
     let summary = run_grid_with(&suite, &base, &tasks, results, shard, policy)?;
     eprintln!(
         "ran {}, skipped {} already recorded, {} claimed by other processes; {} of {} runs of the grid recorded",

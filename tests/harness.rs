@@ -358,3 +358,58 @@ fn lora_plus_moves_b_at_the_ratio_times_as_its_rate() {
     let ratio = largest["B"] / largest["A"];
     assert!((ratio - 8.0).abs() < 0.01, "B moved {ratio}× as far as A");
 }
+
+/// `dtype = "bf16"` on the CPU: the frozen projections' products run in bf16 where a kernel
+/// exists (the record names it) and the run trains to the f32 run's scores within bf16
+/// rounding; without a kernel the run is f32 and its record says bf16 was asked.
+#[test]
+fn bf16_on_the_cpu_runs_the_frozen_products_in_bf16_and_records_which_kernel() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base(tmp.path());
+    let suite = Suite::parse(SUITE, "tiny.toml").unwrap();
+    let tasks = tasks(&suite, &base);
+    let spec = suite
+        .runs()
+        .into_iter()
+        .find(|r| {
+            r.method.name() == "lora" && r.task == "polarity" && r.seed == 0 && !r.random_init
+        })
+        .unwrap();
+    let f32_run = peftbench_harness::run(&spec, &base, &tasks["polarity"], tmp.path());
+    let mut s = spec.clone();
+    s.train.dtype = peftbench_harness::Precision::Bf16;
+    let bf16_run = peftbench_harness::run(&s, &base, &tasks["polarity"], tmp.path());
+    assert_eq!(
+        bf16_run.status,
+        peftbench_reports::RunStatus::Ok,
+        "{:?}",
+        bf16_run.status
+    );
+    match peftbench_backbone::bf16_gemm::best() {
+        Some(k) => {
+            assert_eq!(bf16_run.env.dtype, "bf16");
+            assert!(
+                bf16_run.env.kernels.contains(k.name()),
+                "{}",
+                bf16_run.env.kernels
+            );
+            // Not the f32 run bit for bit, but its loss curve within bf16 rounding.
+            let losses = |r: &peftbench_reports::RunRecord| -> Vec<f64> {
+                r.curve.iter().map(|p| p.train_loss).collect()
+            };
+            let (a, b) = (losses(&f32_run), losses(&bf16_run));
+            assert_ne!(a, b, "the bf16 products did not run");
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    (x - y).abs() < 0.02 * x.abs().max(1.0),
+                    "losses {a:?} vs {b:?}"
+                );
+            }
+        }
+        None => assert!(
+            bf16_run.env.dtype.starts_with("f32 (bf16 asked"),
+            "{}",
+            bf16_run.env.dtype
+        ),
+    }
+}

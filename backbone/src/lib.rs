@@ -4,6 +4,7 @@
 pub mod alloc;
 mod attention;
 pub mod bf16_gemm;
+pub mod bf16_matmul;
 pub mod chat;
 pub mod config;
 pub mod error;

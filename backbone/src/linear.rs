@@ -14,6 +14,8 @@ pub struct Linear {
     /// The frozen weight in its GGUF blocks, when the base is kept quantized; `weight` is then
     /// a shape-only stand-in and every read goes through [`Linear::weight_f32`].
     quantized: Option<Arc<QTensor>>,
+    /// The frozen weight packed for the bf16 GEMM, when the run asks for bf16 matmuls.
+    packed: Option<Arc<crate::bf16_matmul::PackedWeight>>,
 }
 
 impl Linear {
@@ -23,7 +25,30 @@ impl Linear {
             weight,
             bias,
             quantized: None,
+            packed: None,
         }
+    }
+
+    /// Packs a frozen f32 CPU weight for the bf16 GEMM, so its products (forward and input
+    /// gradient) run in bf16 with f32 sums. Returns whether it did: a trained, quantized or
+    /// non-f32 weight, or a CPU without a bf16 kernel, keeps the f32 GEMM.
+    pub fn pack_bf16(&mut self) -> Result<bool> {
+        let eligible = !self.weight.is_variable()
+            && self.quantized.is_none()
+            && self.weight.dtype() == DType::F32
+            && self.weight.device().is_cpu()
+            && self.weight.is_contiguous()
+            && crate::bf16_gemm::available();
+        if eligible {
+            let packed = crate::bf16_matmul::PackedWeight::new(&self.weight)?;
+            self.packed = Some(Arc::new(packed));
+        }
+        Ok(eligible)
+    }
+
+    /// Whether the weight's products run through its bf16 packing.
+    pub fn is_packed_bf16(&self) -> bool {
+        self.packed.as_ref().is_some_and(|p| p.packs(&self.weight))
     }
 
     /// Keeps the frozen weight in its quantized blocks (dequantized per use).
@@ -38,15 +63,21 @@ impl Linear {
         }
         self.weight = crate::quantized::placeholder(out, inp)?;
         self.quantized = Some(Arc::new(q));
+        self.packed = None;
         Ok(())
     }
 
     /// Bytes the weight occupies: its quantized blocks, or the dense tensor.
     pub fn weight_bytes(&self) -> usize {
-        match &self.quantized {
-            Some(q) => q.storage_size_in_bytes(),
-            None => self.weight.elem_count() * self.weight.dtype().size_in_bytes(),
-        }
+        let packed = match &self.packed {
+            Some(p) if self.is_packed_bf16() => p.bytes(),
+            _ => 0,
+        };
+        packed
+            + match &self.quantized {
+                Some(q) => q.storage_size_in_bytes(),
+                None => self.weight.elem_count() * self.weight.dtype().size_in_bytes(),
+            }
     }
 
     /// Whether the weight is held quantized.
@@ -58,6 +89,7 @@ impl Linear {
     pub fn set_weight(&mut self, weight: Tensor) {
         self.weight = weight;
         self.quantized = None;
+        self.packed = None;
     }
 
     /// Adds `delta` to the weight (a merge, or its undoing with `-delta`), in f32, keeping
@@ -100,7 +132,14 @@ impl Linear {
             && crate::kernels::fused_on(self.weight.dtype(), self.weight.device())
             && x.dtype() == self.weight.dtype()
             && self.weight.is_contiguous();
-        let mut y = if let Some(q) = &self.quantized {
+        let packed = self.packed.as_ref().filter(|p| {
+            p.packs(&self.weight)
+                && x.dtype() == DType::F32
+                && crate::kernels::fused_on(DType::F32, x.device())
+        });
+        let mut y = if let Some(p) = packed {
+            crate::bf16_matmul::bf16_matmul(&x2, p)?
+        } else if let Some(q) = &self.quantized {
             crate::quantized::quantized_matmul(&x2, q)?
         } else if frozen {
             crate::frozen_matmul::frozen_matmul(&x2, &self.weight)?

@@ -360,20 +360,47 @@ impl Transformer {
         n
     }
 
-    /// Bytes the weights occupy, quantized projections at their block size.
+    /// Bytes the weights occupy, quantized projections at their block size, bf16 packings
+    /// beside their f32 weights.
     pub fn weight_bytes(&self) -> usize {
         let mut dense = 0;
         self.for_each_weight(&mut |_, t| dense += t.elem_count() * t.dtype().size_in_bytes());
         // A quantized projection's stand-in counted as dense above; its blocks instead.
         for l in &self.layers {
             for proj in Proj::ALL {
-                if let Some(lin) = l.proj(proj).filter(|lin| lin.is_quantized()) {
+                if let Some(lin) = l
+                    .proj(proj)
+                    .filter(|lin| lin.is_quantized() || lin.is_packed_bf16())
+                {
                     dense -= lin.weight.elem_count() * lin.weight.dtype().size_in_bytes();
                     dense += lin.weight_bytes();
                 }
             }
         }
         dense
+    }
+
+    /// Packs every frozen f32 projection for the bf16 GEMM (see [`Linear::pack_bf16`]);
+    /// returns how many it packed (none on a CPU without a bf16 kernel).
+    pub fn pack_frozen_bf16(&mut self) -> Result<usize> {
+        let mut n = 0;
+        for l in &mut self.layers {
+            for proj in Proj::ALL {
+                if let Some(lin) = l.proj_mut(proj) {
+                    n += lin.pack_bf16()? as usize;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Whether any projection runs its products through a bf16 packing.
+    pub fn is_packed_bf16(&self) -> bool {
+        self.layers.iter().any(|l| {
+            Proj::ALL
+                .iter()
+                .any(|&p| l.proj(p).is_some_and(Linear::is_packed_bf16))
+        })
     }
 
     /// Whether any projection is held quantized.

@@ -78,7 +78,16 @@ pub fn bench_model() -> Transformer {
             Transformer::random(cfg, 0, &Device::Cpu).unwrap()
         }
     };
-    base.to(&bench_device(), bench_dtype()).unwrap()
+    let device = bench_device();
+    if bench_dtype() == candle_core::DType::BF16 && device.is_cpu() {
+        // On the CPU bf16 means the frozen projections' products in bf16 (as `run` does).
+        let mut base = base.to(&device, candle_core::DType::F32).unwrap();
+        if base.pack_frozen_bf16().unwrap() == 0 {
+            eprintln!("no bf16 kernel on this CPU: the bench runs f32");
+        }
+        return base;
+    }
+    base.to(&device, bench_dtype()).unwrap()
 }
 
 /// SmolLM2-135M-Instruct from its fetched GGUF file (`PEFTBENCH_SMOLLM2` or the cache) with

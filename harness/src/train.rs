@@ -81,6 +81,15 @@ impl Precision {
         *self == Precision::F32
     }
 
+    /// The base's dtype on `device`: on the CPU a bf16 run keeps its weights and activations
+    /// f32 and runs the frozen projections' products in bf16 (see [`bf16_on_cpu`]).
+    pub fn dtype_on(self, device: &Device) -> candle_core::DType {
+        match self {
+            Precision::Bf16 if device.is_cpu() => candle_core::DType::F32,
+            p => p.dtype(),
+        }
+    }
+
     /// The base's dtype.
     pub fn dtype(self) -> candle_core::DType {
         match self {
@@ -414,10 +423,27 @@ pub fn run(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path) ->
     rec.env.device = peftbench_backbone::device_name(base.model.device());
     rec.env.dtype = spec.train.dtype.name().to_string();
     // The fused kernels run only for f32 on the CPU; anything else ran the composites.
-    let fused =
-        peftbench_backbone::kernels::fused_on(spec.train.dtype.dtype(), base.model.device());
+    let device = base.model.device();
+    let fused = peftbench_backbone::kernels::fused_on(spec.train.dtype.dtype_on(device), device);
     rec.env.kernels = if fused { "fused" } else { "composite" }.to_string();
+    if spec.train.dtype == Precision::Bf16 && device.is_cpu() {
+        match peftbench_backbone::bf16_gemm::best() {
+            Some(k) => rec.env.kernels = format!("fused; frozen products in bf16 ({})", k.name()),
+            None => {
+                rec.env.dtype = "f32 (bf16 asked; this CPU has neither AMX nor AVX-512-BF16)".into()
+            }
+        }
+    }
     rec
+}
+
+/// On the CPU, `dtype = "bf16"` packs the frozen projections for the bf16 GEMM (AMX or
+/// AVX-512-BF16, picked at run time): their products, forward and input gradient, take
+/// bf16 operands and sum in f32; every other op, the trained parameters and the activations
+/// stay f32. Without either kernel the run is f32, and its record says so.
+fn bf16_on_cpu(model: &mut Transformer) -> Result<(), HarnessError> {
+    model.pack_frozen_bf16()?;
+    Ok(())
 }
 
 /// The run's peak split into the tensors it knows (f32 parameters, AdamW's two moments).
@@ -447,13 +473,16 @@ fn run_inner(
     // base in the suite's dtype, so this cast is a no-op there (and the f32 weights are not
     // held beside the bf16 ones).
     let device = base.model.device().clone();
-    let dtype = spec.train.dtype.dtype();
+    let dtype = spec.train.dtype.dtype_on(&device);
     let mut model = if spec.random_init {
         Transformer::random(base.model.config.clone(), spec.seed ^ 0x7a4d, &Device::Cpu)?
             .to(&device, dtype)?
     } else {
         base.model.to(&device, dtype)?
     };
+    if spec.train.dtype == Precision::Bf16 && device.is_cpu() {
+        bf16_on_cpu(&mut model)?;
+    }
     // Configuration errors are the configuration's, never "budget unreachable".
     check_method(&spec.method, &model.config)?;
     if model.is_quantized() && matches!(spec.method, MethodConfig::FullFinetune(_)) {

@@ -201,7 +201,9 @@ pub fn environment(out: &mut String, records: &[RunRecord]) {
                 matches!(r.env.dtype.as_str(), "" | "f32" | "quantized") && r.env.device == "cpu";
             match r.env.kernels.as_str() {
                 "" | "fused" if f32_cpu => "fused".into(),
-                _ => "composite".into(),
+                "" | "fused" | "composite" => "composite".into(),
+                // Named in full where more than one implementation ran (bf16 products).
+                k => k.into(),
             }
         }),
         ("OS", |r| r.env.os.clone()),

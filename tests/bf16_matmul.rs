@@ -1,0 +1,137 @@
+//! Frozen projections packed for the bf16 GEMM: each product equals the f32 product of the
+//! bf16-rounded operands (forward and input gradient), a replaced weight is never read from a
+//! stale packing, and a packed model trains a method like the f32 one within bf16 rounding.
+
+mod common;
+
+use candle_core::{Device, Tensor, Var};
+use common::{grads_of, grads_rel_diff, max_abs_diff, tiny_config};
+use peftbench_backbone::bf16_gemm::{available, from_bf16, to_bf16};
+use peftbench_backbone::{pad_rows, Initializer, Linear, Transformer};
+use peftbench_methods::{AttachContext, MethodConfig};
+use proptest::prelude::*;
+
+fn rounded(t: &Tensor) -> Tensor {
+    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    let r: Vec<f32> = v.into_iter().map(|x| from_bf16(to_bf16(x))).collect();
+    Tensor::from_vec(r, t.dims(), t.device()).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_packed_projection_is_the_f32_product_of_rounded_operands(
+        rows in 1usize..80,
+        inp in 1usize..100,
+        out in 1usize..100,
+        seed in 0u64..1000,
+    ) {
+        if !available() {
+            eprintln!("skipped: no bf16 kernel on this CPU");
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let mut init = Initializer::new(seed);
+        let w = init.normal((out, inp), 1.0, &dev).unwrap();
+        let x = Var::from_tensor(&init.normal((rows, inp), 1.0, &dev).unwrap()).unwrap();
+        let c = init.normal((rows, out), 1.0, &dev).unwrap();
+        let mut lin = Linear::new(w.clone(), None);
+        prop_assert!(lin.pack_bf16().unwrap());
+        let y = lin.forward(x.as_tensor()).unwrap();
+        let gx = (&y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = gx.get(x.as_tensor()).unwrap();
+        let want_y = rounded(x.as_tensor()).matmul(&rounded(&w).t().unwrap()).unwrap();
+        let want_gx = rounded(&c).matmul(&rounded(&w)).unwrap();
+        let tol = |t: &Tensor| 1e-5 * common::largest(std::slice::from_ref(t)).max(1.0);
+        prop_assert!(max_abs_diff(&y, &want_y) <= tol(&want_y), "forward {}", max_abs_diff(&y, &want_y));
+        prop_assert!(max_abs_diff(gx, &want_gx) <= tol(&want_gx), "gradient {}", max_abs_diff(gx, &want_gx));
+    }
+}
+
+#[test]
+fn a_replaced_weight_is_not_read_from_its_old_packing() {
+    if !available() {
+        eprintln!("skipped: no bf16 kernel on this CPU");
+        return;
+    }
+    let dev = Device::Cpu;
+    let mut init = Initializer::new(4);
+    let w = init.normal((6, 5), 1.0, &dev).unwrap();
+    let x = init.normal((3, 5), 1.0, &dev).unwrap();
+    let mut lin = Linear::new(w.clone(), None);
+    lin.pack_bf16().unwrap();
+    assert!(lin.is_packed_bf16());
+    // A merge replaces the weight: the product is f32 again, exactly.
+    let delta = init.normal((6, 5), 0.1, &dev).unwrap();
+    lin.add_to_weight(&delta).unwrap();
+    assert!(!lin.is_packed_bf16());
+    let want = x.matmul(&(&w + &delta).unwrap().t().unwrap()).unwrap();
+    assert_eq!(max_abs_diff(&lin.forward(&x).unwrap(), &want), 0.0);
+    // Overwriting the tensor in place (as a device move would) leaves the packing unused.
+    let mut lin = Linear::new(w.clone(), None);
+    lin.pack_bf16().unwrap();
+    lin.weight = delta.clone();
+    assert!(!lin.is_packed_bf16());
+    let want = x.matmul(&delta.t().unwrap()).unwrap();
+    assert_eq!(max_abs_diff(&lin.forward(&x).unwrap(), &want), 0.0);
+    // A trained weight is never packed.
+    let mut trained = Linear::new(Var::from_tensor(&w).unwrap().as_tensor().clone(), None);
+    assert!(!trained.pack_bf16().unwrap());
+}
+
+#[test]
+fn a_packed_model_trains_lora_like_the_f32_model_within_bf16_rounding() {
+    if !available() {
+        eprintln!("skipped: no bf16 kernel on this CPU");
+        return;
+    }
+    let mut init = Initializer::new(5);
+    let rows: Vec<Vec<u32>> = (0..3)
+        .map(|_| (0..20).map(|_| 1 + init.index(45) as u32).collect())
+        .collect();
+    let x = pad_rows(&rows, None, 0, &Device::Cpu).unwrap();
+    for family in ["bert", "llama"] {
+        let base = Transformer::random(tiny_config(family), 3, &Device::Cpu).unwrap();
+        let mut packed = base.clone();
+        assert!(packed.pack_frozen_bf16().unwrap() > 0);
+        assert!(packed.is_packed_bf16() && !base.is_packed_bf16());
+        // A device/dtype no-op keeps the packing.
+        let packed = packed.to(&Device::Cpu, candle_core::DType::F32).unwrap();
+        assert!(packed.is_packed_bf16());
+        let lora = MethodConfig::defaults()
+            .into_iter()
+            .find(|m| m.name() == "lora")
+            .unwrap();
+        let run = |model: &Transformer| {
+            let mut model = model.clone();
+            let method = lora.attach(&mut AttachContext::new(&mut model, 7)).unwrap();
+            let vars = method.params().vars();
+            // B starts at zero: nudge it so A's gradient is not zero too.
+            for v in &vars {
+                v.set(&(v.as_tensor() + 0.05).unwrap()).unwrap();
+            }
+            let h = model.forward(&x, method.as_ref()).unwrap().hidden;
+            // A random readout: a post-norm model's Σh² is nearly constant, its gradient all
+            // cancellation.
+            let c = Initializer::new(11)
+                .normal(h.dims(), 1.0, &Device::Cpu)
+                .unwrap();
+            let g = (&h * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            (h, grads_of(&g, &vars))
+        };
+        let (h32, g32) = run(&base);
+        let (h16, g16) = run(&packed);
+        let dh = max_abs_diff(&h16, &h32) / common::largest(std::slice::from_ref(&h32));
+        assert!(dh > 0.0, "{family}: the packing was not used");
+        assert!(
+            dh < 2e-2,
+            "{family}: hidden states differ by {dh} of the largest"
+        );
+        let dg = grads_rel_diff(&g16, &g32);
+        assert!(
+            dg < 2e-2,
+            "{family}: gradients differ by {dg} of the largest"
+        );
+    }
+}
