@@ -56,7 +56,7 @@ proptest! {
             let grads = loss.backward().unwrap();
             (stats, grads_of(&grads, &[hv.clone(), wv.clone()]))
         };
-        let (got, got_g) = run(token_nll);
+        let (got, got_g) = run(|h, w, t| token_nll(h, w, t, None));
         let (want, want_g) = run(token_nll_composite);
         let nll = |s: &Tensor| s.narrow(1, 0, 1).unwrap();
         let hits = |s: &Tensor| s.narrow(1, 1, 1).unwrap();
@@ -70,7 +70,7 @@ proptest! {
             prop_assert_eq!(common::largest(&got_g[1..]), 0.0);
         }
         // Without a graph the forward gives the same numbers.
-        let eval = no_grad(|| token_nll(hv.as_tensor(), &w, &targets)).unwrap();
+        let eval = no_grad(|| token_nll(hv.as_tensor(), &w, &targets, None)).unwrap();
         prop_assert_eq!(max_abs_diff(&eval, &got), 0.0);
     }
 }
@@ -81,7 +81,7 @@ fn token_nll_names_mismatched_shapes() {
     let hidden = Tensor::zeros((4, 8), candle_core::DType::F32, &dev).unwrap();
     let weight = Tensor::zeros((10, 9), candle_core::DType::F32, &dev).unwrap();
     let targets = Tensor::new(&[0u32, 1, 2, 3], &dev).unwrap();
-    let err = token_nll(&hidden, &weight, &targets)
+    let err = token_nll(&hidden, &weight, &targets, None)
         .unwrap_err()
         .to_string();
     assert!(
@@ -94,11 +94,55 @@ fn token_nll_names_mismatched_shapes() {
 fn a_position_outside_the_loss_costs_nothing_and_counts_as_no_hit() {
     let (hidden, weight, _) = case(3, 4, 5, 0.0, 9);
     let targets = Tensor::new(&[u32::MAX, 5, 2], &Device::Cpu).unwrap();
-    let stats: Vec<Vec<f32>> = token_nll(&hidden, &weight, &targets)
+    let stats: Vec<Vec<f32>> = token_nll(&hidden, &weight, &targets, None)
         .unwrap()
         .to_vec2()
         .unwrap();
     assert_eq!(stats[0], [0.0, 0.0]);
     assert_eq!(stats[1], [0.0, 0.0]);
     assert!(stats[2][0] > 0.0);
+}
+
+/// A frozen head packed for the bf16 GEMM: the NLL is the composed loss of the bf16-rounded
+/// hidden states and head, the gradient within bf16 rounding of the f32 one.
+#[test]
+fn a_packed_head_gives_the_loss_of_the_rounded_operands() {
+    use peftbench_backbone::bf16_gemm::{available, from_bf16, to_bf16};
+    use peftbench_backbone::bf16_matmul::PackedWeight;
+    if !available() {
+        eprintln!("skipped: no bf16 kernel on this CPU");
+        return;
+    }
+    let rounded = |t: &Tensor| {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let r: Vec<f32> = v.into_iter().map(|x| from_bf16(to_bf16(x))).collect();
+        Tensor::from_vec(r, t.dims(), t.device()).unwrap()
+    };
+    let (hidden, weight, targets) = case(700, 24, 333, 0.3, 17);
+    let packed = std::sync::Arc::new(PackedWeight::new(&weight).unwrap());
+    let hv = Var::from_tensor(&hidden).unwrap();
+    let got = token_nll(hv.as_tensor(), &weight, &targets, Some(&packed)).unwrap();
+    let want = token_nll_composite(&rounded(&hidden), &rounded(&weight), &targets).unwrap();
+    let nll = |s: &Tensor| s.narrow(1, 0, 1).unwrap();
+    assert!(max_abs_diff(&nll(&got), &nll(&want)) < 1e-4);
+    let grads = nll(&got).sum_all().unwrap().backward().unwrap();
+    let g16 = grads.get(hv.as_tensor()).unwrap();
+    // What the packed backward computes: (softmax − onehot) of the rounded logits, itself
+    // rounded, times the rounded head.
+    let (hr, wr) = (rounded(&hidden), rounded(&weight));
+    let p = peftbench_backbone::ops::softmax_last_dim(&hr.matmul(&wr.t().unwrap()).unwrap()).unwrap();
+    let t: Vec<u32> = targets.to_vec1().unwrap();
+    let (n, vocab) = p.dims2().unwrap();
+    let mut d: Vec<f32> = p.flatten_all().unwrap().to_vec1().unwrap();
+    for (i, &ti) in t.iter().enumerate() {
+        let row = &mut d[i * vocab..(i + 1) * vocab];
+        match (ti as usize) < vocab {
+            true => row[ti as usize] -= 1.0,
+            false => row.fill(0.0),
+        }
+    }
+    let d = Tensor::from_vec(d, (n, vocab), &Device::Cpu).unwrap();
+    let want = rounded(&d).matmul(&wr).unwrap();
+    let rel = max_abs_diff(g16, &want) / common::largest(std::slice::from_ref(&want));
+    assert!(rel < 1e-3, "packed head gradient off by {rel} of the largest");
 }

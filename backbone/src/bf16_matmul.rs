@@ -41,6 +41,16 @@ impl PackedWeight {
         self.id == weight.id()
     }
 
+    /// `Wᵀ` packed: `x·Wᵀ` is a product with it.
+    pub(crate) fn transposed(&self) -> &PackedB {
+        &self.fwd
+    }
+
+    /// `W` packed: `g·W` is a product with it.
+    pub(crate) fn plain(&self) -> &PackedB {
+        &self.bwd
+    }
+
     /// Bytes of both packings.
     pub fn bytes(&self) -> usize {
         self.fwd.bytes() + self.bwd.bytes()

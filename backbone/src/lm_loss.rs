@@ -9,7 +9,9 @@
 //! the head's weight (full fine-tuning of a tied embedding) projects the blocks again in the
 //! backward, weighted by the incoming gradient.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use crate::bf16_matmul::PackedWeight;
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use gemm::{gemm, Parallelism};
@@ -24,8 +26,14 @@ const BLOCK: usize = 512;
 /// Per position `[n, 2]`: the NLL of `targets[i]` under `softmax(hidden[i]·Wᵀ)` and 1.0 where
 /// the argmax is the target. `hidden [n, h]`, `weight [vocab, h]` (the LM head), `targets [n]`
 /// u32; a target ≥ vocab marks a position outside the loss (NLL 0, not correct, no
-/// gradient). The gradient flows into the first column only.
-pub fn token_nll(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> Result<Tensor> {
+/// gradient). The gradient flows into the first column only. With `packed` (the frozen
+/// head's bf16 packing) both products run in bf16 with f32 sums.
+pub fn token_nll(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    packed: Option<&Arc<PackedWeight>>,
+) -> Result<Tensor> {
     let fused = crate::fused::eligible(&[hidden, weight])
         && hidden.rank() == 2
         && weight.is_contiguous()
@@ -38,6 +46,7 @@ pub fn token_nll(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> Result<T
         need_dh: grad && hidden.track_op(),
         need_dw: grad && weight.track_op(),
         dh: Mutex::new(None),
+        packed: packed.filter(|p| p.packs(weight)).cloned(),
     };
     hidden
         .contiguous()?
@@ -70,6 +79,7 @@ struct TokenNll {
     need_dh: bool,
     need_dw: bool,
     dh: Mutex<Option<Vec<f32>>>,
+    packed: Option<Arc<PackedWeight>>,
 }
 
 /// `dst = lhs·rhs` (or `dst += ` with `accumulate`) on the rayon pool, recorded for the
@@ -172,6 +182,7 @@ fn blocks(
     h: usize,
     vocab: usize,
     scales: Option<&[f32]>,
+    packed: Option<&PackedWeight>,
     stats: &mut [f32],
     mut f: impl FnMut(&[usize], &mut [f32], &[f32]),
 ) {
@@ -188,16 +199,19 @@ fn blocks(
             dst.copy_from_slice(&hidden[i * h..(i + 1) * h]);
         }
         // logits [c, vocab] = xs [c, h] · Wᵀ (W [vocab, h] read through transposed strides).
-        matmul(
-            (c, vocab, h),
-            &mut logits,
-            vocab,
-            false,
-            &xs,
-            (h, 1),
-            weight,
-            (1, h),
-        );
+        match packed {
+            Some(p) => crate::bf16_gemm::matmul(&xs[..c * h], c, p.transposed(), &mut logits),
+            None => matmul(
+                (c, vocab, h),
+                &mut logits,
+                vocab,
+                false,
+                &xs,
+                (h, 1),
+                weight,
+                (1, h),
+            ),
+        }
         logits[..c * vocab]
             .par_chunks_mut(vocab)
             .zip(block_stats[..c * 2].par_chunks_mut(2))
@@ -263,6 +277,7 @@ impl CustomOp3 for TokenNll {
         } else {
             Vec::new()
         };
+        let packed = self.packed.as_deref();
         blocks(
             hidden,
             weight,
@@ -270,6 +285,7 @@ impl CustomOp3 for TokenNll {
             h,
             vocab,
             scales,
+            packed,
             &mut stats,
             |block, g, _| {
                 if !self.need_dh {
@@ -277,16 +293,19 @@ impl CustomOp3 for TokenNll {
                 }
                 // dh [c, h] = (softmax − onehot) [c, vocab] · W [vocab, h].
                 let c = block.len();
-                matmul(
-                    (c, h, vocab),
-                    &mut block_dh,
-                    h,
-                    false,
-                    g,
-                    (vocab, 1),
-                    weight,
-                    (h, 1),
-                );
+                match packed {
+                    Some(p) => crate::bf16_gemm::matmul(g, c, p.plain(), &mut block_dh),
+                    None => matmul(
+                        (c, h, vocab),
+                        &mut block_dh,
+                        h,
+                        false,
+                        g,
+                        (vocab, 1),
+                        weight,
+                        (h, 1),
+                    ),
+                }
                 for (src, &i) in block_dh.chunks_exact(h).zip(block) {
                     dh[i * h..(i + 1) * h].copy_from_slice(src);
                 }
@@ -347,6 +366,8 @@ impl TokenNll {
                 h,
                 vocab,
                 Some(g),
+                // A trained head is never packed (its packing would be stale).
+                None,
                 &mut stats,
                 |block, d, xs| {
                     // dW [vocab, h] += dᵀ [vocab, c] · xs [c, h].

@@ -1,11 +1,13 @@
 //! The transformer: embeddings, attention, feed-forward and norms, with intervention points.
 
+use crate::bf16_matmul::PackedWeight;
 use crate::config::{Activation, Family, ModelConfig};
 use crate::error::{BackboneError, Result};
 use crate::intervention::{Block, Intervention, KvPrefix, NormParams, NormSite, Proj, Site};
 use crate::linear::Linear;
 use crate::ops;
 use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
 
 /// A normalisation layer.
 #[derive(Debug, Clone)]
@@ -224,6 +226,8 @@ pub struct Transformer {
     pub pooler: Option<Linear>,
     /// Untied LM head `[vocab, hidden]`; `None` means the word embeddings are reused.
     pub lm_head: Option<Tensor>,
+    /// The LM head's weight packed for the bf16 GEMM (see [`Transformer::pack_frozen_bf16`]).
+    lm_head_packed: Option<Arc<PackedWeight>>,
     device: Device,
     /// The dtype of activations and frozen weights (trained variables are f32).
     dtype: DType,
@@ -248,6 +252,7 @@ impl Transformer {
             final_norm,
             pooler,
             lm_head,
+            lm_head_packed: None,
             device,
             dtype,
         }
@@ -352,6 +357,13 @@ impl Transformer {
         self.lm_head.as_ref().unwrap_or(&self.embeddings.word)
     }
 
+    /// The LM head's bf16 packing, while it is the current head weight's.
+    pub fn lm_head_packed(&self) -> Option<&Arc<PackedWeight>> {
+        self.lm_head_packed
+            .as_ref()
+            .filter(|p| p.packs(self.lm_head_weight()))
+    }
+
     /// Number of weights in the backbone (tied matrices counted once).
     pub fn num_parameters(&self) -> usize {
         let mut n = 0;
@@ -377,13 +389,23 @@ impl Transformer {
                 }
             }
         }
-        dense
+        dense + self.lm_head_packed().map_or(0, |p| p.bytes())
     }
 
     /// Packs every frozen f32 projection for the bf16 GEMM (see [`Linear::pack_bf16`]);
     /// returns how many it packed (none on a CPU without a bf16 kernel).
     pub fn pack_frozen_bf16(&mut self) -> Result<usize> {
         let mut n = 0;
+        let head = self.lm_head_weight();
+        if crate::bf16_gemm::available()
+            && !head.is_variable()
+            && head.dtype() == DType::F32
+            && head.device().is_cpu()
+            && head.is_contiguous()
+        {
+            self.lm_head_packed = Some(Arc::new(PackedWeight::new(head)?));
+            n += 1;
+        }
         for l in &mut self.layers {
             for proj in Proj::ALL {
                 if let Some(lin) = l.proj_mut(proj) {
@@ -394,13 +416,14 @@ impl Transformer {
         Ok(n)
     }
 
-    /// Whether any projection runs its products through a bf16 packing.
+    /// Whether any projection (or the LM head) runs its products through a bf16 packing.
     pub fn is_packed_bf16(&self) -> bool {
-        self.layers.iter().any(|l| {
-            Proj::ALL
-                .iter()
-                .any(|&p| l.proj(p).is_some_and(Linear::is_packed_bf16))
-        })
+        self.lm_head_packed().is_some()
+            || self.layers.iter().any(|l| {
+                Proj::ALL
+                    .iter()
+                    .any(|&p| l.proj(p).is_some_and(Linear::is_packed_bf16))
+            })
     }
 
     /// Whether any projection is held quantized.

@@ -92,7 +92,12 @@ fn lm_stats(
     // Positions outside the loss get an out-of-vocabulary target: the op skips them.
     let outside = Tensor::full(u32::MAX, (b, t), next.device())?;
     let targets = mask.gt(0.0)?.where_cond(next, &outside)?.flatten_all()?;
-    let stats = token_nll(&hidden, s.model.lm_head_weight(), &targets)?;
+    let stats = token_nll(
+        &hidden,
+        s.model.lm_head_weight(),
+        &targets,
+        s.model.lm_head_packed(),
+    )?;
     let nll = (stats.narrow(1, 0, 1)?.reshape((b, t))? * mask)?;
     let correct = stats.narrow(1, 1, 1)?.reshape((b, t))?;
     let wrong = (mask - correct)?.sum(1)?;
