@@ -320,6 +320,11 @@ pub fn cpu_line() -> String {
             "avx512bf16",
             std::arch::is_x86_feature_detected!("avx512bf16"),
         ),
+        // AMX counts only where the OS grants the tile state too.
+        (
+            "amx-bf16",
+            peftbench_backbone::bf16_gemm::Kernel::Amx.runs_here(),
+        ),
     ]
     .into_iter()
     .filter_map(|(n, on)| on.then_some(n))
