@@ -68,7 +68,8 @@ pub(crate) fn step(d: usize) -> usize {
 
 /// `out[row] = f(a[row])` for every row of length `d`, in parallel over chunks of rows.
 fn map_rows(a: &[f32], d: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
+    // Every caller's `f` writes its whole row.
+    let mut out = uninit(a.len());
     let s = step(d);
     out.par_chunks_mut(s)
         .zip(a.par_chunks(s))
@@ -87,7 +88,8 @@ fn map_rows2(
     d: usize,
     f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
+    // Every caller's `f` writes its whole row.
+    let mut out = uninit(a.len());
     let s = step(d);
     out.par_chunks_mut(s)
         .zip(a.par_chunks(s))
@@ -185,9 +187,15 @@ fn contiguous_grad(g: &Tensor) -> Result<Tensor> {
 /// A buffer for a GEMM to write every element of without reading it (`read_dst` false):
 /// zero-filling it first would be a wasted pass over memory.
 pub(crate) fn gemm_output(len: usize) -> Vec<f32> {
+    uninit(len)
+}
+
+/// A buffer whose producer writes every element before anything reads it (zero-filling it
+/// first is a single-threaded pass over memory: ~5% of a MiniLM step went to it).
+pub(crate) fn uninit(len: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(len);
-    // SAFETY: f32 has no invalid bit patterns, and every caller's GEMMs write all `len`
-    // elements before anything reads them.
+    // SAFETY: f32 has no invalid bit patterns, and every caller (GEMMs, row and elementwise
+    // kernels over the whole buffer) writes all `len` elements before anything reads them.
     #[allow(clippy::uninit_vec)]
     unsafe {
         v.set_len(len)
@@ -963,7 +971,7 @@ impl CustomOp1 for Act {
         let act = *self;
         // Elementwise: any split works, so chunk the flat buffer.
         let x = slice(s, l)?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = uninit(x.len());
         y.par_chunks_mut(GRAIN)
             .zip(x.par_chunks(GRAIN))
             .for_each(|(y, x)| act_fwd(act, x, y));
@@ -978,7 +986,7 @@ impl CustomOp1 for Act {
         let g = contiguous_grad(grad)?;
         let dx = with_slices(&[arg, &g], |s| {
             let (x, g) = (s[0], s[1]);
-            let mut dx = vec![0f32; x.len()];
+            let mut dx = uninit(x.len());
             dx.par_chunks_mut(GRAIN)
                 .zip(x.par_chunks(GRAIN))
                 .zip(g.par_chunks(GRAIN))
