@@ -584,7 +584,8 @@ fn run_row_reduction(
     };
     let chunks = x.par_chunks(s).zip(g.par_chunks(s));
     if need_dx {
-        let mut dx = vec![0f32; x.len()];
+        // The norms' `rows` write every row of their chunk.
+        let mut dx = uninit(x.len());
         let sums = dx
             .par_chunks_mut(s)
             .zip(chunks)

@@ -25,7 +25,8 @@ impl CustomOp2 for Gated {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (g, up) = (slice(s1, l1)?, slice(s2, l2)?);
-        let mut y = vec![0f32; g.len()];
+        // act_fwd writes all of y.
+        let mut y = crate::fused::uninit(g.len());
         y.par_chunks_mut(GRAIN)
             .zip(g.par_chunks(GRAIN).zip(up.par_chunks(GRAIN)))
             .for_each(|(y, (g, up))| {
@@ -48,8 +49,9 @@ impl CustomOp2 for Gated {
         let act = self.0;
         let (dg, du) = with_slices(&[gate, up, &grad], |s| {
             let (g, u, dy) = (s[0], s[1], s[2]);
-            let mut dg = vec![0f32; g.len()];
-            let mut du = vec![0f32; g.len()];
+            // act_fwd writes all of du, act_bwd all of dg.
+            let mut dg = crate::fused::uninit(g.len());
+            let mut du = crate::fused::uninit(g.len());
             dg.par_chunks_mut(GRAIN)
                 .zip(du.par_chunks_mut(GRAIN))
                 .zip(g.par_chunks(GRAIN).zip(u.par_chunks(GRAIN)))
