@@ -130,7 +130,8 @@ fn a_packed_head_gives_the_loss_of_the_rounded_operands() {
     // What the packed backward computes: (softmax − onehot) of the rounded logits, itself
     // rounded, times the rounded head.
     let (hr, wr) = (rounded(&hidden), rounded(&weight));
-    let p = peftbench_backbone::ops::softmax_last_dim(&hr.matmul(&wr.t().unwrap()).unwrap()).unwrap();
+    let p =
+        peftbench_backbone::ops::softmax_last_dim(&hr.matmul(&wr.t().unwrap()).unwrap()).unwrap();
     let t: Vec<u32> = targets.to_vec1().unwrap();
     let (n, vocab) = p.dims2().unwrap();
     let mut d: Vec<f32> = p.flatten_all().unwrap().to_vec1().unwrap();
@@ -144,5 +145,8 @@ fn a_packed_head_gives_the_loss_of_the_rounded_operands() {
     let d = Tensor::from_vec(d, (n, vocab), &Device::Cpu).unwrap();
     let want = rounded(&d).matmul(&wr).unwrap();
     let rel = max_abs_diff(g16, &want) / common::largest(std::slice::from_ref(&want));
-    assert!(rel < 1e-3, "packed head gradient off by {rel} of the largest");
+    assert!(
+        rel < 1e-3,
+        "packed head gradient off by {rel} of the largest"
+    );
 }

@@ -205,6 +205,23 @@ pub fn matmul(a: &[f32], m: usize, b: &PackedB, c: &mut [f32]) {
     matmul_with(kernel, a, m, b, c)
 }
 
+thread_local! {
+    /// This thread's products since [`trace_start`], as `[m, k, n]` (ops call the kernel on
+    /// the thread running the forward or backward).
+    static TRACE: std::cell::RefCell<Option<Vec<[usize; 3]>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Starts recording the shape of every product this thread makes (for the GEMM floor,
+/// `gemm_floor.rs`).
+pub fn trace_start() {
+    TRACE.with(|t| *t.borrow_mut() = Some(Vec::new()));
+}
+
+/// Stops recording; returns the shapes recorded since [`trace_start`].
+pub fn trace_stop() -> Vec<[usize; 3]> {
+    TRACE.with(|t| t.borrow_mut().take().unwrap_or_default())
+}
+
 /// [`matmul`] with a given kernel. Panics unless it [`Kernel::runs_here`].
 pub fn matmul_with(kernel: Kernel, a: &[f32], m: usize, b: &PackedB, c: &mut [f32]) {
     assert!(
@@ -213,6 +230,11 @@ pub fn matmul_with(kernel: Kernel, a: &[f32], m: usize, b: &PackedB, c: &mut [f3
         kernel.name()
     );
     let (k, n) = (b.k, b.n);
+    TRACE.with(|t| {
+        if let Some(t) = t.borrow_mut().as_mut() {
+            t.push([m, k, n]);
+        }
+    });
     assert!(
         a.len() >= m * k && c.len() >= m * n,
         "bf16 GEMM: operand sizes"

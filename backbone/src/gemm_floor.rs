@@ -17,6 +17,14 @@ pub fn record<R>(f: impl FnOnce() -> R) -> (R, Vec<Gemm>) {
     (out, candle_core::gemm_trace::stop())
 }
 
+/// [`record`], also returning the shapes `[m, k, n]` of the bf16 products (packed frozen
+/// weights, `bf16_gemm.rs`) it made.
+pub fn record_with_bf16<R>(f: impl FnOnce() -> R) -> (R, Vec<Gemm>, Vec<[usize; 3]>) {
+    crate::bf16_gemm::trace_start();
+    let (out, calls) = record(f);
+    (out, calls, crate::bf16_gemm::trace_stop())
+}
+
 /// Elements an operand spans: its last batch's last element, plus one.
 fn extent(batch: usize, skip: usize, rows: usize, cols: usize, rs: isize, cs: isize) -> usize {
     (batch - 1) * skip + (rows - 1) * rs.unsigned_abs() + (cols - 1) * cs.unsigned_abs() + 1
@@ -29,6 +37,8 @@ pub struct Replay {
     lhs: Vec<f32>,
     rhs: Vec<f32>,
     dst: Vec<f32>,
+    /// bf16 products: rows and a packed weight of ones of the recorded shape.
+    bf16: Vec<(usize, std::sync::Arc<crate::bf16_gemm::PackedB>)>,
 }
 
 impl Replay {
@@ -58,12 +68,45 @@ impl Replay {
             lhs: vec![1.0; lhs],
             rhs: vec![1.0; rhs],
             dst: vec![0.0; dst],
+            bf16: Vec::new(),
         }
+    }
+
+    /// Adds bf16 products `[m, k, n]` to the replay, each on a weight packed once per shape
+    /// (a frozen weight is packed once, outside the step).
+    pub fn with_bf16(mut self, shapes: Vec<[usize; 3]>) -> Self {
+        let mut packed: std::collections::BTreeMap<(usize, usize), _> = Default::default();
+        for [m, k, n] in shapes {
+            if m * k * n == 0 {
+                continue;
+            }
+            let b = packed
+                .entry((k, n))
+                .or_insert_with(|| {
+                    std::sync::Arc::new(crate::bf16_gemm::PackedB::pack(
+                        &vec![1.0; k * n],
+                        k,
+                        n,
+                        n,
+                        1,
+                    ))
+                })
+                .clone();
+            self.lhs.resize(self.lhs.len().max(m * k), 1.0);
+            self.dst.resize(self.dst.len().max(m * n), 0.0);
+            self.bf16.push((m, b));
+        }
+        self
     }
 
     /// Multiply-adds of one replay.
     pub fn flops(&self) -> f64 {
-        self.calls.iter().map(Gemm::flops).sum()
+        let bf16: f64 = self
+            .bf16
+            .iter()
+            .map(|(m, b)| 2.0 * (m * b.k() * b.n()) as f64)
+            .sum();
+        self.calls.iter().map(Gemm::flops).sum::<f64>() + bf16
     }
 
     /// Replays every call once, in order; returns the seconds taken.
@@ -90,6 +133,10 @@ impl Replay {
                 // SAFETY: each task writes its own `batch·m·n` destination slice.
                 unsafe { call(c, lhs, rhs, dst.at(o), Parallelism::None) }
             });
+        }
+        for (m, b) in &self.bf16 {
+            let (k, n) = (b.k(), b.n());
+            crate::bf16_gemm::matmul(&self.lhs[..m * k], *m, b, &mut self.dst[..m * n]);
         }
         t0.elapsed().as_secs_f64()
     }
