@@ -427,9 +427,15 @@ pub fn run(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path) ->
     let fused = peftbench_backbone::kernels::fused_on(spec.train.dtype.dtype_on(device), device);
     rec.env.kernels = if fused { "fused" } else { "composite" }.to_string();
     if spec.train.dtype == Precision::Bf16 && device.is_cpu() {
-        match peftbench_backbone::bf16_gemm::best() {
-            Some(k) => rec.env.kernels = format!("fused; frozen products in bf16 ({})", k.name()),
-            None => {
+        match (fused, peftbench_backbone::bf16_gemm::best()) {
+            (true, Some(k)) => {
+                rec.env.kernels = format!("fused; frozen products in bf16 ({})", k.name())
+            }
+            (false, _) => {
+                rec.env.dtype =
+                    "f32 (bf16 asked; the composite kernels have no bf16 products)".into()
+            }
+            (true, None) => {
                 rec.env.dtype = "f32 (bf16 asked; this CPU has neither AMX nor AVX-512-BF16)".into()
             }
         }
@@ -440,9 +446,12 @@ pub fn run(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path) ->
 /// On the CPU, `dtype = "bf16"` packs the frozen projections for the bf16 GEMM (AMX or
 /// AVX-512-BF16, picked at run time): their products, forward and input gradient, take
 /// bf16 operands and sum in f32; every other op, the trained parameters and the activations
-/// stay f32. Without either kernel the run is f32, and its record says so.
+/// stay f32. Without either kernel, or under `PEFTBENCH_KERNELS=composite` (the packed
+/// products are a fused CPU kernel), the run is f32, and its record says so.
 fn bf16_on_cpu(model: &mut Transformer) -> Result<(), HarnessError> {
-    model.pack_frozen_bf16()?;
+    if peftbench_backbone::kernels::fused_on(candle_core::DType::F32, model.device()) {
+        model.pack_frozen_bf16()?;
+    }
     Ok(())
 }
 
