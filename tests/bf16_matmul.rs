@@ -6,16 +6,12 @@ mod common;
 
 use candle_core::{Device, Tensor, Var};
 use common::{grads_of, grads_rel_diff, max_abs_diff, tiny_config};
-use peftbench_backbone::bf16_gemm::{available, from_bf16, to_bf16};
+use peftbench_backbone::bf16_gemm::available;
 use peftbench_backbone::{pad_rows, Initializer, Linear, Transformer};
 use peftbench_methods::{AttachContext, MethodConfig};
 use proptest::prelude::*;
 
-fn rounded(t: &Tensor) -> Tensor {
-    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-    let r: Vec<f32> = v.into_iter().map(|x| from_bf16(to_bf16(x))).collect();
-    Tensor::from_vec(r, t.dims(), t.device()).unwrap()
-}
+use common::bf16_rounded as rounded;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]

@@ -107,17 +107,13 @@ fn a_position_outside_the_loss_costs_nothing_and_counts_as_no_hit() {
 /// hidden states and head, the gradient within bf16 rounding of the f32 one.
 #[test]
 fn a_packed_head_gives_the_loss_of_the_rounded_operands() {
-    use peftbench_backbone::bf16_gemm::{available, from_bf16, to_bf16};
+    use peftbench_backbone::bf16_gemm::available;
     use peftbench_backbone::bf16_matmul::PackedWeight;
     if !available() {
         eprintln!("skipped: no bf16 kernel on this CPU");
         return;
     }
-    let rounded = |t: &Tensor| {
-        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-        let r: Vec<f32> = v.into_iter().map(|x| from_bf16(to_bf16(x))).collect();
-        Tensor::from_vec(r, t.dims(), t.device()).unwrap()
-    };
+    let rounded = common::bf16_rounded;
     let (hidden, weight, targets) = case(700, 24, 333, 0.3, 17);
     let packed = std::sync::Arc::new(PackedWeight::new(&weight).unwrap());
     let hv = Var::from_tensor(&hidden).unwrap();

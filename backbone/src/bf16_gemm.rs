@@ -465,18 +465,7 @@ unsafe fn store(
     accumulate: bool,
 ) {
     use std::arch::x86_64::*;
-    let m0: __mmask16 = if cols >= 16 {
-        0xffff
-    } else {
-        (1u16 << cols) - 1
-    };
-    let m1: __mmask16 = if cols >= NR {
-        0xffff
-    } else if cols > 16 {
-        (1u16 << (cols - 16)) - 1
-    } else {
-        0
-    };
+    let (m0, m1) = column_masks(cols);
     for r in 0..rows {
         let row = c.add(r * ldc);
         let mut v0 = _mm512_loadu_ps(tmp.as_ptr().add(r * NR));
@@ -506,6 +495,12 @@ unsafe fn block_amx(_a: &[u16], _rows: usize, _b: &PackedB, _c: &mut [f32]) {
     unreachable!("AMX off x86-64")
 }
 
+/// The lane masks of a panel's two 16-column halves for its first `cols` columns.
+fn column_masks(cols: usize) -> (u16, u16) {
+    let half = |n: usize| if n >= 16 { 0xffff } else { (1u16 << n) - 1 };
+    (half(cols), half(cols.saturating_sub(16)))
+}
+
 /// `C[r][0..cols] (+)= Σ_p A[p][r] · B[p][0..cols]` for one strip and one panel.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
@@ -532,18 +527,7 @@ unsafe fn kernel(
             acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
         }
     }
-    let m0: __mmask16 = if cols >= 16 {
-        0xffff
-    } else {
-        (1u16 << cols) - 1
-    };
-    let m1: __mmask16 = if cols >= NR {
-        0xffff
-    } else if cols > 16 {
-        (1u16 << (cols - 16)) - 1
-    } else {
-        0
-    };
+    let (m0, m1) = column_masks(cols);
     for (r, acc) in acc.iter().enumerate().take(rows) {
         let row = c.add(r * ldc);
         let (mut v0, mut v1) = (acc[0], acc[1]);

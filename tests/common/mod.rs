@@ -163,3 +163,11 @@ pub fn largest(ts: &[Tensor]) -> f32 {
         })
         .fold(0f32, f32::max)
 }
+
+/// `t` with every element rounded to bf16 (nearest even) and back to f32.
+pub fn bf16_rounded(t: &Tensor) -> Tensor {
+    use peftbench_backbone::bf16_gemm::{from_bf16, to_bf16};
+    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    let r: Vec<f32> = v.into_iter().map(|x| from_bf16(to_bf16(x))).collect();
+    Tensor::from_vec(r, t.dims(), t.device()).unwrap()
+}
