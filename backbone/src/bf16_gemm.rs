@@ -322,29 +322,28 @@ unsafe fn pack_a_amx(
     use std::arch::x86_64::*;
     let blocks = pairs / TILE_PAIRS;
     let strips = rows.len().div_ceil(MR_AMX);
+    // Every element is written below (zeros past `k` and for the last strip's missing rows),
+    // so the buffer is not zero-filled first: that fill was a pass as long as the packing.
+    let len = strips * blocks * MR_AMX * 32;
     dst.clear();
-    dst.resize(strips * blocks * MR_AMX * 32, 0);
-    for (i, row) in rows.enumerate() {
+    dst.reserve(len);
+    // SAFETY: u16 has no invalid bit patterns; the loop writes all `len` elements.
+    #[allow(clippy::uninit_vec)]
+    dst.set_len(len);
+    for i in 0..strips * MR_AMX {
         let (s, r) = (i / MR_AMX, i % MR_AMX);
-        let src = a[row * k..(row + 1) * k].as_ptr();
+        let row = rows.start + i;
         for kb in 0..blocks {
-            let from = kb * 32;
-            let left = k.saturating_sub(from);
-            if left == 0 {
-                break;
-            }
-            let mask = |n: usize| -> __mmask16 {
-                if n >= 16 {
-                    0xffff
-                } else {
-                    (1u16 << n) - 1
-                }
+            let v = if row < rows.end {
+                let src = a[row * k..(row + 1) * k].as_ptr();
+                let (m0, m1) = column_masks(k.saturating_sub(kb * 32));
+                // Masked-off lanes are not read: the pointers may pass the row's end.
+                let lo = _mm512_maskz_loadu_ps(m0, src.wrapping_add(kb * 32));
+                let hi = _mm512_maskz_loadu_ps(m1, src.wrapping_add(kb * 32 + 16));
+                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+            } else {
+                _mm512_setzero_si512()
             };
-            let lo = _mm512_maskz_loadu_ps(mask(left), src.add(from));
-            // Masked-off lanes are not read: the pointer may pass the row's end.
-            let hi =
-                _mm512_maskz_loadu_ps(mask(left.saturating_sub(16)), src.wrapping_add(from + 16));
-            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
             let at = ((s * blocks + kb) * MR_AMX + r) * 32;
             _mm512_storeu_si512(dst.as_mut_ptr().add(at) as *mut _, v);
         }
