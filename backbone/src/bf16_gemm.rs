@@ -94,11 +94,15 @@ fn amx_granted() -> bool {
 
 /// The fastest kernel this machine runs (`PEFTBENCH_BF16_KERNEL=avx512` skips AMX), or none.
 pub fn best() -> Option<Kernel> {
-    let skip_amx = std::env::var("PEFTBENCH_BF16_KERNEL").is_ok_and(|v| v == "avx512");
-    [Kernel::Amx, Kernel::Avx512Bf16]
-        .into_iter()
-        .filter(|&k| !(skip_amx && k == Kernel::Amx))
-        .find(|k| k.runs_here())
+    // Decided once: every frozen product asks.
+    static BEST: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| {
+        let skip_amx = std::env::var("PEFTBENCH_BF16_KERNEL").is_ok_and(|v| v == "avx512");
+        [Kernel::Amx, Kernel::Avx512Bf16]
+            .into_iter()
+            .filter(|&k| !(skip_amx && k == Kernel::Amx))
+            .find(|k| k.runs_here())
+    })
 }
 
 /// Whether any bf16 kernel runs here.

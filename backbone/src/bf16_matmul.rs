@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, TensorId};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, TensorId};
 
 use crate::bf16_gemm::{self, PackedB};
 use crate::fused::{gemm_output, slice, with_slices};
@@ -34,6 +34,19 @@ impl PackedWeight {
             fwd,
             bwd,
         })
+    }
+
+    /// The packing of `weight` where its products can run through it: a frozen, contiguous
+    /// f32 CPU weight, a bf16 kernel on this CPU, and the fused kernels chosen (the packed
+    /// products are one of them; under `PEFTBENCH_KERNELS=composite` nothing is packed).
+    pub fn for_frozen(weight: &Tensor) -> Result<Option<Self>> {
+        let eligible = !weight.is_variable()
+            && weight.dtype() == DType::F32
+            && weight.device().is_cpu()
+            && weight.is_contiguous()
+            && crate::kernels::fused_on(DType::F32, weight.device())
+            && bf16_gemm::available();
+        eligible.then(|| Self::new(weight)).transpose()
     }
 
     /// Whether this is `weight`'s packing.

@@ -51,42 +51,71 @@ impl CustomOp1 for FrozenMatmul {
 /// `dst [rows, out] = x [rows, in] · Wᵀ` for a row-major `W [out, in]`, on the rayon pool.
 pub(crate) fn x_wt(x: &[f32], rows: usize, inp: usize, w: &[f32], out: usize) -> Vec<f32> {
     let mut dst = crate::fused::gemm_output(rows * out);
+    // W `[out, in]` is read through transposed strides.
+    gemm_traced(
+        (rows, out, inp),
+        &mut dst,
+        out,
+        false,
+        x,
+        (inp, 1),
+        w,
+        (1, inp),
+    );
+    dst
+}
+
+/// `dst = lhs·rhs` (or `dst += ` with `accumulate`) on the rayon pool, recorded for the
+/// GEMM floor. Strides are (row, column) in elements.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_traced(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
     let threads = candle_core::utils::get_num_threads();
+    candle_core::gemm_trace::record(candle_core::gemm_trace::Gemm {
+        batch: 1,
+        m,
+        n,
+        k,
+        lhs_skip: 0,
+        rhs_skip: 0,
+        lhs_cs: lhs_cs as isize,
+        lhs_rs: lhs_rs as isize,
+        rhs_cs: rhs_cs as isize,
+        rhs_rs: rhs_rs as isize,
+        threaded: threads > 1,
+    });
     let parallelism = if threads > 1 {
         Parallelism::Rayon(threads)
     } else {
         Parallelism::None
     };
-    candle_core::gemm_trace::record(candle_core::gemm_trace::Gemm {
-        batch: 1,
-        m: rows,
-        n: out,
-        k: inp,
-        lhs_skip: 0,
-        rhs_skip: 0,
-        lhs_cs: 1,
-        lhs_rs: inp as isize,
-        rhs_cs: inp as isize,
-        rhs_rs: 1,
-        threaded: threads > 1,
-    });
-    // W `[out, in]` is read through transposed strides.
+    debug_assert!(m == 0 || dst.len() >= (m - 1) * dst_rs + n);
+    // SAFETY: the callers' buffers span m×k, k×n and m×n at these strides (asserted above
+    // for the destination; the operands are whole blocks of the op's inputs).
     unsafe {
         gemm(
-            rows,
-            out,
-            inp,
+            m,
+            n,
+            k,
             dst.as_mut_ptr(),
             1,
-            out as isize,
-            false,
-            x.as_ptr(),
-            1,
-            inp as isize,
-            w.as_ptr(),
-            inp as isize,
-            1,
-            0f32,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            if accumulate { 1f32 } else { 0f32 },
             1f32,
             false,
             false,
@@ -94,7 +123,6 @@ pub(crate) fn x_wt(x: &[f32], rows: usize, inp: usize, w: &[f32], out: usize) ->
             parallelism,
         )
     }
-    dst
 }
 
 /// `x [rows, in] · Wᵀ` for a frozen, contiguous f32 CPU weight.

@@ -31,19 +31,14 @@ impl Linear {
 
     /// Packs a frozen f32 CPU weight for the bf16 GEMM, so its products (forward and input
     /// gradient) run in bf16 with f32 sums. Returns whether it did: a trained, quantized or
-    /// non-f32 weight, or a CPU without a bf16 kernel, keeps the f32 GEMM.
+    /// non-f32 weight, a CPU without a bf16 kernel, or the composite kernels keep the f32 GEMM
+    /// (see [`crate::bf16_matmul::PackedWeight::for_frozen`]).
     pub fn pack_bf16(&mut self) -> Result<bool> {
-        let eligible = !self.weight.is_variable()
-            && self.quantized.is_none()
-            && self.weight.dtype() == DType::F32
-            && self.weight.device().is_cpu()
-            && self.weight.is_contiguous()
-            && crate::bf16_gemm::available();
-        if eligible {
-            let packed = crate::bf16_matmul::PackedWeight::new(&self.weight)?;
-            self.packed = Some(Arc::new(packed));
+        if self.quantized.is_some() {
+            return Ok(false);
         }
-        Ok(eligible)
+        self.packed = crate::bf16_matmul::PackedWeight::for_frozen(&self.weight)?.map(Arc::new);
+        Ok(self.packed.is_some())
     }
 
     /// Whether the weight's products run through its bf16 packing.

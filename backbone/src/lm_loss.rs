@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use crate::bf16_matmul::PackedWeight;
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
-use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+use crate::frozen_matmul::gemm_traced as matmul;
 use crate::fused::{gemm_output, simd, slice, with_slices};
 
 /// Positions projected at once: a 100 MB block of logits at a 49K vocabulary. At SmolLM2's
@@ -80,66 +80,6 @@ struct TokenNll {
     need_dw: bool,
     dh: Mutex<Option<Vec<f32>>>,
     packed: Option<Arc<PackedWeight>>,
-}
-
-/// `dst = lhs·rhs` (or `dst += ` with `accumulate`) on the rayon pool, recorded for the
-/// GEMM floor. Strides are (row, column) in elements.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-) {
-    let threads = candle_core::utils::get_num_threads();
-    candle_core::gemm_trace::record(candle_core::gemm_trace::Gemm {
-        batch: 1,
-        m,
-        n,
-        k,
-        lhs_skip: 0,
-        rhs_skip: 0,
-        lhs_cs: lhs_cs as isize,
-        lhs_rs: lhs_rs as isize,
-        rhs_cs: rhs_cs as isize,
-        rhs_rs: rhs_rs as isize,
-        threaded: threads > 1,
-    });
-    let parallelism = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
-    debug_assert!(dst.len() >= (m - 1) * dst_rs + n);
-    // SAFETY: the callers' buffers span m×k, k×n and m×n at these strides (asserted above
-    // for the destination; the operands are whole blocks of the op's inputs).
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            if accumulate { 1f32 } else { 0f32 },
-            1f32,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
 }
 
 simd! {

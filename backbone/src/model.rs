@@ -396,16 +396,8 @@ impl Transformer {
     /// returns how many it packed (none on a CPU without a bf16 kernel).
     pub fn pack_frozen_bf16(&mut self) -> Result<usize> {
         let mut n = 0;
-        let head = self.lm_head_weight();
-        if crate::bf16_gemm::available()
-            && !head.is_variable()
-            && head.dtype() == DType::F32
-            && head.device().is_cpu()
-            && head.is_contiguous()
-        {
-            self.lm_head_packed = Some(Arc::new(PackedWeight::new(head)?));
-            n += 1;
-        }
+        self.lm_head_packed = PackedWeight::for_frozen(self.lm_head_weight())?.map(Arc::new);
+        n += self.lm_head_packed.is_some() as usize;
         for l in &mut self.layers {
             for proj in Proj::ALL {
                 if let Some(lin) = l.proj_mut(proj) {

@@ -82,8 +82,7 @@ pub fn bench_model() -> Transformer {
     if bench_dtype() == candle_core::DType::BF16 && device.is_cpu() {
         // On the CPU bf16 means the frozen projections' products in bf16 (as `run` does).
         let mut base = base.to(&device, candle_core::DType::F32).unwrap();
-        let fused = peftbench_backbone::kernels::fused_on(candle_core::DType::F32, &device);
-        if !fused || base.pack_frozen_bf16().unwrap() == 0 {
+        if base.pack_frozen_bf16().unwrap() == 0 {
             eprintln!("no bf16 kernel on this CPU, or composite kernels: the bench runs f32");
         }
         return base;

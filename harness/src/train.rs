@@ -449,9 +449,7 @@ pub fn run(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path) ->
 /// stay f32. Without either kernel, or under `PEFTBENCH_KERNELS=composite` (the packed
 /// products are a fused CPU kernel), the run is f32, and its record says so.
 fn bf16_on_cpu(model: &mut Transformer) -> Result<(), HarnessError> {
-    if peftbench_backbone::kernels::fused_on(candle_core::DType::F32, model.device()) {
-        model.pack_frozen_bf16()?;
-    }
+    model.pack_frozen_bf16()?;
     Ok(())
 }
 
