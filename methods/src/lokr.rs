@@ -63,8 +63,9 @@ impl Default for LokrConfig {
 /// `factor` (or the square root for -1) from below.
 pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
     if factor > 0 && dimension.is_multiple_of(factor as usize) {
-        let m = factor as usize;
-        return (m, dimension / m);
+        // The smaller first here too, as PEFT swaps them (40 at factor 8 is (5, 8)).
+        let (m, n) = (factor as usize, dimension / factor as usize);
+        return (m.min(n), m.max(n));
     }
     let factor = if factor == -1 {
         dimension
@@ -475,5 +476,6 @@ mod tests {
         assert_eq!(factorization(128, -1), (8, 16));
         assert_eq!(factorization(127, -1), (1, 127));
         assert_eq!(factorization(128, 4), (4, 32));
+        assert_eq!(factorization(40, 8), (5, 8));
     }
 }
