@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use peftbench_backbone::{Linear, SequenceHead};
-use peftbench_harness::objective::{evaluate_outcomes, Scorer};
+use peftbench_harness::objective::{evaluate_outcomes, EvalBatches, Scorer};
 use peftbench_harness::TaskConfig;
 use peftbench_methods::peft;
 use peftbench_reports::RunRecord;
@@ -51,6 +51,8 @@ pub fn eval(record: &Path, data_root: Option<PathBuf>, load: LoadTasks) -> Resul
     let eval_batch = rec.config["train"]["eval_batch_size"]
         .as_u64()
         .unwrap_or(64) as usize;
+    // Scored as the run scored it: packed rows round differently from padded ones.
+    let packed = rec.config["train"]["packing"].as_bool().unwrap_or(false);
     let (base, tasks) = load(
         &rec.suite,
         model,
@@ -84,8 +86,11 @@ pub fn eval(record: &Path, data_root: Option<PathBuf>, load: LoadTasks) -> Resul
         &task.objective,
         &scorer,
         &task.dev,
-        eval_batch,
-        base.tokenizer.pad_id,
+        EvalBatches {
+            size: eval_batch,
+            pad_id: base.tokenizer.pad_id,
+            pack: packed,
+        },
         &Device::Cpu,
     )?;
     let recorded = match &rec.selected {

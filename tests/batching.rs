@@ -9,7 +9,9 @@ use common::tiny_model;
 use peftbench_backbone::{HeadKind, Initializer, NoIntervention, SequenceHead, TrainableParams};
 use peftbench_datasets::GlueMetric;
 use peftbench_harness::data::{Example, Target};
-use peftbench_harness::objective::{evaluate_outcomes, longest_first, Objective, Scorer};
+use peftbench_harness::objective::{
+    evaluate_outcomes, longest_first, EvalBatches, Objective, Scorer,
+};
 use peftbench_harness::train::Order;
 use peftbench_reports::outcomes::Outcomes;
 use proptest::prelude::*;
@@ -127,11 +129,11 @@ proptest! {
             });
         let scorer = Scorer { model: &model, method: &NoIntervention, head: head.as_ref() };
         let data = examples(&obj, n, seed);
-        let (_, batched) = evaluate_outcomes(&obj, &scorer, &data, batch, 0, &Device::Cpu).unwrap();
+        let (_, batched) = evaluate_outcomes(&obj, &scorer, &data, EvalBatches::padded(batch, 0), &Device::Cpu).unwrap();
         // Each example scored on its own, in the examples' order.
         let alone: Vec<Vec<f64>> = data
             .chunks(1)
-            .map(|one| flat(&evaluate_outcomes(&obj, &scorer, one, 1, 0, &Device::Cpu).unwrap().1))
+            .map(|one| flat(&evaluate_outcomes(&obj, &scorer, one, EvalBatches::padded(1, 0), &Device::Cpu).unwrap().1))
             .collect();
         let a = flat(&batched);
         let fields = alone[0].len();

@@ -315,3 +315,95 @@ proptest! {
         prop_assert!(compared > 10, "only {compared} method × family runs compared");
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+
+    /// A classification or regression batch packed into rows gives every example the head
+    /// output it has in a padded row, and the padded batch's gradients (method and head), for
+    /// each pooling and every method that admits packing, in no more rows; BERT's segment ids
+    /// travel with their tokens.
+    #[test]
+    fn a_packed_text_batch_trains_as_the_padded_one(
+        lens in proptest::collection::vec(2usize..9, 1..6),
+        pooling in 0usize..3,
+        regression in any::<bool>(),
+        seed in 0u64..1000,
+    ) {
+        use peftbench_backbone::{HeadKind, Pooling, SequenceHead, TrainableParams};
+        use peftbench_datasets::GlueMetric;
+        use peftbench_harness::data::{make_batch, pack_text_batch, Batch, Example, Target};
+        use peftbench_harness::objective::{loss, Objective, Scorer};
+        let pooling = [Pooling::First, Pooling::LastToken, Pooling::Mean][pooling];
+        let (obj, kind) = match regression {
+            true => (Objective::Regression, HeadKind::Regression),
+            false => (
+                Objective::Classification { num_labels: 3, metric: GlueMetric::Accuracy },
+                HeadKind::Classifier { num_labels: 3 },
+            ),
+        };
+        let mut init = Initializer::new(seed + 1);
+        let examples: Vec<Example> = random_rows(&lens, seed)
+            .into_iter()
+            .enumerate()
+            .map(|(i, ids)| {
+                // A sentence pair: the second part's tokens carry segment 1.
+                let split = init.index(ids.len());
+                let types = (0..ids.len()).map(|p| u32::from(p >= split)).collect();
+                let target = match regression {
+                    true => Target::Score(i as f32 * 0.7 - 1.0),
+                    false => Target::Class(i % 3),
+                };
+                Example::Text { ids, types, target }
+            })
+            .collect();
+        let refs: Vec<&Example> = examples.iter().collect();
+        let padded = make_batch(&refs, 0, &Device::Cpu).unwrap();
+        let packed = pack_text_batch(&refs, 0, &Device::Cpu).unwrap();
+        let rows = |b: &Batch| match b {
+            Batch::Text { inputs, .. } => inputs.input_ids.dim(0).unwrap(),
+            _ => unreachable!(),
+        };
+        prop_assert!(rows(&packed) <= rows(&padded));
+        let outputs = |s: &Scorer, b: &Batch| {
+            let Batch::Text { inputs, spans, .. } = b else { unreachable!() };
+            let enc = s.model.forward(inputs, s.method).unwrap();
+            let head = s.head.unwrap();
+            match spans {
+                Some(spans) => head.forward_spans(s.model, &enc, spans).unwrap(),
+                None => head.forward(s.model, &enc).unwrap(),
+            }
+        };
+        let mut compared = 0;
+        for family in FAMILIES {
+            let base = tiny_model(family, 5);
+            for config in methods() {
+                let Some((model, method)) = attach(&base, &config) else { continue };
+                if method.input_prefix().unwrap().is_some() {
+                    continue;
+                }
+                let mut head_params = TrainableParams::new();
+                let head = SequenceHead::new(&model, kind, &mut head_params, &mut Initializer::new(4))
+                    .unwrap()
+                    .with_pooling(pooling);
+                let s = Scorer { model: &model, method: method.as_ref(), head: Some(&head) };
+                let mut vars = method.params().vars();
+                vars.extend(head_params.vars());
+                let run = |b: &Batch| {
+                    let l = loss(&obj, &s, b).unwrap();
+                    let g = common::grads_of(&l.backward().unwrap(), &vars);
+                    (outputs(&s, b), l.to_scalar::<f32>().unwrap(), g)
+                };
+                let what = format!("{family} {} {pooling:?} {lens:?}", config.name());
+                let ((y, l, g), (y_ref, l_ref, g_ref)) = (run(&packed), run(&padded));
+                let e = rel(&y, &y_ref);
+                prop_assert!(e <= 1e-5, "{}: head outputs differ by {}", what, e);
+                prop_assert!((l - l_ref).abs() <= 1e-5 * l_ref.abs().max(1.0), "{}: loss {} vs {}", what, l, l_ref);
+                let e = common::grads_rel_diff(&g, &g_ref);
+                prop_assert!(e <= 1e-4, "{}: gradients differ by {}", what, e);
+                compared += 1;
+            }
+        }
+        prop_assert!(compared > 20, "only {compared} method × family runs compared");
+    }
+}

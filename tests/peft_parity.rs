@@ -279,7 +279,7 @@ fn a_wrong_base_unknown_type_missing_or_extra_tensor_is_an_error_naming_it() {
 /// they re-score the dev set exactly as the run's final evaluation did.
 #[test]
 fn a_runs_saved_adapter_reloads_and_reproduces_its_final_dev_metrics() {
-    use peftbench_harness::objective::{evaluate, Scorer};
+    use peftbench_harness::objective::{evaluate, EvalBatches, Scorer};
     use peftbench_harness::{run_grid, Shard, Suite};
     let suite_text = r#"
 name = "saved"
@@ -377,8 +377,7 @@ objective = "sft"
             &task.objective,
             &scorer,
             &task.dev,
-            32,
-            base.tokenizer.pad_id,
+            EvalBatches::padded(32, base.tokenizer.pad_id),
             &Device::Cpu,
         )
         .unwrap();

@@ -163,6 +163,54 @@ impl SequenceHead {
         Ok(self.out.forward(&x)?)
     }
 
+    /// Head outputs `[n, outputs]` for examples packed end to end in rows: example i is the
+    /// `len` tokens from flat index `start` (`row · len + position`), pooled as a row of its
+    /// own is, the pooler included.
+    pub fn forward_spans(
+        &self,
+        model: &Transformer,
+        enc: &Encoded,
+        spans: &[(usize, usize)],
+    ) -> Result<Tensor> {
+        let (b, s, h) = enc.hidden.dims3()?;
+        if enc.input_prefix_len > 0 {
+            return Err(crate::BackboneError::Input(
+                "packed rows take no input prefix".into(),
+            ));
+        }
+        if let Some(&(start, len)) = spans.iter().find(|(st, l)| *l == 0 || st + l > b * s) {
+            return Err(crate::BackboneError::Input(format!(
+                "packed example at {start} of {len} tokens does not fit [{b}, {s}]"
+            )));
+        }
+        let dev = enc.hidden.device();
+        let flat = enc.hidden.reshape((b * s, h))?;
+        let rows = |at: Vec<u32>| -> Result<Tensor> {
+            let n = at.len();
+            Ok(flat.index_select(&Tensor::from_vec(at, n, dev)?, 0)?)
+        };
+        let mut x = match self.pooling {
+            Pooling::First => rows(spans.iter().map(|&(st, _)| st as u32).collect())?,
+            Pooling::LastToken => rows(spans.iter().map(|&(st, l)| (st + l - 1) as u32).collect())?,
+            Pooling::Mean => {
+                // One averaging row per example: a product whose backward spreads the gradient.
+                let mut w = vec![0f32; spans.len() * b * s];
+                for (i, &(st, l)) in spans.iter().enumerate() {
+                    w[i * b * s + st..][..l].fill(1.0 / l as f32);
+                }
+                Tensor::from_vec(w, (spans.len(), b * s), dev)?
+                    .matmul(&flat.to_dtype(DType::F32)?)?
+            }
+        }
+        .to_dtype(DType::F32)?;
+        if self.pooling == Pooling::First {
+            if let Some(p) = &model.pooler {
+                x = p.forward(&x)?.tanh()?;
+            }
+        }
+        Ok(self.out.forward(&x)?)
+    }
+
     /// Head outputs `[batch, outputs]`.
     pub fn forward(&self, model: &Transformer, enc: &Encoded) -> Result<Tensor> {
         let mut x = pool(enc, self.pooling)?;

@@ -174,7 +174,11 @@ pub fn batch_on(b: usize, t: usize, device: &Device) -> Batch {
     }
     let inputs = pad_rows(&rows, None, 0, device).unwrap();
     let targets = (0..b).map(|i| Target::Class(i % 2)).collect();
-    Batch::Text { inputs, targets }
+    Batch::Text {
+        inputs,
+        targets,
+        spans: None,
+    }
 }
 
 /// The budget every PEFT method is matched to: LoRA r = 8 on query and value.

@@ -59,6 +59,9 @@ pub enum Batch {
         inputs: Inputs,
         /// Labels.
         targets: Vec<Target>,
+        /// Packed rows: where each example lies, as its first token's flat index
+        /// (`row · len + position`) and its length, in `targets`' order.
+        spans: Option<Vec<(usize, usize)>>,
     },
     /// Causal LM with its loss mask.
     Lm {
@@ -110,7 +113,11 @@ pub fn make_batch(
             }
             let inputs =
                 pad_rows(&ids, Some(&types), pad_id, device).map_err(candle_core::Error::wrap)?;
-            Ok(Batch::Text { inputs, targets })
+            Ok(Batch::Text {
+                inputs,
+                targets,
+                spans: None,
+            })
         }
         Example::Lm { .. } => {
             let mut rows = Vec::new();
@@ -182,26 +189,7 @@ pub fn pack_lm_batch(
         };
         parts.push((ids, *response_start));
     }
-    let cap = parts
-        .iter()
-        .map(|(ids, _)| ids.len())
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let mut order: Vec<usize> = (0..parts.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(parts[i].0.len()));
-    // Rows as lists of examples, and the room each has left.
-    let mut rows: Vec<(Vec<usize>, usize)> = Vec::new();
-    for i in order {
-        let n = parts[i].0.len();
-        match rows.iter_mut().find(|(_, room)| *room >= n) {
-            Some((row, room)) => {
-                row.push(i);
-                *room -= n;
-            }
-            None => rows.push((vec![i], cap - n)),
-        }
-    }
+    let (rows, cap) = first_fit(&parts.iter().map(|(ids, _)| ids.len()).collect::<Vec<_>>());
     let (b, t) = (rows.len(), cap);
     let mut ids = vec![pad_id; b * t];
     let mut attention = vec![0u32; b * t];
@@ -209,7 +197,7 @@ pub fn pack_lm_batch(
     let mut positions = vec![0u32; b * t];
     let mut mask = vec![0f32; b * t];
     let mut next = vec![0u32; b * t];
-    for (r, (row, _)) in rows.iter().enumerate() {
+    for (r, row) in rows.iter().enumerate() {
         let mut at = r * t;
         for (k, &i) in row.iter().enumerate() {
             let (tokens, start) = parts[i];
@@ -239,6 +227,83 @@ pub fn pack_lm_batch(
         },
         loss_mask: Tensor::from_vec(mask, (b, t), device)?,
         next: u(next)?,
+    })
+}
+
+/// Rows of examples laid end to end, first fit in order of decreasing length, no row longer
+/// than the longest example: the rows (example indices) and that length.
+fn first_fit(lens: &[usize]) -> (Vec<Vec<usize>>, usize) {
+    let cap = lens.iter().copied().max().unwrap_or(1).max(1);
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
+    // Rows as lists of examples, and the room each has left.
+    let mut rows: Vec<(Vec<usize>, usize)> = Vec::new();
+    for i in order {
+        match rows.iter_mut().find(|(_, room)| *room >= lens[i]) {
+            Some((row, room)) => {
+                row.push(i);
+                *room -= lens[i];
+            }
+            None => rows.push((vec![i], cap - lens[i])),
+        }
+    }
+    (rows.into_iter().map(|(row, _)| row).collect(), cap)
+}
+
+/// Classification or regression examples laid end to end in rows as [`pack_lm_batch`] lays
+/// them, segment ids kept: each example attends only to itself with positions from 0, so a
+/// head reading its span sees what it sees in a padded row of its own.
+pub fn pack_text_batch(
+    examples: &[&Example],
+    pad_id: u32,
+    device: &Device,
+) -> candle_core::Result<Batch> {
+    let mut parts = Vec::with_capacity(examples.len());
+    let mut targets = Vec::with_capacity(examples.len());
+    for e in examples {
+        let Example::Text { ids, types, target } = e else {
+            candle_core::bail!("a text batch mixes example kinds");
+        };
+        parts.push((ids, types));
+        targets.push(*target);
+    }
+    let (rows, cap) = first_fit(&parts.iter().map(|(ids, _)| ids.len()).collect::<Vec<_>>());
+    let (b, t) = (rows.len(), cap);
+    let mut ids = vec![pad_id; b * t];
+    let mut attention = vec![0u32; b * t];
+    let mut types = vec![0u32; b * t];
+    let mut segments = vec![0u32; b * t];
+    let mut positions = vec![0u32; b * t];
+    let mut spans = vec![(0, 0); examples.len()];
+    for (r, row) in rows.iter().enumerate() {
+        let mut at = r * t;
+        for (k, &i) in row.iter().enumerate() {
+            let (tokens, tys) = parts[i];
+            let n = tokens.len();
+            spans[i] = (at, n);
+            ids[at..at + n].copy_from_slice(tokens);
+            attention[at..at + n].fill(1);
+            types[at..at + tys.len().min(n)].copy_from_slice(&tys[..tys.len().min(n)]);
+            segments[at..at + n].fill(k as u32 + 1);
+            for (p, v) in positions[at..at + n].iter_mut().enumerate() {
+                *v = p as u32;
+            }
+            at += n;
+        }
+    }
+    let u = |v: Vec<u32>| Tensor::from_vec(v, (b, t), device);
+    Ok(Batch::Text {
+        inputs: Inputs {
+            input_ids: u(ids)?,
+            attention_mask: u(attention)?,
+            token_type_ids: Some(u(types)?),
+            packing: Some(peftbench_backbone::Packing {
+                segments: u(segments)?,
+                positions: u(positions)?,
+            }),
+        },
+        targets,
+        spans: Some(spans),
     })
 }
 

@@ -104,7 +104,12 @@ fn lm_stats(
     Ok((nll, mask.clone(), wrong))
 }
 
-fn scores(s: &Scorer, inputs: &peftbench_backbone::Inputs) -> candle_core::Result<Tensor> {
+/// Head outputs, one row per example: read at each example's span when the rows are packed.
+fn scores(
+    s: &Scorer,
+    inputs: &peftbench_backbone::Inputs,
+    spans: Option<&[(usize, usize)]>,
+) -> candle_core::Result<Tensor> {
     let enc = s
         .model
         .forward(inputs, s.method)
@@ -112,8 +117,17 @@ fn scores(s: &Scorer, inputs: &peftbench_backbone::Inputs) -> candle_core::Resul
     let head = s
         .head
         .ok_or_else(|| candle_core::Error::Msg("objective needs a head".into()))?;
-    head.forward(s.model, &enc)
-        .map_err(candle_core::Error::wrap)
+    match spans {
+        Some(spans) => head.forward_spans(s.model, &enc, spans),
+        None => head.forward(s.model, &enc),
+    }
+    .map_err(candle_core::Error::wrap)
+}
+
+/// Whether a classification or regression batch can be packed: the method puts no virtual
+/// tokens before the input (they would open the row, not each example).
+pub fn text_packable(s: &Scorer) -> candle_core::Result<bool> {
+    Ok(s.method.input_prefix()?.is_none())
 }
 
 /// Whether a pair's shared prompt can run once for both replies: a causal model (a prompt's
@@ -139,8 +153,8 @@ pub fn pair_scores(
 ) -> candle_core::Result<(Tensor, Tensor)> {
     if !packed {
         return Ok((
-            scores(s, chosen)?.squeeze(1)?,
-            scores(s, rejected)?.squeeze(1)?,
+            scores(s, chosen, None)?.squeeze(1)?,
+            scores(s, rejected, None)?.squeeze(1)?,
         ));
     }
     let rows = |x: &peftbench_backbone::Inputs| -> candle_core::Result<Vec<Vec<u32>>> {
@@ -224,8 +238,15 @@ fn softplus(x: &Tensor) -> candle_core::Result<Tensor> {
 /// The training loss of one batch.
 pub fn loss(obj: &Objective, s: &Scorer, batch: &Batch) -> candle_core::Result<Tensor> {
     match (obj, batch) {
-        (Objective::Classification { .. }, Batch::Text { inputs, targets }) => {
-            let logits = scores(s, inputs)?;
+        (
+            Objective::Classification { .. },
+            Batch::Text {
+                inputs,
+                targets,
+                spans,
+            },
+        ) => {
+            let logits = scores(s, inputs, spans.as_deref())?;
             let y: Vec<u32> = targets
                 .iter()
                 .map(|t| match t {
@@ -236,8 +257,15 @@ pub fn loss(obj: &Objective, s: &Scorer, batch: &Batch) -> candle_core::Result<T
             let y = Tensor::from_vec(y, targets.len(), logits.device())?;
             cross_entropy(&logits, &y, None)
         }
-        (Objective::Regression, Batch::Text { inputs, targets }) => {
-            let pred = scores(s, inputs)?.squeeze(1)?;
+        (
+            Objective::Regression,
+            Batch::Text {
+                inputs,
+                targets,
+                spans,
+            },
+        ) => {
+            let pred = scores(s, inputs, spans.as_deref())?.squeeze(1)?;
             let y: Vec<f32> = targets
                 .iter()
                 .map(|t| match t {
@@ -270,16 +298,38 @@ pub fn loss(obj: &Objective, s: &Scorer, batch: &Batch) -> candle_core::Result<T
     }
 }
 
+/// How dev examples are batched.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalBatches {
+    /// Examples per batch.
+    pub size: usize,
+    /// Padding token.
+    pub pad_id: u32,
+    /// Classification and regression examples laid end to end in rows where the method
+    /// allows ([`text_packable`]); the other objectives batch as they train.
+    pub pack: bool,
+}
+
+impl EvalBatches {
+    /// Padded batches of `size`.
+    pub fn padded(size: usize, pad_id: u32) -> Self {
+        Self {
+            size,
+            pad_id,
+            pack: false,
+        }
+    }
+}
+
 /// Dev metrics of the scorer on `examples` (see [`evaluate_outcomes`]).
 pub fn evaluate(
     obj: &Objective,
     s: &Scorer,
     examples: &[Example],
-    batch_size: usize,
-    pad_id: u32,
+    batches: EvalBatches,
     device: &Device,
 ) -> candle_core::Result<BTreeMap<String, f64>> {
-    Ok(evaluate_outcomes(obj, s, examples, batch_size, pad_id, device)?.0)
+    Ok(evaluate_outcomes(obj, s, examples, batches, device)?.0)
 }
 
 /// The metrics each objective reports, as [`Outcomes::metric`] names them.
@@ -308,22 +358,21 @@ pub fn evaluate_outcomes(
     obj: &Objective,
     s: &Scorer,
     examples: &[Example],
-    batch_size: usize,
-    pad_id: u32,
+    batches: EvalBatches,
     device: &Device,
 ) -> candle_core::Result<(BTreeMap<String, f64>, Outcomes)> {
     // No backward follows: each layer's activations can go once the next has run.
-    peftbench_backbone::no_grad(|| outcomes(obj, s, examples, batch_size, pad_id, device))
+    peftbench_backbone::no_grad(|| outcomes(obj, s, examples, batches, device))
 }
 
 fn outcomes(
     obj: &Objective,
     s: &Scorer,
     examples: &[Example],
-    batch_size: usize,
-    pad_id: u32,
+    batches: EvalBatches,
     device: &Device,
 ) -> candle_core::Result<(BTreeMap<String, f64>, Outcomes)> {
+    let (batch_size, pad_id) = (batches.size, batches.pad_id);
     let mut pred_cls = Vec::new();
     let mut gold_cls = Vec::new();
     let mut pred_val = Vec::new();
@@ -333,20 +382,45 @@ fn outcomes(
     // Batches of similar length pad little; the outcomes are put back in the examples' order.
     let order = longest_first(examples);
     let packable = *obj == Objective::Reward && pairs_packable(s)?;
+    let pack_text = batches.pack
+        && matches!(
+            obj,
+            Objective::Classification { .. } | Objective::Regression
+        )
+        && text_packable(s)?;
     for chunk in order.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
-        let batch = make_batch(&refs, pad_id, device)?;
+        let batch = match pack_text {
+            true => crate::data::pack_text_batch(&refs, pad_id, device)?,
+            false => make_batch(&refs, pad_id, device)?,
+        };
         match (obj, &batch) {
-            (Objective::Classification { .. }, Batch::Text { inputs, targets }) => {
-                let p: Vec<u32> = scores(s, inputs)?.argmax(D::Minus1)?.to_vec1()?;
+            (
+                Objective::Classification { .. },
+                Batch::Text {
+                    inputs,
+                    targets,
+                    spans,
+                },
+            ) => {
+                let p: Vec<u32> = scores(s, inputs, spans.as_deref())?
+                    .argmax(D::Minus1)?
+                    .to_vec1()?;
                 pred_cls.extend(p);
                 gold_cls.extend(targets.iter().map(|t| match t {
                     Target::Class(c) => *c as u32,
                     Target::Score(v) => *v as u32,
                 }));
             }
-            (Objective::Regression, Batch::Text { inputs, targets }) => {
-                let p: Vec<f32> = scores(s, inputs)?.squeeze(1)?.to_vec1()?;
+            (
+                Objective::Regression,
+                Batch::Text {
+                    inputs,
+                    targets,
+                    spans,
+                },
+            ) => {
+                let p: Vec<f32> = scores(s, inputs, spans.as_deref())?.squeeze(1)?.to_vec1()?;
                 pred_val.extend(p.iter().map(|x| *x as f64));
                 gold_val.extend(targets.iter().map(|t| match t {
                     Target::Score(v) => *v as f64,

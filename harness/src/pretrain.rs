@@ -150,8 +150,9 @@ fn perplexity(model: &Transformer, seqs: &[Vec<u32>], pad: u32) -> Result<f64, H
         method: &peftbench_backbone::NoIntervention,
         head: None,
     };
+    let batches = crate::objective::EvalBatches::padded(16, pad);
     let m =
-        crate::objective::evaluate(&Objective::CausalLm, &s, &examples, 16, pad, model.device())?;
+        crate::objective::evaluate(&Objective::CausalLm, &s, &examples, batches, model.device())?;
     Ok(m["perplexity"])
 }
 

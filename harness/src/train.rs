@@ -3,7 +3,7 @@
 use crate::budget::{check_method, match_budget, Budget};
 use crate::chance::chance_level;
 use crate::data::{batch_tokens, make_batch, Example};
-use crate::objective::{evaluate, evaluate_outcomes, loss, Scorer};
+use crate::objective::{evaluate, evaluate_outcomes, loss, EvalBatches, Scorer};
 use crate::optim::{AdamW, OptimConfig};
 use crate::task::{TaskConfig, TaskData};
 use crate::{env, HarnessError};
@@ -53,10 +53,12 @@ pub struct TrainConfig {
     /// (see [`Order::grouped`]). Left out of the configuration hash when off.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub group_by_length: bool,
-    /// Lay a causal-LM batch's examples end to end in as few rows as hold them (none longer
-    /// than its longest example), attention kept within each example: the same examples and
-    /// loss as the padded batch, without computing the padding. Methods that prepend virtual
-    /// tokens (prompt tuning, P-Tuning) keep padded rows. Left out of the hash when off.
+    /// Lay a batch's examples end to end in as few rows as hold them (none longer than its
+    /// longest example), attention kept within each example: the same examples and loss as
+    /// the padded batch, without computing the padding. Causal LM and classification /
+    /// regression, training and (for the latter) evaluation; reward pairs share their prompt
+    /// whenever they can. Methods that prepend virtual tokens (prompt tuning, P-Tuning) keep
+    /// padded rows. Left out of the hash when off.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub packing: bool,
 }
@@ -624,6 +626,11 @@ fn run_inner(
     // The dev metrics before any update: the baseline each run must beat (for SFT, the base
     // model's own response perplexity; for a fresh head, chance).
     method.set_training(false);
+    let eval_batches = EvalBatches {
+        size: spec.train.eval_batch_size,
+        pad_id: pad,
+        pack: spec.train.packing,
+    };
     let mut initial = evaluate(
         &task.objective,
         &Scorer {
@@ -632,8 +639,7 @@ fn run_inner(
             head: head.as_ref(),
         },
         &task.dev,
-        spec.train.eval_batch_size,
-        pad,
+        eval_batches,
         &device,
     )?;
     initial.retain(|_, v| v.is_finite());
@@ -646,8 +652,10 @@ fn run_inner(
         }
         _ => None,
     };
+    // Packed training batches: causal LM and the text objectives (reward pairs share their
+    // prompt whenever they can, packing asked or not).
     let pack = spec.train.packing
-        && task.objective == crate::objective::Objective::CausalLm
+        && task.objective != crate::objective::Objective::Reward
         && method.input_prefix()?.is_none();
     let started = Instant::now();
     let mut eval_seconds = 0f64;
@@ -658,10 +666,12 @@ fn run_inner(
         for _ in 0..accum {
             let idx = order.next_batch(spec.train.batch_size);
             let examples: Vec<&Example> = idx.iter().map(|&i| &task.train[train_idx[i]]).collect();
-            let batch = if pack {
-                crate::data::pack_lm_batch(&examples, pad, &device)?
-            } else {
-                make_batch(&examples, pad, &device)?
+            let batch = match (pack, &task.objective) {
+                (true, crate::objective::Objective::CausalLm) => {
+                    crate::data::pack_lm_batch(&examples, pad, &device)?
+                }
+                (true, _) => crate::data::pack_text_batch(&examples, pad, &device)?,
+                (false, _) => make_batch(&examples, pad, &device)?,
             };
             tokens += batch_tokens(&batch)?;
             let scorer = Scorer {
@@ -719,28 +729,16 @@ fn run_inner(
                 method: method.as_ref(),
                 head: head.as_ref(),
             };
-            let (mut m, outcomes) = evaluate_outcomes(
-                &task.objective,
-                &scorer,
-                &task.dev,
-                spec.train.eval_batch_size,
-                pad,
-                &device,
-            )?;
+            let (mut m, outcomes) =
+                evaluate_outcomes(&task.objective, &scorer, &task.dev, eval_batches, &device)?;
             // An undefined metric (e.g. Pearson of constant predictions) is left out, not NaN.
             m.retain(|_, v| v.is_finite());
             let mut validation_metrics = BTreeMap::new();
             let chosen = match spec.train.selection {
                 Selection::Final => step == total,
                 Selection::BestOnValidation => {
-                    validation_metrics = evaluate(
-                        &task.objective,
-                        &scorer,
-                        &validation,
-                        spec.train.eval_batch_size,
-                        pad,
-                        &device,
-                    )?;
+                    validation_metrics =
+                        evaluate(&task.objective, &scorer, &validation, eval_batches, &device)?;
                     validation_metrics.retain(|_, v| v.is_finite());
                     let v = validation_metrics.get(primary).copied();
                     let better = match (v, best_validation) {
