@@ -416,23 +416,17 @@ fn bf16_on_the_cpu_runs_the_frozen_products_in_bf16_and_records_which_kernel() {
     }
 }
 
-/// `packing = true` on a classification task: the same examples in fewer rows, so the loss
-/// curve within f32 rounding of the padded run's and the dev metrics (evaluated packed too)
-/// equal; the switch changes the run's hash.
+/// `packing = true` on a classification task: the same examples in fewer rows (prompt tuning's
+/// virtual tokens opening each), so the loss curve within f32 rounding of the padded run's
+/// and the dev metrics (evaluated packed too) equal; the switch changes the run's hash.
 #[test]
 fn packing_a_classification_run_keeps_its_curve_and_scores() {
     use peftbench_harness::data::{pack_text_batch, Batch, Example};
     let tmp = tempfile::tempdir().unwrap();
     let base = base(tmp.path());
-    let suite = Suite::parse(SUITE, "tiny.toml").unwrap();
+    let text = format!("{SUITE}\n[methods.prompt_tuning]\nlr = 1e-2\n");
+    let suite = Suite::parse(&text, "tiny.toml").unwrap();
     let tasks = tasks(&suite, &base);
-    let spec = suite
-        .runs()
-        .into_iter()
-        .find(|r| {
-            r.method.name() == "lora" && r.task == "polarity" && r.seed == 0 && !r.random_init
-        })
-        .unwrap();
     // Every third sentence cut to a third (its label kept: the runs are compared, not
     // scored), so rows have room for more than one example.
     let mut task = tasks["polarity"].clone();
@@ -450,39 +444,54 @@ fn packing_a_classification_run_keeps_its_curve_and_scores() {
         Batch::Text { inputs, .. } => inputs.input_ids.dim(0).unwrap(),
         _ => unreachable!(),
     };
-    let packed_rows = rows(pack_text_batch(&first, 0, &Device::Cpu).unwrap());
+    let packed_rows = rows(pack_text_batch(&first, 0, 0, &Device::Cpu).unwrap());
     assert!(packed_rows < 32, "{packed_rows} rows for 32 sentences");
-    let padded = peftbench_harness::run(&spec, &base, &task, tmp.path());
-    let mut s = spec.clone();
-    s.train.packing = true;
-    assert_ne!(s.config_hash(), spec.config_hash());
-    let packed = peftbench_harness::run(&s, &base, &task, tmp.path());
-    assert_eq!(
-        packed.status,
-        peftbench_reports::RunStatus::Ok,
-        "{:?}",
-        packed.status
-    );
-    assert_eq!(packed.curve.len(), padded.curve.len());
-    for (a, b) in packed.curve.iter().zip(&padded.curve) {
-        assert!(
-            (a.train_loss - b.train_loss).abs() <= 1e-4 * b.train_loss.abs().max(1.0),
-            "step {}: loss {} packed, {} padded",
-            a.step,
-            a.train_loss,
-            b.train_loss
-        );
+    for method in ["lora", "prompt_tuning"] {
+        let spec = suite
+            .runs()
+            .into_iter()
+            .find(|r| {
+                r.method.name() == method && r.task == "polarity" && r.seed == 0 && !r.random_init
+            })
+            .unwrap();
+        let padded = peftbench_harness::run(&spec, &base, &task, tmp.path());
         assert_eq!(
-            a.metrics.keys().collect::<Vec<_>>(),
-            b.metrics.keys().collect::<Vec<_>>()
+            padded.status,
+            peftbench_reports::RunStatus::Ok,
+            "{:?}",
+            padded.status
         );
-        for (k, v) in &a.metrics {
+        let mut s = spec.clone();
+        s.train.packing = true;
+        assert_ne!(s.config_hash(), spec.config_hash());
+        let packed = peftbench_harness::run(&s, &base, &task, tmp.path());
+        assert_eq!(
+            packed.status,
+            peftbench_reports::RunStatus::Ok,
+            "{:?}",
+            packed.status
+        );
+        assert_eq!(packed.curve.len(), padded.curve.len());
+        for (a, b) in packed.curve.iter().zip(&padded.curve) {
             assert!(
-                (v - b.metrics[k]).abs() <= 1e-4,
-                "step {} {k}: {v} vs {}",
+                (a.train_loss - b.train_loss).abs() <= 1e-4 * b.train_loss.abs().max(1.0),
+                "{method} step {}: loss {} packed, {} padded",
                 a.step,
-                b.metrics[k]
+                a.train_loss,
+                b.train_loss
             );
+            assert_eq!(
+                a.metrics.keys().collect::<Vec<_>>(),
+                b.metrics.keys().collect::<Vec<_>>()
+            );
+            for (k, v) in &a.metrics {
+                assert!(
+                    (v - b.metrics[k]).abs() <= 1e-4,
+                    "step {} {k}: {v} vs {}",
+                    a.step,
+                    b.metrics[k]
+                );
+            }
         }
     }
 }

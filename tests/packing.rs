@@ -31,6 +31,7 @@ fn packed(tokens: &[u32], segments: &[u32], positions: &[u32]) -> Inputs {
         packing: Some(Packing {
             segments: t(segments),
             positions: t(positions),
+            prompt: None,
         }),
     }
 }
@@ -101,9 +102,9 @@ fn agree(
         hidden_and_grads(&model, method.as_ref(), reference.0, reference.1, &probe).unwrap();
     let packed = hidden_and_grads(&model, method.as_ref(), pack.0, pack.1, &probe);
     if method.input_prefix().unwrap().is_some() {
-        // Virtual tokens open a row, not an example: refused, with the reason.
+        // Virtual tokens open a row, not an example, without slots for them: refused.
         let e = packed.expect_err(what);
-        assert!(e.contains("input prefix"), "{what}: {e}");
+        assert!(e.contains("virtual tokens"), "{what}: {e}");
         return false;
     }
     let (h, g) = packed.unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -217,7 +218,7 @@ proptest! {
         seed in 0u64..1000,
     ) {
         use peftbench_backbone::{HeadKind, SequenceHead, TrainableParams};
-        use peftbench_harness::objective::{pair_scores, pairs_packable, Scorer};
+        use peftbench_harness::objective::{pair_packing, pair_scores, Scorer};
         let mut chosen = Vec::new();
         let mut rejected = Vec::new();
         for (i, &(p, a, b)) in shapes.iter().enumerate() {
@@ -227,7 +228,7 @@ proptest! {
         }
         let chosen = pad_rows(&chosen, None, 0, &Device::Cpu).unwrap();
         let rejected = pad_rows(&rejected, None, 0, &Device::Cpu).unwrap();
-        let mut compared = 0;
+        let (mut compared, mut with_prompt) = (0, 0);
         for family in ["gpt2", "llama"] {
             let base = tiny_model(family, 5);
             for config in methods() {
@@ -236,12 +237,12 @@ proptest! {
                 let head = SequenceHead::new(&model, HeadKind::Reward, &mut head_params, &mut Initializer::new(4)).unwrap();
                 let s = Scorer { model: &model, method: method.as_ref(), head: Some(&head) };
                 let what = format!("{family} {} {shapes:?}", config.name());
-                if !pairs_packable(&s).unwrap() {
+                let Some(prompt) = pair_packing(&s).unwrap() else {
                     continue;
-                }
+                };
                 let mut vars = method.params().vars();
                 vars.extend(head_params.vars());
-                let run = |packed: bool| {
+                let run = |packed: Option<usize>| {
                     let (c, r) = pair_scores(&s, &chosen, &rejected, packed).unwrap();
                     // Linear in the rewards: (c − r)² has a gradient ∝ c − r, which is near zero
                     // for pairs that differ by a token or two, leaving rounding as its whole size.
@@ -250,15 +251,17 @@ proptest! {
                     let g = common::grads_of(&grads, &vars);
                     (Tensor::cat(&[c, r], 0).unwrap(), g)
                 };
-                let ((y, g), (y_ref, g_ref)) = (run(true), run(false));
+                let ((y, g), (y_ref, g_ref)) = (run(Some(prompt)), run(None));
                 let e = rel(&y, &y_ref);
                 prop_assert!(e <= 1e-5, "{}: rewards differ by {}", what, e);
                 let e = common::grads_rel_diff(&g, &g_ref);
                 prop_assert!(e <= 1e-4, "{}: gradients differ by {}", what, e);
                 compared += 1;
+                with_prompt += usize::from(prompt > 0);
             }
         }
         prop_assert!(compared > 10, "only {compared} method × family runs compared");
+        prop_assert!(with_prompt >= 2, "only {with_prompt} runs with virtual tokens");
     }
 }
 
@@ -273,7 +276,7 @@ proptest! {
         seed in 0u64..1000,
     ) {
         use peftbench_harness::data::{make_batch, pack_lm_batch, Batch, Example};
-        use peftbench_harness::objective::{loss, Objective, Scorer};
+        use peftbench_harness::objective::{loss, packed_prompt, Objective, Scorer};
         let lens: Vec<usize> = shapes.iter().map(|s| s.0).collect();
         let examples: Vec<Example> = random_rows(&lens, seed)
             .into_iter()
@@ -282,21 +285,19 @@ proptest! {
             .collect();
         let refs: Vec<&Example> = examples.iter().collect();
         let padded = make_batch(&refs, 0, &Device::Cpu).unwrap();
-        let packed = pack_lm_batch(&refs, 0, &Device::Cpu).unwrap();
         let rows = |b: &Batch| match b {
             Batch::Lm { inputs, .. } => inputs.input_ids.dim(0).unwrap(),
             _ => unreachable!(),
         };
-        prop_assert!(rows(&packed) <= rows(&padded));
-        let mut compared = 0;
+        let (mut compared, mut with_prompt) = (0, 0);
         for family in ["gpt2", "llama"] {
             let base = tiny_model(family, 5);
             for config in methods() {
                 let Some((model, method)) = attach(&base, &config) else { continue };
-                if method.input_prefix().unwrap().is_some() {
-                    continue;
-                }
                 let s = Scorer { model: &model, method: method.as_ref(), head: None };
+                let prompt = packed_prompt(&s).unwrap().expect("one prompt for every example");
+                let packed = pack_lm_batch(&refs, prompt, 0, &Device::Cpu).unwrap();
+                prop_assert!(rows(&packed) <= rows(&padded));
                 let vars = method.params().vars();
                 let run = |b: &Batch| {
                     let l = loss(&Objective::CausalLm, &s, b).unwrap();
@@ -310,9 +311,11 @@ proptest! {
                 let e = common::grads_rel_diff(&g, &g_ref);
                 prop_assert!(e <= 1e-4, "{}: gradients differ by {}", what, e);
                 compared += 1;
+                with_prompt += usize::from(prompt > 0);
             }
         }
         prop_assert!(compared > 10, "only {compared} method × family runs compared");
+        prop_assert!(with_prompt >= 2, "only {with_prompt} runs with virtual tokens");
     }
 }
 
@@ -333,7 +336,7 @@ proptest! {
         use peftbench_backbone::{HeadKind, Pooling, SequenceHead, TrainableParams};
         use peftbench_datasets::GlueMetric;
         use peftbench_harness::data::{make_batch, pack_text_batch, Batch, Example, Target};
-        use peftbench_harness::objective::{loss, Objective, Scorer};
+        use peftbench_harness::objective::{loss, packed_prompt, Objective, Scorer};
         let pooling = [Pooling::First, Pooling::LastToken, Pooling::Mean][pooling];
         let (obj, kind) = match regression {
             true => (Objective::Regression, HeadKind::Regression),
@@ -359,12 +362,10 @@ proptest! {
             .collect();
         let refs: Vec<&Example> = examples.iter().collect();
         let padded = make_batch(&refs, 0, &Device::Cpu).unwrap();
-        let packed = pack_text_batch(&refs, 0, &Device::Cpu).unwrap();
         let rows = |b: &Batch| match b {
             Batch::Text { inputs, .. } => inputs.input_ids.dim(0).unwrap(),
             _ => unreachable!(),
         };
-        prop_assert!(rows(&packed) <= rows(&padded));
         let outputs = |s: &Scorer, b: &Batch| {
             let Batch::Text { inputs, spans, .. } = b else { unreachable!() };
             let enc = s.model.forward(inputs, s.method).unwrap();
@@ -374,19 +375,26 @@ proptest! {
                 None => head.forward(s.model, &enc).unwrap(),
             }
         };
-        let mut compared = 0;
+        // The prompt at no positions, the input at its own, as well as the default.
+        let mut configs = methods();
+        configs.push(MethodConfig::PromptTuning(PromptTuningConfig {
+            num_virtual_tokens: 2,
+            input_keeps_positions: true,
+            ..Default::default()
+        }));
+        let (mut compared, mut with_prompt) = (0, 0);
         for family in FAMILIES {
             let base = tiny_model(family, 5);
-            for config in methods() {
-                let Some((model, method)) = attach(&base, &config) else { continue };
-                if method.input_prefix().unwrap().is_some() {
-                    continue;
-                }
+            for config in &configs {
+                let Some((model, method)) = attach(&base, config) else { continue };
                 let mut head_params = TrainableParams::new();
                 let head = SequenceHead::new(&model, kind, &mut head_params, &mut Initializer::new(4))
                     .unwrap()
                     .with_pooling(pooling);
                 let s = Scorer { model: &model, method: method.as_ref(), head: Some(&head) };
+                let prompt = packed_prompt(&s).unwrap().expect("one prompt for every example");
+                let packed = pack_text_batch(&refs, prompt, 0, &Device::Cpu).unwrap();
+                prop_assert!(rows(&packed) <= rows(&padded));
                 let mut vars = method.params().vars();
                 vars.extend(head_params.vars());
                 let run = |b: &Batch| {
@@ -402,8 +410,10 @@ proptest! {
                 let e = common::grads_rel_diff(&g, &g_ref);
                 prop_assert!(e <= 1e-4, "{}: gradients differ by {}", what, e);
                 compared += 1;
+                with_prompt += usize::from(prompt > 0);
             }
         }
         prop_assert!(compared > 20, "only {compared} method × family runs compared");
+        prop_assert!(with_prompt >= 5, "only {with_prompt} runs with virtual tokens");
     }
 }

@@ -164,8 +164,8 @@ impl SequenceHead {
     }
 
     /// Head outputs `[n, outputs]` for examples packed end to end in rows: example i is the
-    /// `len` tokens from flat index `start` (`row · len + position`), pooled as a row of its
-    /// own is, the pooler included.
+    /// `len` positions from flat index `start` (`row · len + position`), its virtual tokens
+    /// first when the method has them, pooled as a row of its own is, the pooler included.
     pub fn forward_spans(
         &self,
         model: &Transformer,
@@ -175,10 +175,12 @@ impl SequenceHead {
         let (b, s, h) = enc.hidden.dims3()?;
         if enc.input_prefix_len > 0 {
             return Err(crate::BackboneError::Input(
-                "packed rows take no input prefix".into(),
+                "packed rows with an input prefix before every row".into(),
             ));
         }
-        if let Some(&(start, len)) = spans.iter().find(|(st, l)| *l == 0 || st + l > b * s) {
+        // Mean pooling leaves the virtual tokens out, as for a row of its own.
+        let p = enc.prompt_per_example;
+        if let Some(&(start, len)) = spans.iter().find(|(st, l)| *l <= p || st + l > b * s) {
             return Err(crate::BackboneError::Input(format!(
                 "packed example at {start} of {len} tokens does not fit [{b}, {s}]"
             )));
@@ -196,7 +198,7 @@ impl SequenceHead {
                 // One averaging row per example: a product whose backward spreads the gradient.
                 let mut w = vec![0f32; spans.len() * b * s];
                 for (i, &(st, l)) in spans.iter().enumerate() {
-                    w[i * b * s + st..][..l].fill(1.0 / l as f32);
+                    w[i * b * s + st + p..][..l - p].fill(1.0 / (l - p) as f32);
                 }
                 Tensor::from_vec(w, (spans.len(), b * s), dev)?
                     .matmul(&flat.to_dtype(DType::F32)?)?

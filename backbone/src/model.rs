@@ -169,8 +169,15 @@ pub struct Packing {
     /// token of the row (a prompt that several continuations share).
     pub segments: Tensor,
     /// `[batch, len]` u32: each token's position within its example (a continuation goes on
-    /// from its shared prompt's last position).
+    /// from its shared prompt's last position), not counting the example's virtual tokens;
+    /// those are numbered from 0 on their own.
     pub positions: Tensor,
+    /// `[batch, len]` u32 where the method puts virtual tokens before the input (prompt
+    /// tuning, P-Tuning): `j + 1` at the slot of an example's j-th virtual token (its id a
+    /// placeholder, its segment the example's, its token type 0), 0 at a real token. The
+    /// method's input prefix fills the slots, so each example opens with it as a row of its
+    /// own does. `None`: the rows hold no slots.
+    pub prompt: Option<Tensor>,
 }
 
 /// What a forward pass returns.
@@ -180,8 +187,10 @@ pub struct Encoded {
     pub hidden: Tensor,
     /// 1.0 where `hidden` holds a real token or an input-prefix vector, 0.0 at padding.
     pub mask: Tensor,
-    /// How many input-prefix vectors were prepended.
+    /// How many input-prefix vectors were prepended to every row.
     pub input_prefix_len: usize,
+    /// How many input-prefix vectors open each example of packed rows (in its slots).
+    pub prompt_per_example: usize,
 }
 
 /// The keys and values a decoder has computed so far, per layer (prefix keys included), so
@@ -545,10 +554,16 @@ impl Transformer {
                 .map_or(0, |k| k.first().map_or(0, KvPrefix::len))
         };
         let prefix = if past == 0 { iv.input_prefix()? } else { None };
-        let p_in = prefix.as_ref().map_or(0, |p| p.dims()[p.rank() - 2]);
+        let prompt_slots = inputs.packing.as_ref().and_then(|pk| pk.prompt.as_ref());
+        let p_method = prefix.as_ref().map_or(0, |p| p.dims()[p.rank() - 2]);
+        // Virtual tokens before every row, or (packed with slots) before every example.
+        let (p_in, p_each) = match prompt_slots {
+            Some(_) => (0, p_method),
+            None => (p_method, 0),
+        };
         let seq = p_in + t;
         let shift = iv.input_prefix_shifts_positions();
-        if p_in > 0 && !shift && self.embeddings.position.is_none() {
+        if p_method > 0 && !shift && self.embeddings.position.is_none() {
             return Err(BackboneError::Input(format!(
                 "an input prefix without positions needs learned absolute positions; this {:?} model has none",
                 cfg.family
@@ -557,8 +572,24 @@ impl Transformer {
         if let Some(pk) = &inputs.packing {
             if p_in > 0 {
                 return Err(BackboneError::Input(format!(
-                    "packed rows take no input prefix: the method's {p_in} virtual tokens would open the row, not each example"
+                    "packed rows without slots for the method's {p_in} virtual tokens (Packing::prompt): they would open the row, not each example"
                 )));
+            }
+            if let Some(slots) = &pk.prompt {
+                if slots.dims() != [b, t] {
+                    return Err(BackboneError::Input(format!(
+                        "packing prompt has shape {:?}, input_ids {:?}",
+                        slots.dims(),
+                        [b, t]
+                    )));
+                }
+                let most = slots.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+                let rank = prefix.as_ref().map_or(2, |p| p.rank());
+                if most != p_method || rank != 2 {
+                    return Err(BackboneError::Input(format!(
+                        "packed rows hold {most} virtual-token slots per example; the method gives {p_method} shared by every example"
+                    )));
+                }
             }
             if past > 0 {
                 return Err(BackboneError::Input(
@@ -598,7 +629,26 @@ impl Transformer {
             token_mask
         };
 
-        let mut h = self.embed(inputs, prefix.as_ref(), shift, kv_len, iv)?;
+        // Each packed token's position: after its example's virtual tokens where they take
+        // positions.
+        let packed_positions = match &inputs.packing {
+            Some(pk) => Some(match (&pk.prompt, shift) {
+                (Some(slots), true) => {
+                    let own = slots.eq(0u32)?.to_dtype(DType::U32)?;
+                    (&pk.positions + (own * p_each as f64)?)?
+                }
+                _ => pk.positions.clone(),
+            }),
+            None => None,
+        };
+        let mut h = self.embed(
+            inputs,
+            packed_positions.as_ref(),
+            prefix.as_ref(),
+            shift,
+            kv_len,
+            iv,
+        )?;
         // The fused kernel reads the mask per key; candle's composite needs it dense.
         let fused = crate::kernels::fused_on(self.dtype, &self.device);
         let visible = match &inputs.packing {
@@ -630,9 +680,9 @@ impl Transformer {
         };
         let rope = if cfg.family == Family::Llama {
             let (d, theta) = (cfg.head_dim(), cfg.rope_theta);
-            let (cos, sin) = match &inputs.packing {
-                Some(pk) => {
-                    let at: Vec<u32> = pk.positions.flatten_all()?.to_vec1()?;
+            let (cos, sin) = match &packed_positions {
+                Some(positions) => {
+                    let at: Vec<u32> = positions.flatten_all()?.to_vec1()?;
                     let at = at.iter().map(|&p| kv_len + p as usize);
                     ops::rope_tables_at(at, d, theta, &self.device)?
                 }
@@ -673,12 +723,14 @@ impl Transformer {
             hidden: h,
             mask,
             input_prefix_len: p_in,
+            prompt_per_example: p_each,
         })
     }
 
     fn embed(
         &self,
         inputs: &Inputs,
+        packed_positions: Option<&Tensor>,
         prefix: Option<&Tensor>,
         prefix_shifts: bool,
         kv_len: usize,
@@ -705,9 +757,9 @@ impl Transformer {
         let start = cfg.position_offset + kv_len;
         // Learned positions of `len` tokens from `start`, or of each packed token.
         let positions = |pos: &Tensor, len: usize| -> Result<Tensor> {
-            Ok(match &inputs.packing {
-                Some(pk) => {
-                    let at = (pk.positions.to_dtype(DType::F32)? + start as f64)?
+            Ok(match packed_positions {
+                Some(at) => {
+                    let at = (at.to_dtype(DType::F32)? + start as f64)?
                         .to_dtype(DType::U32)?
                         .flatten_all()?;
                     pos.index_select(&at, 0)?
@@ -717,6 +769,47 @@ impl Transformer {
                 None => pos.narrow(0, start, len)?.to_dtype(dt)?.unsqueeze(0)?,
             })
         };
+        if let (Some(slots), Some(p)) = (
+            inputs.packing.as_ref().and_then(|pk| pk.prompt.as_ref()),
+            prefix,
+        ) {
+            // Each slot takes its virtual token: one gather over the rows and the prefix, so
+            // the gradient reaches both.
+            let rows = x.reshape((b * t, cfg.hidden_size))?;
+            let all = Tensor::cat(&[&rows, &p.to_dtype(dt)?], 0)?;
+            let slots: Vec<u32> = slots.flatten_all()?.to_vec1()?;
+            let at: Vec<u32> = slots
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| {
+                    if s == 0 {
+                        i as u32
+                    } else {
+                        (b * t) as u32 + s - 1
+                    }
+                })
+                .collect();
+            x = all
+                .index_select(&Tensor::from_vec(at, b * t, &self.device)?, 0)?
+                .reshape((b, t, cfg.hidden_size))?;
+            if let Some(pos) = &e.position {
+                let pos = positions(pos, t)?;
+                x = match prefix_shifts {
+                    true => (x + pos)?,
+                    // The virtual tokens carry no position, as before a row of its own.
+                    false => {
+                        let own = Tensor::from_vec(
+                            slots.iter().map(|&s| f32::from(s == 0)).collect::<Vec<_>>(),
+                            (b, t, 1),
+                            &self.device,
+                        )?
+                        .to_dtype(dt)?;
+                        (x + pos.broadcast_mul(&own)?)?
+                    }
+                };
+            }
+            return self.embed_finish(inputs, x, 0, iv);
+        }
         if !prefix_shifts {
             // The input's tokens keep the positions they have without a prefix.
             if let Some(pos) = &e.position {
@@ -740,6 +833,23 @@ impl Transformer {
                 x = x.broadcast_add(&positions(pos, seq)?)?;
             }
         }
+        self.embed_finish(inputs, x, p_in, iv)
+    }
+
+    /// Adds token-type embeddings (0 for the `p_in` input-prefix vectors opening each row)
+    /// and applies the embedding norm.
+    fn embed_finish(
+        &self,
+        inputs: &Inputs,
+        mut x: Tensor,
+        p_in: usize,
+        iv: &dyn Intervention,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let e = &self.embeddings;
+        let dt = self.dtype;
+        let (b, t) = inputs.input_ids.dims2()?;
+        let seq = p_in + t;
         if let Some(tt) = &e.token_type {
             let types = match &inputs.token_type_ids {
                 Some(ty) => ty.clone(),

@@ -169,12 +169,85 @@ pub fn make_batch(
     }
 }
 
-/// Causal-LM examples laid end to end in rows (first fit, longest first), no row longer than
-/// the longest example: each token carries its example (from 1) and its position in it, and
-/// no example's last token is asked for the next one's first. The loss over the batch is the
-/// padded batch's ([`make_batch`]), without the padding's compute.
+/// Examples laid end to end in rows (first fit, longest first), no row longer than the
+/// longest example, each opened by `prompt` slots that the method's virtual tokens fill:
+/// every position carries its example (from 1) and its position in it (slots and tokens each
+/// counted from 0; the backbone moves the tokens past the slots where they take positions).
+struct Layout {
+    rows: usize,
+    len: usize,
+    ids: Vec<u32>,
+    attention: Vec<u32>,
+    segments: Vec<u32>,
+    positions: Vec<u32>,
+    slots: Vec<u32>,
+    /// Each example's first position (its first slot) as a flat index `row · len + position`.
+    starts: Vec<usize>,
+    prompt: usize,
+}
+
+impl Layout {
+    fn new(examples: &[&[u32]], prompt: usize, pad_id: u32) -> Self {
+        let lens: Vec<usize> = examples.iter().map(|e| prompt + e.len()).collect();
+        let (rows, len) = first_fit(&lens);
+        let n = rows.len() * len;
+        let mut l = Layout {
+            rows: rows.len(),
+            len,
+            ids: vec![pad_id; n],
+            attention: vec![0; n],
+            segments: vec![0; n],
+            positions: vec![0; n],
+            slots: vec![0; n],
+            starts: vec![0; examples.len()],
+            prompt,
+        };
+        for (r, row) in rows.iter().enumerate() {
+            let mut at = r * len;
+            for (k, &i) in row.iter().enumerate() {
+                l.starts[i] = at;
+                let (tokens, m) = (examples[i], lens[i]);
+                l.attention[at..at + m].fill(1);
+                l.segments[at..at + m].fill(k as u32 + 1);
+                for j in 0..prompt {
+                    (l.slots[at + j], l.positions[at + j]) = (j as u32 + 1, j as u32);
+                }
+                let own = at + prompt;
+                l.ids[own..at + m].copy_from_slice(tokens);
+                for (p, v) in l.positions[own..at + m].iter_mut().enumerate() {
+                    *v = p as u32;
+                }
+                at += m;
+            }
+        }
+        l
+    }
+
+    fn inputs(self, types: Option<Vec<u32>>, device: &Device) -> candle_core::Result<Inputs> {
+        let u = |v: Vec<u32>| Tensor::from_vec(v, (self.rows, self.len), device);
+        Ok(Inputs {
+            input_ids: u(self.ids)?,
+            attention_mask: u(self.attention)?,
+            token_type_ids: types.map(u).transpose()?,
+            packing: Some(peftbench_backbone::Packing {
+                segments: u(self.segments)?,
+                positions: u(self.positions)?,
+                prompt: match self.prompt {
+                    0 => None,
+                    _ => Some(u(self.slots)?),
+                },
+            }),
+        })
+    }
+}
+
+/// Causal-LM examples packed into rows ([`Layout`], `prompt` virtual tokens opening each):
+/// no example's last token is asked for the next one's first and no virtual token predicts
+/// anything. The loss over the batch is the padded batch's ([`make_batch`]), without the
+/// padding's compute.
 pub fn pack_lm_batch(
     examples: &[&Example],
+    prompt: usize,
     pad_id: u32,
     device: &Device,
 ) -> candle_core::Result<Batch> {
@@ -187,46 +260,29 @@ pub fn pack_lm_batch(
         else {
             candle_core::bail!("only causal-LM examples are packed");
         };
-        parts.push((ids, *response_start));
+        parts.push((ids.as_slice(), *response_start));
     }
-    let (rows, cap) = first_fit(&parts.iter().map(|(ids, _)| ids.len()).collect::<Vec<_>>());
-    let (b, t) = (rows.len(), cap);
-    let mut ids = vec![pad_id; b * t];
-    let mut attention = vec![0u32; b * t];
-    let mut segments = vec![0u32; b * t];
-    let mut positions = vec![0u32; b * t];
+    let layout = Layout::new(
+        &parts.iter().map(|(ids, _)| *ids).collect::<Vec<_>>(),
+        prompt,
+        pad_id,
+    );
+    let (b, t) = (layout.rows, layout.len);
     let mut mask = vec![0f32; b * t];
     let mut next = vec![0u32; b * t];
-    for (r, row) in rows.iter().enumerate() {
-        let mut at = r * t;
-        for (k, &i) in row.iter().enumerate() {
-            let (tokens, start) = parts[i];
-            for (pos, &id) in tokens.iter().enumerate() {
-                ids[at] = id;
-                attention[at] = 1;
-                segments[at] = k as u32 + 1;
-                positions[at] = pos as u32;
-                if pos + 1 < tokens.len() && pos + 1 >= start {
-                    mask[at] = 1.0;
-                    next[at] = tokens[pos + 1];
-                }
-                at += 1;
+    for (&(tokens, start), &at) in parts.iter().zip(&layout.starts) {
+        let own = at + prompt;
+        for pos in 0..tokens.len().saturating_sub(1) {
+            if pos + 1 >= start {
+                mask[own + pos] = 1.0;
+                next[own + pos] = tokens[pos + 1];
             }
         }
     }
-    let u = |v: Vec<u32>| Tensor::from_vec(v, (b, t), device);
     Ok(Batch::Lm {
-        inputs: Inputs {
-            input_ids: u(ids)?,
-            attention_mask: u(attention)?,
-            token_type_ids: None,
-            packing: Some(peftbench_backbone::Packing {
-                segments: u(segments)?,
-                positions: u(positions)?,
-            }),
-        },
+        inputs: layout.inputs(None, device)?,
         loss_mask: Tensor::from_vec(mask, (b, t), device)?,
-        next: u(next)?,
+        next: Tensor::from_vec(next, (b, t), device)?,
     })
 }
 
@@ -250,11 +306,12 @@ fn first_fit(lens: &[usize]) -> (Vec<Vec<usize>>, usize) {
     (rows.into_iter().map(|(row, _)| row).collect(), cap)
 }
 
-/// Classification or regression examples laid end to end in rows as [`pack_lm_batch`] lays
-/// them, segment ids kept: each example attends only to itself with positions from 0, so a
-/// head reading its span sees what it sees in a padded row of its own.
+/// Classification or regression examples packed into rows ([`Layout`], `prompt` virtual
+/// tokens opening each), segment ids kept: each example attends only to itself, positioned
+/// as in a row of its own, so a head reading its span sees what it sees padded.
 pub fn pack_text_batch(
     examples: &[&Example],
+    prompt: usize,
     pad_id: u32,
     device: &Device,
 ) -> candle_core::Result<Batch> {
@@ -264,44 +321,25 @@ pub fn pack_text_batch(
         let Example::Text { ids, types, target } = e else {
             candle_core::bail!("a text batch mixes example kinds");
         };
-        parts.push((ids, types));
+        parts.push((ids.as_slice(), types));
         targets.push(*target);
     }
-    let (rows, cap) = first_fit(&parts.iter().map(|(ids, _)| ids.len()).collect::<Vec<_>>());
-    let (b, t) = (rows.len(), cap);
-    let mut ids = vec![pad_id; b * t];
-    let mut attention = vec![0u32; b * t];
-    let mut types = vec![0u32; b * t];
-    let mut segments = vec![0u32; b * t];
-    let mut positions = vec![0u32; b * t];
-    let mut spans = vec![(0, 0); examples.len()];
-    for (r, row) in rows.iter().enumerate() {
-        let mut at = r * t;
-        for (k, &i) in row.iter().enumerate() {
-            let (tokens, tys) = parts[i];
-            let n = tokens.len();
-            spans[i] = (at, n);
-            ids[at..at + n].copy_from_slice(tokens);
-            attention[at..at + n].fill(1);
-            types[at..at + tys.len().min(n)].copy_from_slice(&tys[..tys.len().min(n)]);
-            segments[at..at + n].fill(k as u32 + 1);
-            for (p, v) in positions[at..at + n].iter_mut().enumerate() {
-                *v = p as u32;
-            }
-            at += n;
-        }
+    let layout = Layout::new(
+        &parts.iter().map(|(ids, _)| *ids).collect::<Vec<_>>(),
+        prompt,
+        pad_id,
+    );
+    // Virtual tokens and padding are segment 0, as before a row of its own.
+    let mut types = vec![0u32; layout.rows * layout.len];
+    let mut spans = Vec::with_capacity(parts.len());
+    for (&(tokens, tys), &at) in parts.iter().zip(&layout.starts) {
+        let own = at + prompt;
+        let n = tys.len().min(tokens.len());
+        types[own..own + n].copy_from_slice(&tys[..n]);
+        spans.push((at, prompt + tokens.len()));
     }
-    let u = |v: Vec<u32>| Tensor::from_vec(v, (b, t), device);
     Ok(Batch::Text {
-        inputs: Inputs {
-            input_ids: u(ids)?,
-            attention_mask: u(attention)?,
-            token_type_ids: Some(u(types)?),
-            packing: Some(peftbench_backbone::Packing {
-                segments: u(segments)?,
-                positions: u(positions)?,
-            }),
-        },
+        inputs: layout.inputs(Some(types), device)?,
         targets,
         spans: Some(spans),
     })

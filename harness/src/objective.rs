@@ -124,23 +124,29 @@ fn scores(
     .map_err(candle_core::Error::wrap)
 }
 
-/// Whether a classification or regression batch can be packed: the method puts no virtual
-/// tokens before the input (they would open the row, not each example).
-pub fn text_packable(s: &Scorer) -> candle_core::Result<bool> {
-    Ok(s.method.input_prefix()?.is_none())
+/// How many virtual tokens open each example of a packed batch: none without an input
+/// prefix, its length where one prefix serves every example; `None` where rows cannot be
+/// packed (a prefix of its own per row).
+pub fn packed_prompt(s: &Scorer) -> candle_core::Result<Option<usize>> {
+    Ok(match s.method.input_prefix()? {
+        None => Some(0),
+        Some(p) if p.rank() == 2 => Some(p.dim(0)?),
+        Some(_) => None,
+    })
 }
 
-/// Whether a pair's shared prompt can run once for both replies: a causal model (a prompt's
-/// states do not depend on what follows), no input prefix (it would open the row, not the
-/// pair) and a head that reads the last token.
-pub fn pairs_packable(s: &Scorer) -> candle_core::Result<bool> {
-    Ok(s.model.config.is_causal()
-        && s.method.input_prefix()?.is_none()
+/// Whether a pair's shared prompt can run once for both replies, and with how many virtual
+/// tokens opening it: a causal model (a prompt's states do not depend on what follows), a
+/// head that reads the last token and a batch that packs ([`packed_prompt`]).
+pub fn pair_packing(s: &Scorer) -> candle_core::Result<Option<usize>> {
+    let fits = s.model.config.is_causal()
         && s.head
-            .is_some_and(|h| h.pooling == peftbench_backbone::Pooling::LastToken))
+            .is_some_and(|h| h.pooling == peftbench_backbone::Pooling::LastToken);
+    Ok(if fits { packed_prompt(s)? } else { None })
 }
 
-/// The reward of each side of each pair, `([n], [n])`. Packed: one row per pair holds the
+/// The reward of each side of each pair, `([n], [n])`. Packed (with `prompt` virtual
+/// tokens, [`pair_packing`]): one row per pair holds the method's virtual tokens and the
 /// common prefix of its two conversations once (example 0, seen by both), then the chosen
 /// and the rejected tails (examples 1 and 2, positions going on from the prefix), so a
 /// prompt shared by both replies is computed once; equal to the two rows apart up to f32
@@ -149,14 +155,14 @@ pub fn pair_scores(
     s: &Scorer,
     chosen: &peftbench_backbone::Inputs,
     rejected: &peftbench_backbone::Inputs,
-    packed: bool,
+    packed: Option<usize>,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    if !packed {
+    let Some(prompt) = packed else {
         return Ok((
             scores(s, chosen, None)?.squeeze(1)?,
             scores(s, rejected, None)?.squeeze(1)?,
         ));
-    }
+    };
     let rows = |x: &peftbench_backbone::Inputs| -> candle_core::Result<Vec<Vec<u32>>> {
         let ids: Vec<Vec<u32>> = x.input_ids.to_vec2()?;
         let mask: Vec<Vec<u32>> = x.attention_mask.to_vec2()?;
@@ -171,7 +177,7 @@ pub fn pair_scores(
     let len = c
         .iter()
         .zip(&r)
-        .map(|(c, r)| c.len() + r.len() - common_prefix(c, r))
+        .map(|(c, r)| prompt + c.len() + r.len() - common_prefix(c, r))
         .max()
         .unwrap_or(1)
         .max(1);
@@ -179,11 +185,17 @@ pub fn pair_scores(
     let (mut ids, mut mask) = (vec![0u32; n * len], vec![0u32; n * len]);
     // Padding is an example of its own (3), seen by nothing real.
     let (mut seg, mut pos) = (vec![3u32; n * len], vec![0u32; n * len]);
+    let mut slots = vec![0u32; n * len];
     let (mut at_c, mut at_r) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for (i, (c, r)) in c.iter().zip(&r).enumerate() {
         let p = common_prefix(c, r);
         let row = i * len;
-        let mut k = row;
+        // The method's virtual tokens open the shared part.
+        for j in 0..prompt {
+            (ids[row + j], mask[row + j], seg[row + j]) = (0, 1, 0);
+            (pos[row + j], slots[row + j]) = (j as u32, j as u32 + 1);
+        }
+        let mut k = row + prompt;
         for (example, part, from) in [(0, &c[..p], 0), (1, &c[p..], p), (2, &r[p..], p)] {
             for (j, &id) in part.iter().enumerate() {
                 (ids[k], mask[k], seg[k], pos[k]) = (id, 1, example, (from + j) as u32);
@@ -191,11 +203,11 @@ pub fn pair_scores(
             }
         }
         // Each side's last token: in its tail, or the prefix's last when the tail is empty.
-        at_c.push((row + c.len().max(1) - 1) as u32);
+        at_c.push((row + (prompt + c.len()).max(1) - 1) as u32);
         let r_last = if r.len() > p {
-            c.len() + r.len() - p
+            prompt + c.len() + r.len() - p
         } else {
-            p.max(1)
+            (prompt + p).max(1)
         };
         at_r.push((row + r_last - 1) as u32);
     }
@@ -208,6 +220,10 @@ pub fn pair_scores(
         packing: Some(peftbench_backbone::Packing {
             segments: t(seg)?,
             positions: t(pos)?,
+            prompt: match prompt {
+                0 => None,
+                _ => Some(t(slots)?),
+            },
         }),
     };
     let enc = s
@@ -289,7 +305,7 @@ pub fn loss(obj: &Objective, s: &Scorer, batch: &Batch) -> candle_core::Result<T
             nll.sum_all()?.div(&mask.sum_all()?.maximum(1.0)?)
         }
         (Objective::Reward, Batch::Pair { chosen, rejected }) => {
-            let (rc, rr) = pair_scores(s, chosen, rejected, pairs_packable(s)?)?;
+            let (rc, rr) = pair_scores(s, chosen, rejected, pair_packing(s)?)?;
             softplus(&(rr - rc)?)?.mean_all()
         }
         _ => Err(candle_core::Error::Msg(
@@ -381,18 +397,21 @@ fn outcomes(
     let mut margins = Vec::new();
     // Batches of similar length pad little; the outcomes are put back in the examples' order.
     let order = longest_first(examples);
-    let packable = *obj == Objective::Reward && pairs_packable(s)?;
-    let pack_text = batches.pack
-        && matches!(
-            obj,
-            Objective::Classification { .. } | Objective::Regression
-        )
-        && text_packable(s)?;
+    let packable = match obj {
+        Objective::Reward => pair_packing(s)?,
+        _ => None,
+    };
+    let pack_text = match obj {
+        Objective::Classification { .. } | Objective::Regression if batches.pack => {
+            packed_prompt(s)?
+        }
+        _ => None,
+    };
     for chunk in order.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
         let batch = match pack_text {
-            true => crate::data::pack_text_batch(&refs, pad_id, device)?,
-            false => make_batch(&refs, pad_id, device)?,
+            Some(prompt) => crate::data::pack_text_batch(&refs, prompt, pad_id, device)?,
+            None => make_batch(&refs, pad_id, device)?,
         };
         match (obj, &batch) {
             (

@@ -3,7 +3,9 @@
 use crate::budget::{check_method, match_budget, Budget};
 use crate::chance::chance_level;
 use crate::data::{batch_tokens, make_batch, Example};
-use crate::objective::{evaluate, evaluate_outcomes, loss, EvalBatches, Scorer};
+use crate::objective::{
+    evaluate, evaluate_outcomes, loss, packed_prompt, EvalBatches, Objective, Scorer,
+};
 use crate::optim::{AdamW, OptimConfig};
 use crate::task::{TaskConfig, TaskData};
 use crate::{env, HarnessError};
@@ -54,11 +56,11 @@ pub struct TrainConfig {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub group_by_length: bool,
     /// Lay a batch's examples end to end in as few rows as hold them (none longer than its
-    /// longest example), attention kept within each example: the same examples and loss as
-    /// the padded batch, without computing the padding. Causal LM and classification /
-    /// regression, training and (for the latter) evaluation; reward pairs share their prompt
-    /// whenever they can. Methods that prepend virtual tokens (prompt tuning, P-Tuning) keep
-    /// padded rows. Left out of the hash when off.
+    /// longest example), attention kept within each example and the method's virtual tokens
+    /// (prompt tuning, P-Tuning) opening each: the same examples and loss as the padded
+    /// batch, without computing the padding. Causal LM and classification / regression,
+    /// training and (for the latter) evaluation; reward pairs share their prompt whenever
+    /// they can, asked or not. Left out of the hash when off.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub packing: bool,
 }
@@ -652,11 +654,16 @@ fn run_inner(
         }
         _ => None,
     };
-    // Packed training batches: causal LM and the text objectives (reward pairs share their
-    // prompt whenever they can, packing asked or not).
-    let pack = spec.train.packing
-        && task.objective != crate::objective::Objective::Reward
-        && method.input_prefix()?.is_none();
+    // Packed training batches (with the method's virtual tokens per example): causal LM and
+    // the text objectives; reward pairs share their prompt whenever they can, asked or not.
+    let pack = match spec.train.packing && task.objective != Objective::Reward {
+        true => packed_prompt(&Scorer {
+            model: &model,
+            method: method.as_ref(),
+            head: head.as_ref(),
+        })?,
+        false => None,
+    };
     let started = Instant::now();
     let mut eval_seconds = 0f64;
     let log_every = (total / 50).max(1);
@@ -667,11 +674,11 @@ fn run_inner(
             let idx = order.next_batch(spec.train.batch_size);
             let examples: Vec<&Example> = idx.iter().map(|&i| &task.train[train_idx[i]]).collect();
             let batch = match (pack, &task.objective) {
-                (true, crate::objective::Objective::CausalLm) => {
-                    crate::data::pack_lm_batch(&examples, pad, &device)?
+                (Some(prompt), Objective::CausalLm) => {
+                    crate::data::pack_lm_batch(&examples, prompt, pad, &device)?
                 }
-                (true, _) => crate::data::pack_text_batch(&examples, pad, &device)?,
-                (false, _) => make_batch(&examples, pad, &device)?,
+                (Some(prompt), _) => crate::data::pack_text_batch(&examples, prompt, pad, &device)?,
+                (None, _) => make_batch(&examples, pad, &device)?,
             };
             tokens += batch_tokens(&batch)?;
             let scorer = Scorer {
