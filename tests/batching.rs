@@ -107,12 +107,14 @@ proptest! {
         prop_assert!(grouped <= plain, "grouped {} > plain {}", grouped, plain);
     }
 
+    /// Batched (padded or packed) evaluation gives each example the outcome it has alone.
     #[test]
     fn evaluation_in_length_order_gives_each_example_its_own_outcome(
         kind in 0usize..4,
         n in 1usize..20,
         batch in 1usize..9,
         seed in any::<u64>(),
+        packed in any::<bool>(),
     ) {
         let (obj, family) = match kind {
             0 => (Objective::Classification { num_labels: 2, metric: GlueMetric::Matthews }, "bert"),
@@ -129,8 +131,10 @@ proptest! {
             });
         let scorer = Scorer { model: &model, method: &NoIntervention, head: head.as_ref() };
         let data = examples(&obj, n, seed);
-        let (_, batched) = evaluate_outcomes(&obj, &scorer, &data, EvalBatches::padded(batch, 0), &Device::Cpu).unwrap();
-        // Each example scored on its own, in the examples' order.
+        // Packed rows too (reward pairs share their prompt either way).
+        let batches = EvalBatches { size: batch, pad_id: 0, pack: packed };
+        let (_, batched) = evaluate_outcomes(&obj, &scorer, &data, batches, &Device::Cpu).unwrap();
+        // Each example scored on its own, padded, in the examples' order.
         let alone: Vec<Vec<f64>> = data
             .chunks(1)
             .map(|one| flat(&evaluate_outcomes(&obj, &scorer, one, EvalBatches::padded(1, 0), &Device::Cpu).unwrap().1))

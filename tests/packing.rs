@@ -73,14 +73,17 @@ fn hidden_and_grads(
 }
 
 fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    common::max_abs_diff(a, b)
-        / b.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1e-6)
+    common::max_abs_diff(a, b) / rel_scale(b).max(1e-6)
+}
+
+/// Largest magnitude in `b`.
+fn rel_scale(b: &Tensor) -> f32 {
+    b.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Compares the packed run with the reference for one method; `Ok(false)` where it refuses.
@@ -252,8 +255,10 @@ proptest! {
                     (Tensor::cat(&[c, r], 0).unwrap(), g)
                 };
                 let ((y, g), (y_ref, g_ref)) = (run(Some(prompt)), run(None));
-                let e = rel(&y, &y_ref);
-                prop_assert!(e <= 1e-5, "{}: rewards differ by {}", what, e);
+                // A reward can cancel to ~1e-4 while its terms are ~1e-2 (head weights of
+                // std 0.02 on unit-scale states): the error is relative to the terms.
+                let e = common::max_abs_diff(&y, &y_ref) / rel_scale(&y_ref).max(1e-2);
+                prop_assert!(e <= 1e-5, "{}: rewards differ by {}: {} vs {}", what, e, y, y_ref);
                 let e = common::grads_rel_diff(&g, &g_ref);
                 prop_assert!(e <= 1e-4, "{}: gradients differ by {}", what, e);
                 compared += 1;
@@ -404,7 +409,8 @@ proptest! {
                 };
                 let what = format!("{family} {} {pooling:?} {lens:?}", config.name());
                 let ((y, l, g), (y_ref, l_ref, g_ref)) = (run(&packed), run(&padded));
-                let e = rel(&y, &y_ref);
+                // Relative to the head's terms, as for rewards.
+                let e = common::max_abs_diff(&y, &y_ref) / rel_scale(&y_ref).max(1e-2);
                 prop_assert!(e <= 1e-5, "{}: head outputs differ by {}", what, e);
                 prop_assert!((l - l_ref).abs() <= 1e-5 * l_ref.abs().max(1.0), "{}: loss {} vs {}", what, l, l_ref);
                 let e = common::grads_rel_diff(&g, &g_ref);

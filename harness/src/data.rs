@@ -71,6 +71,9 @@ pub enum Batch {
         loss_mask: Tensor,
         /// `[batch, len]` u32 next-token targets (0 where masked).
         next: Tensor,
+        /// Packed rows: where each example lies, as its first position's flat index
+        /// (`row · len + position`) and its length, in the examples' order.
+        spans: Option<Vec<(usize, usize)>>,
     },
     /// Preference pairs.
     Pair {
@@ -149,6 +152,7 @@ pub fn make_batch(
                 inputs,
                 loss_mask: Tensor::from_vec(mask, (b, t), device)?,
                 next: Tensor::from_vec(next, (b, t), device)?,
+                spans: None,
             })
         }
         Example::Pair { .. } => {
@@ -270,7 +274,9 @@ pub fn pack_lm_batch(
     let (b, t) = (layout.rows, layout.len);
     let mut mask = vec![0f32; b * t];
     let mut next = vec![0u32; b * t];
+    let mut spans = Vec::with_capacity(parts.len());
     for (&(tokens, start), &at) in parts.iter().zip(&layout.starts) {
+        spans.push((at, prompt + tokens.len()));
         let own = at + prompt;
         for pos in 0..tokens.len().saturating_sub(1) {
             if pos + 1 >= start {
@@ -283,6 +289,7 @@ pub fn pack_lm_batch(
         inputs: layout.inputs(None, device)?,
         loss_mask: Tensor::from_vec(mask, (b, t), device)?,
         next: Tensor::from_vec(next, (b, t), device)?,
+        spans: Some(spans),
     })
 }
 

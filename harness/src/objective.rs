@@ -74,7 +74,8 @@ pub struct Scorer<'a> {
     pub head: Option<&'a SequenceHead>,
 }
 
-/// Per-example LM statistics: summed NLL, counted tokens, whether every argmax was right.
+/// Per-position LM statistics `[batch, len]`: NLL, 1 where counted, 1 where the argmax was
+/// wrong (all 0 outside the loss).
 fn lm_stats(
     s: &Scorer,
     inputs: &peftbench_backbone::Inputs,
@@ -100,7 +101,7 @@ fn lm_stats(
     )?;
     let nll = (stats.narrow(1, 0, 1)?.reshape((b, t))? * mask)?;
     let correct = stats.narrow(1, 1, 1)?.reshape((b, t))?;
-    let wrong = (mask - correct)?.sum(1)?;
+    let wrong = (mask - correct)?;
     Ok((nll, mask.clone(), wrong))
 }
 
@@ -298,6 +299,7 @@ pub fn loss(obj: &Objective, s: &Scorer, batch: &Batch) -> candle_core::Result<T
                 inputs,
                 loss_mask,
                 next,
+                ..
             },
         ) => {
             let (nll, mask, _) = lm_stats(s, inputs, loss_mask, next)?;
@@ -321,8 +323,8 @@ pub struct EvalBatches {
     pub size: usize,
     /// Padding token.
     pub pad_id: u32,
-    /// Classification and regression examples laid end to end in rows where the method
-    /// allows ([`text_packable`]); the other objectives batch as they train.
+    /// Examples laid end to end in rows ([`packed_prompt`]); reward pairs share their
+    /// prompt whether or not this is set.
     pub pack: bool,
 }
 
@@ -401,17 +403,19 @@ fn outcomes(
         Objective::Reward => pair_packing(s)?,
         _ => None,
     };
-    let pack_text = match obj {
-        Objective::Classification { .. } | Objective::Regression if batches.pack => {
-            packed_prompt(s)?
-        }
+    let pack = match obj {
+        Objective::Reward => None,
+        _ if batches.pack => packed_prompt(s)?,
         _ => None,
     };
     for chunk in order.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
-        let batch = match pack_text {
-            Some(prompt) => crate::data::pack_text_batch(&refs, prompt, pad_id, device)?,
-            None => make_batch(&refs, pad_id, device)?,
+        let batch = match (pack, obj) {
+            (Some(prompt), Objective::CausalLm) => {
+                crate::data::pack_lm_batch(&refs, prompt, pad_id, device)?
+            }
+            (Some(prompt), _) => crate::data::pack_text_batch(&refs, prompt, pad_id, device)?,
+            (None, _) => make_batch(&refs, pad_id, device)?,
         };
         match (obj, &batch) {
             (
@@ -452,15 +456,29 @@ fn outcomes(
                     inputs,
                     loss_mask,
                     next,
+                    spans,
                 },
             ) => {
-                let (n, mask, w) = lm_stats(s, inputs, loss_mask, next)?;
-                let n: Vec<f32> = n.sum(1)?.to_vec1()?;
-                let m: Vec<f32> = mask.sum(1)?.to_vec1()?;
-                let w: Vec<f32> = w.to_vec1()?;
-                nll.extend(n.iter().map(|x| *x as f64));
-                tokens.extend(m.iter().map(|x| x.round() as u32));
-                wrong.extend(w.iter().map(|x| x.round() as u32));
+                let (n, m, w) = lm_stats(s, inputs, loss_mask, next)?;
+                // Summed per example: over its span in packed rows, else over its row.
+                let per_example = |x: Tensor| -> candle_core::Result<Vec<f64>> {
+                    Ok(match spans {
+                        Some(spans) => {
+                            let x: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                            spans
+                                .iter()
+                                .map(|&(at, len)| x[at..at + len].iter().map(|&v| v as f64).sum())
+                                .collect()
+                        }
+                        None => {
+                            let x: Vec<f32> = x.sum(1)?.to_vec1()?;
+                            x.into_iter().map(f64::from).collect()
+                        }
+                    })
+                };
+                nll.extend(per_example(n)?);
+                tokens.extend(per_example(m)?.iter().map(|x| x.round() as u32));
+                wrong.extend(per_example(w)?.iter().map(|x| x.round() as u32));
             }
             (Objective::Reward, Batch::Pair { chosen, rejected }) => {
                 let (rc, rr) = pair_scores(s, chosen, rejected, packable)?;

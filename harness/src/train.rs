@@ -59,8 +59,8 @@ pub struct TrainConfig {
     /// longest example), attention kept within each example and the method's virtual tokens
     /// (prompt tuning, P-Tuning) opening each: the same examples and loss as the padded
     /// batch, without computing the padding. Causal LM and classification / regression,
-    /// training and (for the latter) evaluation; reward pairs share their prompt whenever
-    /// they can, asked or not. Left out of the hash when off.
+    /// training and evaluation; reward pairs share their prompt whenever they can, asked or
+    /// not. Left out of the hash when off.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub packing: bool,
 }
