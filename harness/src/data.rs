@@ -245,6 +245,22 @@ impl Layout {
     }
 }
 
+/// A batch of `examples`: packed into rows with `prompt` virtual tokens opening each example
+/// when given (causal LM, classification, regression), else padded ([`make_batch`]; pairs
+/// always, as [`crate::objective::pair_scores`] packs them itself).
+pub fn batch(
+    examples: &[&Example],
+    prompt: Option<usize>,
+    pad_id: u32,
+    device: &Device,
+) -> candle_core::Result<Batch> {
+    match (prompt, examples.first()) {
+        (Some(p), Some(Example::Lm { .. })) => pack_lm_batch(examples, p, pad_id, device),
+        (Some(p), Some(Example::Text { .. })) => pack_text_batch(examples, p, pad_id, device),
+        _ => make_batch(examples, pad_id, device),
+    }
+}
+
 /// Causal-LM examples packed into rows ([`Layout`], `prompt` virtual tokens opening each):
 /// no example's last token is asked for the next one's first and no virtual token predicts
 /// anything. The loss over the batch is the padded batch's ([`make_batch`]), without the

@@ -1,6 +1,6 @@
 //! Losses and dev metrics of the three objectives; every method plugs in unchanged.
 
-use crate::data::{make_batch, Batch, Example, Target};
+use crate::data::{Batch, Example, Target};
 use candle_core::{Device, Tensor, D};
 use peftbench_backbone::lm_loss::token_nll;
 use peftbench_backbone::ops::cross_entropy;
@@ -410,13 +410,7 @@ fn outcomes(
     };
     for chunk in order.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
-        let batch = match (pack, obj) {
-            (Some(prompt), Objective::CausalLm) => {
-                crate::data::pack_lm_batch(&refs, prompt, pad_id, device)?
-            }
-            (Some(prompt), _) => crate::data::pack_text_batch(&refs, prompt, pad_id, device)?,
-            (None, _) => make_batch(&refs, pad_id, device)?,
-        };
+        let batch = crate::data::batch(&refs, pack, pad_id, device)?;
         match (obj, &batch) {
             (
                 Objective::Classification { .. },

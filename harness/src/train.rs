@@ -673,13 +673,7 @@ fn run_inner(
         for _ in 0..accum {
             let idx = order.next_batch(spec.train.batch_size);
             let examples: Vec<&Example> = idx.iter().map(|&i| &task.train[train_idx[i]]).collect();
-            let batch = match (pack, &task.objective) {
-                (Some(prompt), Objective::CausalLm) => {
-                    crate::data::pack_lm_batch(&examples, prompt, pad, &device)?
-                }
-                (Some(prompt), _) => crate::data::pack_text_batch(&examples, prompt, pad, &device)?,
-                (None, _) => make_batch(&examples, pad, &device)?,
-            };
+            let batch = crate::data::batch(&examples, pack, pad, &device)?;
             tokens += batch_tokens(&batch)?;
             let scorer = Scorer {
                 model: &model,
