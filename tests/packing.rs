@@ -280,7 +280,7 @@ proptest! {
         shapes in proptest::collection::vec((2usize..9, 0usize..4), 1..6),
         seed in 0u64..1000,
     ) {
-        use peftbench_harness::data::{make_batch, pack_lm_batch, Batch, Example};
+        use peftbench_harness::data::{batch_tokens, make_batch, pack_lm_batch, Batch, Example};
         use peftbench_harness::objective::{loss, packed_prompt, Objective, Scorer};
         let lens: Vec<usize> = shapes.iter().map(|s| s.0).collect();
         let examples: Vec<Example> = random_rows(&lens, seed)
@@ -303,6 +303,7 @@ proptest! {
                 let prompt = packed_prompt(&s).unwrap().expect("one prompt for every example");
                 let packed = pack_lm_batch(&refs, prompt, 0, &Device::Cpu).unwrap();
                 prop_assert!(rows(&packed) <= rows(&padded));
+                prop_assert_eq!(batch_tokens(&packed).unwrap(), batch_tokens(&padded).unwrap());
                 let vars = method.params().vars();
                 let run = |b: &Batch| {
                     let l = loss(&Objective::CausalLm, &s, b).unwrap();
@@ -340,7 +341,9 @@ proptest! {
     ) {
         use peftbench_backbone::{HeadKind, Pooling, SequenceHead, TrainableParams};
         use peftbench_datasets::GlueMetric;
-        use peftbench_harness::data::{make_batch, pack_text_batch, Batch, Example, Target};
+        use peftbench_harness::data::{
+            batch_tokens, make_batch, pack_text_batch, Batch, Example, Target,
+        };
         use peftbench_harness::objective::{loss, packed_prompt, Objective, Scorer};
         let pooling = [Pooling::First, Pooling::LastToken, Pooling::Mean][pooling];
         let (obj, kind) = match regression {
@@ -400,6 +403,7 @@ proptest! {
                 let prompt = packed_prompt(&s).unwrap().expect("one prompt for every example");
                 let packed = pack_text_batch(&refs, prompt, 0, &Device::Cpu).unwrap();
                 prop_assert!(rows(&packed) <= rows(&padded));
+                prop_assert_eq!(batch_tokens(&packed).unwrap(), batch_tokens(&padded).unwrap());
                 let mut vars = method.params().vars();
                 vars.extend(head_params.vars());
                 let run = |b: &Batch| {

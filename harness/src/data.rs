@@ -368,13 +368,16 @@ pub fn pack_text_batch(
     })
 }
 
-/// Number of non-padding tokens in a batch's inputs.
+/// Number of the examples' own tokens in a batch's inputs: no padding, and no slot for a
+/// virtual token (a padded row's prefix is not in its mask either).
 pub fn batch_tokens(b: &Batch) -> candle_core::Result<usize> {
     let count = |i: &Inputs| -> candle_core::Result<usize> {
-        Ok(i.attention_mask
-            .to_dtype(DType::F32)?
-            .sum_all()?
-            .to_scalar::<f32>()? as usize)
+        let real = i.attention_mask.to_dtype(DType::F32)?.sum_all()?;
+        let slots = match i.packing.as_ref().and_then(|pk| pk.prompt.as_ref()) {
+            Some(s) => s.gt(0u32)?.to_dtype(DType::F32)?.sum_all()?,
+            None => real.zeros_like()?,
+        };
+        Ok((real - slots)?.to_scalar::<f32>()? as usize)
     };
     match b {
         Batch::Text { inputs, .. } | Batch::Lm { inputs, .. } => count(inputs),
