@@ -211,6 +211,24 @@ fn grid_skips_recorded_runs_and_shards_split_the_grid() {
             r.run_id
         );
         assert!(r.head_params > 0);
+        // The phases of the run's wall time are each measured, and together fit inside it.
+        let phase = |k: &str| {
+            *r.phase_seconds
+                .get(k)
+                .unwrap_or_else(|| panic!("{}: no {k} in {:?}", r.run_id, r.phase_seconds))
+        };
+        let parts = r.train_seconds
+            + ["evaluation", "latency", "analysis", "save"]
+                .iter()
+                .map(|k| phase(k))
+                .sum::<f64>();
+        assert!(phase("evaluation") > 0.0 && phase("latency") > 0.0);
+        assert!(
+            parts <= phase("wall"),
+            "{}: {parts} > {:?}",
+            r.run_id,
+            r.phase_seconds
+        );
         if r.method == "lora" {
             assert!(
                 r.latency_ms.contains_key("merged"),

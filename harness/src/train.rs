@@ -369,6 +369,7 @@ fn record_base(spec: &RunSpec, base_params: usize, task: &TaskData) -> RunRecord
         metrics_best: BTreeMap::new(),
         metrics_final: BTreeMap::new(),
         train_seconds: 0.0,
+        phase_seconds: BTreeMap::new(),
         steps: 0,
         steps_per_second: 0.0,
         tokens_per_second: 0.0,
@@ -416,11 +417,14 @@ pub fn run(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path) ->
     let base_params = base.model.num_parameters();
     let mut rec = record_base(spec, base_params, task);
     env::reset_peak_memory();
+    let started = Instant::now();
     if let Err(e) = run_inner(spec, base, task, adapters_dir, &mut rec) {
         rec.status = RunStatus::Error {
             message: e.to_string(),
         };
     }
+    rec.phase_seconds
+        .insert("wall".into(), started.elapsed().as_secs_f64());
     rec.peak_memory_bytes = env::peak_memory_bytes();
     rec.memory = Some(memory_use(&base.model, &rec));
     rec.env = env::environment();
@@ -628,6 +632,7 @@ fn run_inner(
     // The dev metrics before any update: the baseline each run must beat (for SFT, the base
     // model's own response perplexity; for a fresh head, chance).
     method.set_training(false);
+    let initial_started = Instant::now();
     let eval_batches = EvalBatches {
         size: spec.train.eval_batch_size,
         pad_id: pad,
@@ -654,6 +659,7 @@ fn run_inner(
         }
         _ => None,
     };
+    let mut eval_seconds_total = initial_started.elapsed().as_secs_f64();
     // Packed training batches (with the method's virtual tokens per example): causal LM and
     // the text objectives; reward pairs share their prompt whenever they can, asked or not.
     let pack = match spec.train.packing && task.objective != Objective::Reward {
@@ -799,6 +805,7 @@ fn run_inner(
     progress.clear();
     rec.steps = total;
     rec.train_seconds = started.elapsed().as_secs_f64() - eval_seconds;
+    eval_seconds_total += eval_seconds;
     if let Some((m, h)) = &chosen_state {
         method.params().restore(m)?;
         head_params.restore(h)?;
@@ -813,7 +820,9 @@ fn run_inner(
     if let (Some(g), Some(before)) = (generate, initial_generations) {
         // The reported parameters' generations (the chosen state is restored above).
         method.set_training(false);
+        let t0 = Instant::now();
         let (rouge, shown) = generations(&model, method.as_ref(), base, &task.dev, g)?;
+        eval_seconds_total += t0.elapsed().as_secs_f64();
         rec.metrics_final.insert("rouge_l".into(), rouge);
         rec.metrics_best.insert("rouge_l".into(), rouge);
         if let Some(sel) = rec.selected.as_mut() {
@@ -837,7 +846,10 @@ fn run_inner(
         rec.extra[CHANCE_KEY] = serde_json::to_value(chance).unwrap_or_default();
     }
 
+    rec.phase_seconds
+        .insert("evaluation".into(), eval_seconds_total);
     method.set_training(false);
+    let t0 = Instant::now();
     rec.latency_ms = latency(
         &mut model,
         method.as_ref(),
@@ -846,7 +858,13 @@ fn run_inner(
         spec.train.batch_size,
         pad,
     )?;
+    rec.phase_seconds
+        .insert("latency".into(), t0.elapsed().as_secs_f64());
+    let t0 = Instant::now();
     rec.update_analysis = analyse_update(spec, &config, method.as_ref(), &before, &model)?;
+    rec.phase_seconds
+        .insert("analysis".into(), t0.elapsed().as_secs_f64());
+    let t0 = Instant::now();
     std::fs::create_dir_all(adapters_dir).map_err(|source| HarnessError::Io {
         path: adapters_dir.to_path_buf(),
         source,
@@ -871,6 +889,8 @@ fn run_inner(
             .ok()
             .map(|p| p.display().to_string());
     }
+    rec.phase_seconds
+        .insert("save".into(), t0.elapsed().as_secs_f64());
     Ok(())
 }
 

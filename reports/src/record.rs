@@ -129,6 +129,11 @@ pub struct RunRecord {
     pub metrics_final: BTreeMap<String, f64>,
     /// Training wall time in seconds.
     pub train_seconds: f64,
+    /// Where the run's wall time went, in seconds: `wall` (the whole run), `evaluation` (dev
+    /// and validation scoring, and generation), `latency`, `analysis`, `save`; the rest of
+    /// `wall` beyond these and `train_seconds` is set-up. Absent in older records.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub phase_seconds: BTreeMap<String, f64>,
     /// Optimizer steps taken.
     pub steps: usize,
     /// Optimizer steps per second.

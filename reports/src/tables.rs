@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 /// Columns of `runs.csv`.
-pub const RUNS_HEADER: [&str; 37] = [
+pub const RUNS_HEADER: [&str; 39] = [
     "run_id",
     "suite",
     "task",
@@ -45,6 +45,8 @@ pub const RUNS_HEADER: [&str; 37] = [
     "memory_trainable_mb",
     "memory_optimizer_mb",
     "memory_other_mb",
+    "eval_seconds",
+    "wall_seconds",
 ];
 
 /// Columns of `summary.csv`.
@@ -174,6 +176,8 @@ pub fn write_runs_csv(records: &[RunRecord], path: &Path) -> Result<usize, Repor
             opt(r.memory.as_ref().map(|m| mb(m.trainable_bytes))),
             opt(r.memory.as_ref().map(|m| mb(m.optimizer_bytes))),
             opt(r.memory.as_ref().map(|m| mb(m.other_bytes))),
+            opt(r.phase_seconds.get("evaluation")),
+            opt(r.phase_seconds.get("wall")),
         ])?;
     }
     t.finish()?;

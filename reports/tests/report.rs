@@ -117,6 +117,7 @@ fn record(s: Spec) -> RunRecord {
         } else {
             0.0
         },
+        phase_seconds: BTreeMap::new(),
         steps: 20,
         steps_per_second: 0.2,
         tokens_per_second: 500.0,
