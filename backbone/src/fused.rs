@@ -207,9 +207,10 @@ pub(crate) fn uninit(len: usize) -> Vec<f32> {
 //
 // libm's expf/erff/tanhf are opaque calls, one element at a time, and they dominate these
 // kernels. The versions here are branch-free (selects, bit casts), so loops over them
-// vectorise; `simd!` compiles such loops again for AVX2 and for AVX-512 and picks at run
-// time. No FMA contraction happens in any (Rust does not contract), so all give bit-identical
-// results.
+// vectorise; `simd!` compiles such loops again for AVX2 + FMA and for AVX-512 + FMA and picks
+// at run time. The polynomials step with explicit fused multiply-adds (`mad`): one rounding
+// per step on every build (the baseline build calls libm's correctly rounded `fmaf`, slow but
+// equal), so all give bit-identical results; nothing else contracts (Rust does not).
 
 /// Defines `fn $name` whose body is compiled three times, baseline, AVX2 and AVX-512,
 /// dispatching on the CPU.
@@ -221,20 +222,26 @@ macro_rules! simd {
             fn generic($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f")]
+                #[target_feature(enable = "avx512f,fma")]
                 unsafe fn avx512($($arg: $ty),*) {
                     generic($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports AVX-512F, the only feature `avx512` was built with.
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU supports AVX-512F and FMA, the features `avx512` was
+                    // built with.
                     return unsafe { avx512($($arg),*) };
                 }
-                #[target_feature(enable = "avx2")]
+                #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) {
                     generic($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU supports AVX2, the only feature `avx2` was built with.
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU supports AVX2 and FMA, the features `avx2` was built
+                    // with.
                     return unsafe { avx2($($arg),*) };
                 }
             }
@@ -244,16 +251,22 @@ macro_rules! simd {
 }
 pub(crate) use simd;
 
+/// a·b + c with one rounding: a single instruction in the FMA builds of `simd!`.
+#[inline(always)]
+fn mad(a: f32, b: f32, c: f32) -> f32 {
+    a.mul_add(b, c)
+}
+
 /// e^r for |r| ≤ ln2/2 (Cephes' expf polynomial, about 1 ulp).
 #[inline(always)]
 fn exp_poly(r: f32) -> f32 {
     let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 0.166_666_65;
-    let p = p * r + 0.5;
-    p * r * r + r + 1.0
+    let p = mad(p, r, 1.398_199_9e-3);
+    let p = mad(p, r, 8.333_452e-3);
+    let p = mad(p, r, 4.166_579_6e-2);
+    let p = mad(p, r, 0.166_666_65);
+    let p = mad(p, r, 0.5);
+    mad(p, r * r, r) + 1.0
 }
 
 /// 2ⁿ for −126 ≤ n ≤ 127, built from its exponent bits.
@@ -296,15 +309,15 @@ fn phi_fast(x: f32) -> f32 {
     let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
     let t = 1.0 / (1.0 + 0.5 * z);
     let p = 0.170_872_77;
-    let p = p * t + -0.822_152_23;
-    let p = p * t + 1.488_515_9;
-    let p = p * t + -1.135_204;
-    let p = p * t + 0.278_868_07;
-    let p = p * t + -0.186_288_06;
-    let p = p * t + 0.096_784_18;
-    let p = p * t + 0.374_091_96;
-    let p = p * t + 1.000_023_7;
-    let p = p * t + -1.265_512_2;
+    let p = mad(p, t, -0.822_152_23);
+    let p = mad(p, t, 1.488_515_9);
+    let p = mad(p, t, -1.135_204);
+    let p = mad(p, t, 0.278_868_07);
+    let p = mad(p, t, -0.186_288_06);
+    let p = mad(p, t, 0.096_784_18);
+    let p = mad(p, t, 0.374_091_96);
+    let p = mad(p, t, 1.000_023_7);
+    let p = mad(p, t, -1.265_512_2);
     let half_erfc = 0.5 * t * exp_fast(p - 0.5 * x * x);
     if x < 0.0 {
         half_erfc
