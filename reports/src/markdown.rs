@@ -384,6 +384,32 @@ Greedy decoding (seed {seed}) on the first dev prompts, after training and, in b
     }
 }
 
+/// Where the runs' wall time went, from the records that kept it (`phase_seconds`).
+fn wall_sentence(records: &[RunRecord]) -> Option<String> {
+    let timed: Vec<&RunRecord> = records
+        .iter()
+        .filter(|r| r.phase_seconds.contains_key("wall"))
+        .collect();
+    if timed.is_empty() {
+        return None;
+    }
+    let sum = |f: &dyn Fn(&RunRecord) -> f64| timed.iter().map(|r| f(r)).sum::<f64>();
+    let phase = |k: &'static str| sum(&|r| r.phase_seconds.get(k).copied().unwrap_or(0.0));
+    let wall = phase("wall");
+    let train = sum(&|r| r.train_seconds);
+    let (eval, latency) = (phase("evaluation"), phase("latency"));
+    let pct = |x: f64| 100.0 * x / wall.max(1e-9);
+    Some(format!(
+        "Wall time: {} of the runs recorded theirs, {wall:.0} s in all: training {train:.0} s \
+         ({:.0}%), evaluation {eval:.0} s ({:.0}%), latency timing {latency:.0} s ({:.0}%), \
+         the rest set-up, update analyses and saving.",
+        timed.len(),
+        pct(train),
+        pct(eval),
+        pct(latency)
+    ))
+}
+
 pub fn render_report(records: &[RunRecord], rows: &[SummaryRow], plots: &[Plot]) -> String {
     let mut out = String::new();
     let suite = records.first().map_or("(none)", |r| r.suite.as_str());
@@ -405,6 +431,9 @@ pub fn render_report(records: &[RunRecord], rows: &[SummaryRow], plots: &[Plot])
         records.len(),
         selection_sentence(records)
     );
+    if let Some(s) = wall_sentence(records) {
+        let _ = writeln!(out, "{s}\n");
+    }
     environment(&mut out, records);
 
     for task in tasks(records) {

@@ -723,3 +723,46 @@ fn a_report_without_recorded_chance_says_nothing_of_it() {
     let md = std::fs::read_to_string(out.join("REPORT.md")).unwrap();
     assert!(!md.contains("Chance on"), "{md}");
 }
+
+#[test]
+fn the_report_says_where_the_runs_wall_time_went() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut records = synthetic();
+    // Two runs kept their phases (train 100 and 110 s from `record`); older records did not.
+    let ok: Vec<usize> = (0..records.len())
+        .filter(|&i| records[i].status == RunStatus::Ok)
+        .take(2)
+        .collect();
+    for (n, &i) in ok.iter().enumerate() {
+        let r = &mut records[i];
+        r.train_seconds = 100.0 + 10.0 * n as f64;
+        for (k, v) in [("wall", 200.0), ("evaluation", 60.0), ("latency", 20.0)] {
+            r.phase_seconds.insert(k.to_string(), v);
+        }
+    }
+    write_records(dir.path(), &records);
+    let out = dir.path().join("report");
+    write_report(dir.path(), &out).unwrap();
+    let md = std::fs::read_to_string(out.join("REPORT.md")).unwrap();
+    assert!(
+        md.contains(
+            "Wall time: 2 of the runs recorded theirs, 400 s in all: training 210 s (52%), \
+             evaluation 120 s (30%), latency timing 40 s (10%)"
+        ),
+        "{md}"
+    );
+    let (header, rows) = read_csv(&out.join("runs.csv"));
+    assert!(header.contains(&"wall_seconds".to_string()));
+    assert_eq!(
+        rows.iter().filter(|r| r["wall_seconds"] == "200").count(),
+        2
+    );
+    assert_eq!(rows.iter().filter(|r| r["eval_seconds"] == "60").count(), 2);
+
+    // Without any phases the sentence is left out.
+    let plain = tempfile::tempdir().unwrap();
+    write_records(plain.path(), &synthetic());
+    write_report(plain.path(), &plain.path().join("report")).unwrap();
+    let md = std::fs::read_to_string(plain.path().join("report/REPORT.md")).unwrap();
+    assert!(!md.contains("Wall time:"), "{md}");
+}
