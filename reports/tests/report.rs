@@ -224,6 +224,14 @@ fn write_records(dir: &Path, records: &[RunRecord]) {
     }
 }
 
+/// Writes `records` into `dir` and reports them into `dir/report`; returns REPORT.md.
+fn report_of(dir: &Path, records: &[RunRecord]) -> String {
+    write_records(dir, records);
+    let out = dir.join("report");
+    write_report(dir, &out).unwrap();
+    std::fs::read_to_string(out.join("REPORT.md")).unwrap()
+}
+
 fn read_csv(path: &Path) -> (Vec<String>, Vec<HashMap<String, String>>) {
     let mut reader = csv::Reader::from_path(path).unwrap();
     let header: Vec<String> = reader
@@ -672,10 +680,7 @@ fn chance_recorded_with_runs_is_reported_with_each_groups_distance_from_it() {
         r.extra = serde_json::json!({ "chance": chance });
     }
     let dir = tempfile::tempdir().unwrap();
-    write_records(dir.path(), &records);
-    let out = dir.path().join("report");
-    write_report(dir.path(), &out).unwrap();
-    let md = std::fs::read_to_string(out.join("REPORT.md")).unwrap();
+    let md = report_of(dir.path(), &records);
     assert!(
         md.contains(
             "Chance on **rte**: accuracy 0.5000 (class 1, the training labels' majority, for every input, \
@@ -684,7 +689,7 @@ fn chance_recorded_with_runs_is_reported_with_each_groups_distance_from_it() {
         ),
         "{md}"
     );
-    let (header, rows) = read_csv(&out.join("runs.csv"));
+    let (header, rows) = read_csv(&dir.path().join("report/runs.csv"));
     assert!(header.contains(&"chance".to_string()));
     let lora = find(&rows, "rte", "lora", "1%");
     assert_eq!(num(lora, "chance"), 0.5);
@@ -717,10 +722,7 @@ fn methods_at_or_below_the_head_only_floor_are_named() {
 #[test]
 fn a_report_without_recorded_chance_says_nothing_of_it() {
     let dir = tempfile::tempdir().unwrap();
-    write_records(dir.path(), &synthetic());
-    let out = dir.path().join("report");
-    write_report(dir.path(), &out).unwrap();
-    let md = std::fs::read_to_string(out.join("REPORT.md")).unwrap();
+    let md = report_of(dir.path(), &synthetic());
     assert!(!md.contains("Chance on"), "{md}");
 }
 
@@ -740,10 +742,7 @@ fn the_report_says_where_the_runs_wall_time_went() {
             r.phase_seconds.insert(k.to_string(), v);
         }
     }
-    write_records(dir.path(), &records);
-    let out = dir.path().join("report");
-    write_report(dir.path(), &out).unwrap();
-    let md = std::fs::read_to_string(out.join("REPORT.md")).unwrap();
+    let md = report_of(dir.path(), &records);
     assert!(
         md.contains(
             "Wall time: 2 of the runs recorded theirs, 400 s in all: training 210 s (52%), \
@@ -751,7 +750,7 @@ fn the_report_says_where_the_runs_wall_time_went() {
         ),
         "{md}"
     );
-    let (header, rows) = read_csv(&out.join("runs.csv"));
+    let (header, rows) = read_csv(&dir.path().join("report/runs.csv"));
     assert!(header.contains(&"wall_seconds".to_string()));
     assert_eq!(
         rows.iter().filter(|r| r["wall_seconds"] == "200").count(),
@@ -761,8 +760,6 @@ fn the_report_says_where_the_runs_wall_time_went() {
 
     // Without any phases the sentence is left out.
     let plain = tempfile::tempdir().unwrap();
-    write_records(plain.path(), &synthetic());
-    write_report(plain.path(), &plain.path().join("report")).unwrap();
-    let md = std::fs::read_to_string(plain.path().join("report/REPORT.md")).unwrap();
+    let md = report_of(plain.path(), &synthetic());
     assert!(!md.contains("Wall time:"), "{md}");
 }
