@@ -849,35 +849,34 @@ fn run_inner(
     rec.phase_seconds
         .insert("evaluation".into(), eval_seconds_total);
     method.set_training(false);
-    let t0 = Instant::now();
-    rec.latency_ms = latency(
-        &mut model,
-        method.as_ref(),
-        head.as_ref(),
-        task,
-        spec.train.batch_size,
-        pad,
-    )?;
-    rec.phase_seconds
-        .insert("latency".into(), t0.elapsed().as_secs_f64());
-    let t0 = Instant::now();
-    rec.update_analysis = analyse_update(spec, &config, method.as_ref(), &before, &model)?;
-    rec.phase_seconds
-        .insert("analysis".into(), t0.elapsed().as_secs_f64());
-    let t0 = Instant::now();
-    std::fs::create_dir_all(adapters_dir).map_err(|source| HarnessError::Io {
-        path: adapters_dir.to_path_buf(),
-        source,
+    rec.latency_ms = timed(&mut rec.phase_seconds, "latency", || {
+        latency(
+            &mut model,
+            method.as_ref(),
+            head.as_ref(),
+            task,
+            spec.train.batch_size,
+            pad,
+        )
     })?;
-    let (saved, bytes) = save_adapter(
-        method.as_ref(),
-        &model,
-        task,
-        head.as_ref(),
-        &spec.model,
-        adapters_dir,
-        &spec.run_id(),
-    )?;
+    rec.update_analysis = timed(&mut rec.phase_seconds, "analysis", || {
+        analyse_update(spec, &config, method.as_ref(), &before, &model)
+    })?;
+    let (saved, bytes) = timed(&mut rec.phase_seconds, "save", || {
+        std::fs::create_dir_all(adapters_dir).map_err(|source| HarnessError::Io {
+            path: adapters_dir.to_path_buf(),
+            source,
+        })?;
+        save_adapter(
+            method.as_ref(),
+            &model,
+            task,
+            head.as_ref(),
+            &spec.model,
+            adapters_dir,
+            &spec.run_id(),
+        )
+    })?;
     rec.adapter_bytes = bytes;
     if matches!(config, MethodConfig::FullFinetune(_)) {
         // A full copy of the model per run is not worth keeping: its size is recorded.
@@ -889,9 +888,15 @@ fn run_inner(
             .ok()
             .map(|p| p.display().to_string());
     }
-    rec.phase_seconds
-        .insert("save".into(), t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Runs `f`, recording its wall time under `phase`.
+fn timed<R>(phases: &mut BTreeMap<String, f64>, phase: &str, f: impl FnOnce() -> R) -> R {
+    let t0 = Instant::now();
+    let out = f();
+    phases.insert(phase.to_string(), t0.elapsed().as_secs_f64());
+    out
 }
 
 /// One dev prompt's greedy generation beside its reference.

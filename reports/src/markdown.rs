@@ -393,10 +393,14 @@ fn wall_sentence(records: &[RunRecord]) -> Option<String> {
     if timed.is_empty() {
         return None;
     }
-    let sum = |f: &dyn Fn(&RunRecord) -> f64| timed.iter().map(|r| f(r)).sum::<f64>();
-    let phase = |k: &'static str| sum(&|r| r.phase_seconds.get(k).copied().unwrap_or(0.0));
+    let phase = |k: &str| {
+        timed
+            .iter()
+            .filter_map(|r| r.phase_seconds.get(k))
+            .sum::<f64>()
+    };
     let wall = phase("wall");
-    let train = sum(&|r| r.train_seconds);
+    let train: f64 = timed.iter().map(|r| r.train_seconds).sum();
     let (eval, latency) = (phase("evaluation"), phase("latency"));
     let pct = |x: f64| 100.0 * x / wall.max(1e-9);
     Some(format!(
