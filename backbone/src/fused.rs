@@ -253,7 +253,7 @@ pub(crate) use simd;
 
 /// a·b + c with one rounding: a single instruction in the FMA builds of `simd!`.
 #[inline(always)]
-fn mad(a: f32, b: f32, c: f32) -> f32 {
+pub(crate) fn mad(a: f32, b: f32, c: f32) -> f32 {
     a.mul_add(b, c)
 }
 

@@ -23,6 +23,7 @@ pub mod linalg;
 pub mod linear;
 pub mod lm_loss;
 pub mod load;
+mod low_rank;
 pub mod model;
 mod no_grad;
 pub mod ops;

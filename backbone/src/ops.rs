@@ -9,6 +9,8 @@ use crate::config::Activation;
 use crate::fused;
 use candle_core::{DType, Result, Tensor, D};
 
+pub use crate::low_rank::low_rank_delta;
+
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if fused::eligible(&[x]) {

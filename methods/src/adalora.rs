@@ -563,9 +563,8 @@ impl Intervention for AdaLora {
         let qe =
             t.q.as_tensor()
                 .broadcast_mul(&t.lambda.as_tensor().unsqueeze(1)?)?;
-        let low = x.broadcast_matmul(&qe.t()?)?;
-        let up = low.broadcast_matmul(&t.p.as_tensor().t()?)?;
-        output + (up * self.scaling(site))?
+        output
+            + peftbench_backbone::ops::low_rank_delta(&x, &qe, t.p.as_tensor(), self.scaling(site))?
     }
 }
 

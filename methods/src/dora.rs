@@ -175,8 +175,7 @@ impl Intervention for Dora {
                 None => (input.clone(), output.clone()),
             },
         };
-        let low = x.broadcast_matmul(&pair.a.t()?)?;
-        let up = (low.broadcast_matmul(&pair.b.t()?)? * pair.scaling)?;
+        let up = peftbench_backbone::ops::low_rank_delta(&x, &pair.a, &pair.b, pair.scaling)?;
         let dora = (scale_columns(&base, &(&scale - 1.0)?)? + scale_columns(&up, &scale)?)?;
         output + dora
     }

@@ -265,10 +265,9 @@ impl Intervention for Lora {
             return Ok(output);
         }
         let x = self.dropped(input)?.unwrap_or_else(|| input.clone());
-        let low = x.broadcast_matmul(&pair.a.t()?)?;
-        let up = low.broadcast_matmul(&pair.b.t()?)?;
+        let up = peftbench_backbone::ops::low_rank_delta(&x, &pair.a, &pair.b, pair.scaling)?;
         debug_assert_eq!(up.dim(D::Minus1)?, output.dim(D::Minus1)?);
-        output + (up * pair.scaling)?
+        output + up
     }
 }
 
