@@ -262,8 +262,12 @@ impl Intervention for Vera {
         if self.merged.get() {
             return Ok(output);
         }
-        let low = scale_columns(&input.broadcast_matmul(&part.a.t()?)?, &part.lambda_d)?;
-        let up = scale_columns(&low.broadcast_matmul(&part.b.t()?)?, &part.lambda_b)?;
+        // A and B are frozen: as the base's projections, their products return only the
+        // input's gradient (a matmul would also compute A's and B's, then drop them).
+        let frozen =
+            |w: &Tensor, x: &Tensor| peftbench_backbone::Linear::new(w.clone(), None).forward(x);
+        let low = scale_columns(&frozen(&part.a, input)?, &part.lambda_d)?;
+        let up = scale_columns(&frozen(&part.b, &low)?, &part.lambda_b)?;
         output + up
     }
 }
