@@ -32,6 +32,7 @@ mod quantized;
 pub mod random;
 mod rope;
 pub mod tokenizer;
+mod trained_matmul;
 pub mod weights;
 
 pub use alloc::keep_freed_memory;

@@ -167,7 +167,8 @@ impl Intervention for Dora {
         let scale = (&part.magnitude / self.norms(site)?)?;
         let (x, base) = match self.lora.dropped(input)? {
             Some(x) => {
-                let base = x.broadcast_matmul(&part.weight.t()?)?;
+                let base =
+                    peftbench_backbone::Linear::new(part.weight.clone(), None).forward(&x)?;
                 (x, base)
             }
             None => match &part.bias {
