@@ -1,4 +1,4 @@
-//! A projection whose weight trains: its value and the gradients of its input and weight
+//! A projection whose weight trains (a variable, or a weight computed from one): its value and the gradients of its input and weight
 //! equal candle's f64 matmul and its gradients, over random leading shapes and widths, with
 //! and without a trained input; the weight's gradient comes back in the weight's layout.
 
@@ -19,6 +19,7 @@ proptest! {
         inp in 1usize..60,
         out in 1usize..60,
         x_trains in any::<bool>(),
+        computed_weight in any::<bool>(),
         seed in 0u64..1000,
     ) {
         let dev = Device::Cpu;
@@ -32,7 +33,13 @@ proptest! {
                 Var::from_tensor(&w.to_dtype(dtype).unwrap()).unwrap(),
             );
             let xin = if x_trains { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
-            let y = Linear::new(wv.as_tensor().clone(), None).forward(&xin).unwrap();
+            // A variable through `Linear`, or a weight computed from one (a dense delta)
+            // through `ops::matmul_t`.
+            let y = if computed_weight {
+                peftbench_backbone::ops::matmul_t(&xin, &(wv.as_tensor() * 1.0).unwrap()).unwrap()
+            } else {
+                Linear::new(wv.as_tensor().clone(), None).forward(&xin).unwrap()
+            };
             let grads = (&y * c.to_dtype(dtype).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
             let x_got = grads.get(xv.as_tensor()).is_some();
             let w_grad = grads.get(wv.as_tensor()).unwrap().clone();
@@ -52,6 +59,8 @@ proptest! {
         let d = grads_rel_diff(got, want);
         prop_assert!(d < 1e-5, "gradients off by {d}");
         prop_assert_eq!(w_grad.dims(), &[out, inp][..]);
-        prop_assert!(w_grad.is_contiguous());
+        if !computed_weight {
+            prop_assert!(w_grad.is_contiguous());
+        }
     }
 }

@@ -44,6 +44,23 @@ fn log_softmax_composite(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&lse)
 }
 
+/// `x [.., in] · wᵀ` for `w [out, in]`, the leading dims flattened into one product. For f32
+/// on the CPU the backward takes only the gradients whose operand trains, `w`'s in `w`'s own
+/// layout ([`crate::trained_matmul`]); elsewhere candle's matmul.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (lead, inp) = x.dims().split_at(x.rank().max(1) - 1);
+    let rows = lead.iter().product::<usize>();
+    let x2 = x.reshape((rows, *inp.first().unwrap_or(&1)))?;
+    let y = if fused::eligible(&[&x2, w]) && w.rank() == 2 && w.is_contiguous() {
+        crate::trained_matmul::trained_matmul(&x2, w)?
+    } else {
+        x2.matmul(&w.t()?)?
+    };
+    let mut dims = lead.to_vec();
+    dims.push(y.dim(1)?);
+    y.reshape(dims)
+}
+
 /// `y [.., n] + b [n]`, a bias broadcast over the leading dims.
 pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     if fused::eligible(&[y, b]) && fused::is_row_vector(b, y) {

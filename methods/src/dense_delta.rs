@@ -48,15 +48,10 @@ impl<D: Delta> DeltaSites<D> {
         output: Tensor,
     ) -> candle_core::Result<Tensor> {
         match self.sites.get(&site) {
-            // As one [tokens, in] block: a batched matmul would take each row's product, and
-            // each row's share of ΔW's gradient, as a GEMM of its own.
+            // As one [tokens, in] product: a batched matmul would take each row's product,
+            // and each row's share of ΔW's gradient, as a GEMM of its own.
             Some(d) if !self.merged.get() => {
-                let (lead, inp) = input.dims().split_at(input.rank() - 1);
-                let rows = lead.iter().product::<usize>();
-                let y = input.reshape((rows, inp[0]))?.matmul(&d.delta()?.t()?)?;
-                let mut dims = lead.to_vec();
-                dims.push(y.dim(1)?);
-                output + y.reshape(dims)?
+                output + peftbench_backbone::ops::matmul_t(input, &d.delta()?.contiguous()?)?
             }
             _ => Ok(output),
         }
