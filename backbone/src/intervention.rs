@@ -160,6 +160,14 @@ pub trait Intervention {
         Ok(output)
     }
 
+    /// The update of projection `site` as a dense `ΔW [out, in]`, when the method's `project`
+    /// does nothing but add `x·ΔWᵀ`. Where the weight is a plain f32 CPU tensor the backbone
+    /// multiplies by `W + ΔW` once and skips `project` for the site (one product each way
+    /// instead of two); elsewhere it calls `project` as usual.
+    fn weight_delta(&self, _site: Site) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     /// Parameters to use in place of norm `site`'s own (LN tuning's trained copies), if any.
     fn norm_params(&self, _site: NormSite) -> Option<NormParams> {
         None

@@ -115,6 +115,26 @@ impl Linear {
         self.weight.dims()[0]
     }
 
+    /// Whether [`Linear::forward_plus`] can fold a delta into this weight for input `x`: a
+    /// dense f32 CPU weight (not quantized, not packed for bf16) and an f32 input.
+    pub fn takes_delta(&self, x: &Tensor) -> bool {
+        self.quantized.is_none()
+            && !self.is_packed_bf16()
+            && crate::fused::eligible(&[x, &self.weight])
+            && self.weight.is_contiguous()
+    }
+
+    /// `x·(W + ΔW)ᵀ + b`: one product by the summed weight instead of `x·Wᵀ + x·ΔWᵀ`, with
+    /// `ΔW [out, in]` getting its gradient through the sum (see [`Linear::takes_delta`]).
+    pub fn forward_plus(&self, x: &Tensor, delta: &Tensor) -> Result<Tensor> {
+        let w = (&self.weight + delta)?;
+        let mut y = crate::ops::matmul_t(x, &w)?;
+        if let Some(b) = &self.bias {
+            y = crate::ops::add_bias(&y, b)?;
+        }
+        Ok(y)
+    }
+
     /// Applies the map to `x [.., in]`; leading dims are flattened into one GEMM. It runs in
     /// `x`'s dtype: an f32 weight (a trained master weight) meets bf16 activations as a
     /// differentiable cast, as autocast does.

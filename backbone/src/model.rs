@@ -1056,6 +1056,11 @@ pub fn gated(act: Activation, family: Family) -> bool {
 /// adapter's dtype); the projection runs in the activations' dtype.
 fn project(iv: &dyn Intervention, site: Site, lin: &Linear, x: &Tensor) -> Result<Tensor> {
     let x = in_f32(x, |x32| iv.project_input(site, x32))?;
+    if lin.takes_delta(&x) {
+        if let Some(delta) = iv.weight_delta(site)? {
+            return Ok(lin.forward_plus(&x, &delta)?);
+        }
+    }
     let out = lin.forward(&x)?;
     let x32 = x.to_dtype(DType::F32)?;
     Ok(in_f32(&out, |out32| iv.project(site, &x32, out32.clone()))?)

@@ -57,6 +57,14 @@ impl<D: Delta> DeltaSites<D> {
         }
     }
 
+    /// ΔW of `site` for the backbone to add to the weight, unless the update is merged.
+    pub(crate) fn weight_delta(&self, site: Site) -> candle_core::Result<Option<Tensor>> {
+        match self.sites.get(&site) {
+            Some(d) if !self.merged.get() => Ok(Some(d.delta()?)),
+            _ => Ok(None),
+        }
+    }
+
     pub(crate) fn merge_into(&self, model: &mut Transformer) -> Result<bool> {
         if !self.merged.get() {
             self.fold(model, 1.0)?;
