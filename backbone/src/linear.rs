@@ -158,10 +158,8 @@ impl Linear {
             crate::quantized::quantized_matmul(&x2, q)?
         } else if frozen {
             crate::frozen_matmul::frozen_matmul(&x2, &self.weight)?
-        } else if crate::fused::eligible(&[&x2, &self.weight]) && self.weight.is_contiguous() {
-            crate::trained_matmul::trained_matmul(&x2, &self.weight)?
         } else {
-            x2.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?
+            crate::ops::matmul_t(&x2, &self.weight.to_dtype(x.dtype())?)?
         };
         if let Some(b) = &self.bias {
             y = crate::ops::add_bias(&y, &b.to_dtype(y.dtype())?)?;
