@@ -19,6 +19,7 @@ pub mod hf_names;
 pub mod init;
 pub mod intervention;
 pub mod kernels;
+mod kronecker;
 pub mod linalg;
 pub mod linear;
 pub mod lm_loss;

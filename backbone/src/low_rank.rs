@@ -23,7 +23,7 @@ use crate::fused::{mad, simd, slice, uninit, with_slices};
 const MAX_RANK: usize = 16;
 
 /// Rows per task: a block's `x` and gradient rows stay in L2 between the passes over them.
-const BLOCK: usize = 64;
+pub(crate) const BLOCK: usize = 64;
 
 /// `scale·x·Aᵀ·Bᵀ` for `x [.., in]`, `a [r, in]`, `b [out, r]`; returns `[.., out]`.
 pub fn low_rank_delta(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
@@ -126,7 +126,7 @@ simd! {
 }
 
 /// `[cols, rows]` from a row-major `[rows, cols]`.
-fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub(crate) fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut t = vec![0f32; m.len()];
     for (i, row) in m.chunks_exact(cols).enumerate() {
         for (j, &v) in row.iter().enumerate() {
@@ -138,7 +138,7 @@ fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// Runs `f` on each block of `rows` (its first row and length): on the rayon pool when
 /// there is more than one block.
-fn for_blocks(rows: usize, f: impl Fn(usize, usize) + Sync) {
+pub(crate) fn for_blocks(rows: usize, f: impl Fn(usize, usize) + Sync) {
     let blocks = rows.div_ceil(BLOCK);
     let run = |i: usize| {
         let lo = i * BLOCK;

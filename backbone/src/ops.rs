@@ -9,6 +9,7 @@ use crate::config::Activation;
 use crate::fused;
 use candle_core::{DType, Result, Tensor, D};
 
+pub use crate::kronecker::kronecker_product;
 pub use crate::low_rank::low_rank_delta;
 
 /// Softmax over the last dimension.

@@ -1,6 +1,7 @@
 //! Methods whose update is a dense ΔW per projection, rebuilt from trained factors at every
-//! forward (LoHa, LoKr): added to the projection's output while unmerged, folded into W on
-//! merge and taken out again on unmerge.
+//! forward (LoHa, LoKr): added to the projection's output while unmerged (through ΔW's
+//! structure where it has a cheaper one), folded into W on merge and taken out again on
+//! unmerge.
 
 use crate::error::{invalid, Result};
 use candle_core::Tensor;
@@ -12,6 +13,19 @@ use std::collections::BTreeMap;
 pub(crate) trait Delta {
     /// ΔW `[out, in]`, scaling included.
     fn delta(&self) -> candle_core::Result<Tensor>;
+
+    /// x·ΔWᵀ computed from ΔW's structure without building it, where that is cheaper than
+    /// the dense product; `None` where it is not.
+    fn apply(&self, _x: &Tensor) -> Option<candle_core::Result<Tensor>> {
+        None
+    }
+
+    /// Whether [`Delta::apply`] answers. Then the backbone is not offered ΔW to fold into the
+    /// weight either: the structured product beside the frozen one costs less than a product
+    /// against W + ΔW and ΔW's dense gradient.
+    fn structured(&self) -> bool {
+        false
+    }
 }
 
 /// The updates of every adapted projection, and whether they are folded into the weights.
@@ -50,9 +64,12 @@ impl<D: Delta> DeltaSites<D> {
         match self.sites.get(&site) {
             // As one [tokens, in] product: a batched matmul would take each row's product,
             // and each row's share of ΔW's gradient, as a GEMM of its own.
-            Some(d) if !self.merged.get() => {
-                output + peftbench_backbone::ops::matmul_t(input, &d.delta()?.contiguous()?)?
-            }
+            Some(d) if !self.merged.get() => match d.apply(input) {
+                Some(y) => output + y?,
+                None => {
+                    output + peftbench_backbone::ops::matmul_t(input, &d.delta()?.contiguous()?)?
+                }
+            },
             _ => Ok(output),
         }
     }
@@ -60,7 +77,7 @@ impl<D: Delta> DeltaSites<D> {
     /// ΔW of `site` for the backbone to add to the weight, unless the update is merged.
     pub(crate) fn weight_delta(&self, site: Site) -> candle_core::Result<Option<Tensor>> {
         match self.sites.get(&site) {
-            Some(d) if !self.merged.get() => Ok(Some(d.delta()?)),
+            Some(d) if !self.merged.get() && !d.structured() => Ok(Some(d.delta()?)),
             _ => Ok(None),
         }
     }

@@ -1,0 +1,245 @@
+//! `x·(s·W1 ⊗ W2)ᵀ` (what a Kronecker-factored update adds to a projection) as one f32 CPU
+//! op with its own backward, without building the `[out, in]` matrix.
+//!
+//! An input row seen as a `[c, d]` block X gives the output block `[a, b]` = s·W1·X·W2ᵀ for
+//! `W1 [a, c]` and `W2 [b, d]`: `d·b·c + c·b·a` multiply-adds a row instead of `a·b·c·d`.
+//! As candle ops the same products are skinny GEMMs joined by strided copies of every row
+//! (a transpose of the last two axes each way), which cost more than the dense product at
+//! MiniLM's widths. Here a block of rows goes through both factors while it is in cache, and
+//! the backward reads the input and the incoming gradient once for all three gradients.
+
+use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use crate::attention::SendPtr;
+use crate::fused::{mad, simd, slice, uninit, with_slices};
+use crate::low_rank::{for_blocks, transposed, BLOCK};
+
+/// `x [.., c·d]·(scale·w1 ⊗ w2)ᵀ` for `w1 [a, c]`, `w2 [b, d]`; returns `[.., a·b]`. Element
+/// `(i·b + k, j·d + l)` of the Kronecker product is `w1[i, j]·w2[k, l]`.
+pub fn kronecker_product(x: &Tensor, w1: &Tensor, w2: &Tensor, scale: f64) -> Result<Tensor> {
+    let (a, c) = w1.dims2()?;
+    let (b, d) = w2.dims2()?;
+    let inp = x.dim(D::Minus1)?;
+    if inp != c * d {
+        bail!(
+            "Kronecker product: input {:?} against factors {:?} ⊗ {:?}",
+            x.dims(),
+            w1.dims(),
+            w2.dims()
+        );
+    }
+    let rows = x.elem_count() / inp.max(1);
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank ≥ 1") = a * b;
+    let x2 = x.contiguous()?.reshape((rows, inp))?;
+    let y = if crate::fused::eligible(&[x, w1, w2]) && a * b * c * d > 0 {
+        x2.apply_op3(
+            &w1.contiguous()?,
+            &w2.contiguous()?,
+            Kronecker {
+                scale: scale as f32,
+            },
+        )?
+    } else {
+        // X·W2ᵀ for every row's c blocks, then W1 over the c axis.
+        let t = x2.reshape((rows * c, d))?.matmul(&w2.t()?)?;
+        let t = t.reshape((rows, c, b))?.transpose(1, 2)?.contiguous()?;
+        let y = t.reshape((rows * b, c))?.matmul(&w1.t()?)?;
+        let y = y.reshape((rows, b, a))?.transpose(1, 2)?.contiguous()?;
+        (y.reshape((rows, a * b))? * scale)?
+    };
+    y.reshape(dims)
+}
+
+struct Kronecker {
+    scale: f32,
+}
+
+/// `y [m, n] = s·c [m, r]·w [r, n]`, overwriting `y`.
+#[inline(always)]
+fn mul(cm: &[f32], w: &[f32], n: usize, s: f32, y: &mut [f32]) {
+    let r = w.len() / n;
+    for (ci, yi) in cm.chunks_exact(r).zip(y.chunks_exact_mut(n)) {
+        yi.fill(0.0);
+        for (&cj, wj) in ci.iter().zip(w.chunks_exact(n)) {
+            let a = s * cj;
+            for (y, &w) in yi.iter_mut().zip(wj) {
+                *y = mad(a, w, *y);
+            }
+        }
+    }
+}
+
+/// Sizes of one op: `w1 [a, c]`, `w2 [b, d]`.
+#[derive(Clone, Copy)]
+struct Dims {
+    a: usize,
+    b: usize,
+    c: usize,
+    d: usize,
+}
+
+simd! {
+    /// `n` rows: `t = x·w2ᵀ` (`[n·c, b]`, kept for the caller) and `y = s·w1·t` per row.
+    fn forward_rows(x: &[f32], w1: &[f32], w2t: &[f32], k: Dims, s: f32, t: &mut [f32], y: &mut [f32]) {
+        mul(x, w2t, k.b, 1.0, t);
+        for (ti, yi) in t.chunks_exact(k.c * k.b).zip(y.chunks_exact_mut(k.a * k.b)) {
+            mul(w1, ti, k.b, s, yi);
+        }
+    }
+}
+
+simd! {
+    /// `n` rows of the backward: `u = w1ᵀ·g` per row, the input's gradient `s·u·w2` when
+    /// `dx` is not empty, and `dw1 += g·tᵀ`, `dw2 += uᵀ·x` (unscaled); `tt` holds one row's
+    /// `tᵀ`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_rows(x: &[f32], g: &[f32], t: &[f32], w1t: &[f32], w2: &[f32], k: Dims, s: f32,
+                     u: &mut [f32], tt: &mut [f32], dx: &mut [f32], dw1: &mut [f32],
+                     dw2: &mut [f32]) {
+        let (cb, ab) = (k.c * k.b, k.a * k.b);
+        for ((gi, ti), ui) in g.chunks_exact(ab).zip(t.chunks_exact(cb)).zip(u.chunks_exact_mut(cb)) {
+            mul(w1t, gi, k.b, 1.0, ui);
+            // dw1 += g·tᵀ as rows of axpys over c (dot products of b would each end in a
+            // horizontal sum).
+            for (j, tr) in ti.chunks_exact(k.b).enumerate() {
+                for (kk, &v) in tr.iter().enumerate() {
+                    tt[kk * k.c + j] = v;
+                }
+            }
+            for (gr, dr) in gi.chunks_exact(k.b).zip(dw1.chunks_exact_mut(k.c)) {
+                for (&gv, tr) in gr.iter().zip(tt.chunks_exact(k.c)) {
+                    for (o, &t) in dr.iter_mut().zip(tr) {
+                        *o = mad(gv, t, *o);
+                    }
+                }
+            }
+        }
+        if !dx.is_empty() {
+            mul(u, w2, k.d, s, dx);
+        }
+        // dw2 [b, d] += Σ over the block's c-rows of u[row, :]ᵀ·x[row, :].
+        for (ur, xr) in u.chunks_exact(k.b).zip(x.chunks_exact(k.d)) {
+            for (&uk, dr) in ur.iter().zip(dw2.chunks_exact_mut(k.d)) {
+                for (o, &xv) in dr.iter_mut().zip(xr) {
+                    *o = mad(uk, xv, *o);
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp3 for Kronecker {
+    fn name(&self) -> &'static str {
+        "kronecker-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w1, w2) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (rows, inp) = l1.shape().dims2()?;
+        let (a, c) = l2.shape().dims2()?;
+        let (b, d) = l3.shape().dims2()?;
+        let k = Dims { a, b, c, d };
+        let out = a * b;
+        let w2t = transposed(w2, b, d);
+        let mut y = uninit(rows * out);
+        let yp = SendPtr(y.as_mut_ptr());
+        for_blocks(rows, |lo, n| {
+            let mut t = vec![0f32; n * c * b];
+            // SAFETY: blocks are disjoint row ranges of `y`, which spans `rows · out`.
+            let yb = unsafe { std::slice::from_raw_parts_mut(yp.at(lo * out), n * out) };
+            forward_rows(
+                &x[lo * inp..(lo + n) * inp],
+                w1,
+                &w2t,
+                k,
+                self.scale,
+                &mut t,
+                yb,
+            );
+        });
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w1: &Tensor,
+        w2: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, inp) = x.dims2()?;
+        let (a, c) = w1.dims2()?;
+        let (b, d) = w2.dims2()?;
+        let k = Dims { a, b, c, d };
+        let out = a * b;
+        let grad = grad.contiguous()?;
+        let need_dx = x.track_op();
+        let s = self.scale;
+        let (dx, dw1, dw2) = with_slices(&[x, w1, w2, &grad], |v| {
+            let (x, w1, w2, g) = (v[0], v[1], v[2], v[3]);
+            let (w1t, w2t) = (transposed(w1, a, c), transposed(w2, b, d));
+            let mut dx = if need_dx {
+                uninit(rows * inp)
+            } else {
+                Vec::new()
+            };
+            let dxp = SendPtr(dx.as_mut_ptr());
+            // Per task: the factors' gradients, summed in task order (the same bits every run).
+            let blocks = rows.div_ceil(BLOCK);
+            let tasks = rayon::current_num_threads().clamp(1, blocks);
+            let per = blocks.div_ceil(tasks);
+            let task = |i: usize| {
+                let (mut dw1, mut dw2) = (vec![0f32; a * c], vec![0f32; b * d]);
+                let (mut t, mut u) = (vec![0f32; BLOCK * c * b], vec![0f32; BLOCK * c * b]);
+                let mut tt = vec![0f32; c * b];
+                for blk in i * per..((i + 1) * per).min(blocks) {
+                    let lo = blk * BLOCK;
+                    let n = BLOCK.min(rows - lo);
+                    let (xb, gb) = (&x[lo * inp..(lo + n) * inp], &g[lo * out..(lo + n) * out]);
+                    let (t, u) = (&mut t[..n * c * b], &mut u[..n * c * b]);
+                    forward_rows(xb, w1, &w2t, k, s, t, &mut []);
+                    let dxb: &mut [f32] = if need_dx {
+                        // SAFETY: blocks are disjoint row ranges of `dx` (`rows · in`).
+                        unsafe { std::slice::from_raw_parts_mut(dxp.at(lo * inp), n * inp) }
+                    } else {
+                        &mut []
+                    };
+                    backward_rows(
+                        xb, gb, t, &w1t, w2, k, s, u, &mut tt, dxb, &mut dw1, &mut dw2,
+                    );
+                }
+                (dw1, dw2)
+            };
+            let parts: Vec<_> = if tasks > 1 {
+                (0..tasks).into_par_iter().map(task).collect()
+            } else {
+                vec![task(0)]
+            };
+            let mut parts = parts.into_iter();
+            let (mut dw1, mut dw2) = parts.next().expect("one task at least");
+            for (p1, p2) in parts {
+                dw1.iter_mut().zip(p1).for_each(|(d, p)| *d += p);
+                dw2.iter_mut().zip(p2).for_each(|(d, p)| *d += p);
+            }
+            dw1.iter_mut().chain(dw2.iter_mut()).for_each(|v| *v *= s);
+            Ok((need_dx.then_some(dx), dw1, dw2))
+        })?;
+        let t = |v: Vec<f32>, shape: (usize, usize)| Tensor::from_vec(v, shape, &Device::Cpu);
+        Ok((
+            dx.map(|dx| t(dx, (rows, inp))).transpose()?,
+            Some(t(dw1, (a, c))?),
+            Some(t(dw2, (b, d))?),
+        ))
+    }
+}
