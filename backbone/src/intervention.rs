@@ -160,11 +160,12 @@ pub trait Intervention {
         Ok(output)
     }
 
-    /// The update of projection `site` as a dense `ΔW [out, in]`, when the method's `project`
-    /// does nothing but add `x·ΔWᵀ`. Where the weight is a plain f32 CPU tensor the backbone
+    /// The update of projection `site` for this `input` as a dense `ΔW [out, in]`, when the
+    /// method's `project` does nothing but add `x·ΔWᵀ` (and building ΔW is the cheaper way
+    /// for this many input rows). Where the weight is a plain f32 CPU tensor the backbone
     /// multiplies by `W + ΔW` once and skips `project` for the site (one product each way
     /// instead of two); elsewhere it calls `project` as usual.
-    fn weight_delta(&self, _site: Site) -> Result<Option<Tensor>> {
+    fn weight_delta(&self, _site: Site, _input: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
 

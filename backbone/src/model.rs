@@ -1057,7 +1057,7 @@ pub fn gated(act: Activation, family: Family) -> bool {
 fn project(iv: &dyn Intervention, site: Site, lin: &Linear, x: &Tensor) -> Result<Tensor> {
     let x = in_f32(x, |x32| iv.project_input(site, x32))?;
     if lin.takes_delta(&x) {
-        if let Some(delta) = iv.weight_delta(site)? {
+        if let Some(delta) = iv.weight_delta(site, &x)? {
             return Ok(lin.forward_plus(&x, &delta)?);
         }
     }

@@ -203,7 +203,7 @@ impl Intervention for Loha {
     fn project(&self, site: Site, input: &Tensor, output: Tensor) -> candle_core::Result<Tensor> {
         self.factors.project(site, input, output)
     }
-    fn weight_delta(&self, site: Site) -> candle_core::Result<Option<Tensor>> {
+    fn weight_delta(&self, site: Site, _input: &Tensor) -> candle_core::Result<Option<Tensor>> {
         self.factors.weight_delta(site)
     }
 }

@@ -391,7 +391,7 @@ impl Intervention for Lokr {
     fn project(&self, site: Site, input: &Tensor, output: Tensor) -> candle_core::Result<Tensor> {
         self.parts.project(site, input, output)
     }
-    fn weight_delta(&self, site: Site) -> candle_core::Result<Option<Tensor>> {
+    fn weight_delta(&self, site: Site, _input: &Tensor) -> candle_core::Result<Option<Tensor>> {
         self.parts.weight_delta(site)
     }
 }

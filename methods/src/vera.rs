@@ -8,7 +8,7 @@ use crate::peft::{PeftKey, PeftReader, PeftState};
 use crate::{AttachContext, Method, Targets};
 use candle_core::{DType, Tensor};
 use peftbench_backbone::hf_names::{fused_qkv, module_path, target_name};
-use peftbench_backbone::ops::scale_columns;
+use peftbench_backbone::ops::{matmul_t, scale_columns};
 use peftbench_backbone::{
     Initializer, Intervention, ModelConfig, Site, TrainableParams, Transformer,
 };
@@ -90,9 +90,56 @@ impl VeraConfig {
 struct Part {
     lambda_b: Tensor,
     lambda_d: Tensor,
-    /// `A[:, :in]` and `B[:out, :]`, contiguous.
+    /// `A[:, :in]` and `B[:out, :]`, contiguous, and `A[:, :in]ᵀ` for building ΔW; shared
+    /// by the projections of the same widths.
     a: Tensor,
     b: Tensor,
+    a_t: Tensor,
+}
+
+/// How `x·ΔWᵀ` is computed for `rows` input rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Through the factors: `λ_b ⊙ (B·(λ_d ⊙ (A·x)))`, `2·rows·r·(in + out)` multiply-adds
+    /// forward and backward.
+    Factors,
+    /// ΔW built (`r·in·out` each way) and folded into W by the backbone: only ΔW's gradient
+    /// (`rows·in·out`) is extra.
+    Fold,
+    /// ΔW built and multiplied beside a weight that cannot take it (packed, or on another
+    /// device): three `rows·in·out` products.
+    Beside,
+}
+
+impl Part {
+    fn route(&self, input: &Tensor, can_fold: bool) -> candle_core::Result<Route> {
+        let (r, i) = self.a.dims2()?;
+        let o = self.b.dim(0)?;
+        let rows = input.elem_count() / i.max(1);
+        let factors = 2 * rows * r * (i + o);
+        let dense = 2 * r * i * o + if can_fold { rows } else { 3 * rows } * i * o;
+        Ok(match (dense < factors, can_fold) {
+            (false, _) => Route::Factors,
+            (true, true) => Route::Fold,
+            (true, false) => Route::Beside,
+        })
+    }
+
+    /// `x·ΔWᵀ` through the factors. A and B are frozen: as the base's projections, their
+    /// products return only the input's gradient (a matmul would also compute A's and B's,
+    /// then drop them).
+    fn through_factors(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let frozen =
+            |w: &Tensor, x: &Tensor| peftbench_backbone::Linear::new(w.clone(), None).forward(x);
+        let low = scale_columns(&frozen(&self.a, x)?, &self.lambda_d)?;
+        scale_columns(&frozen(&self.b, &low)?, &self.lambda_b)
+    }
+
+    /// diag(λ_b)·B·diag(λ_d)·A, trained through λ_b and λ_d only.
+    fn trained_delta(&self) -> candle_core::Result<Tensor> {
+        let bd = scale_columns(&self.b, &self.lambda_d)?;
+        matmul_t(&bd, &self.a_t)?.broadcast_mul(&self.lambda_b.unsqueeze(1)?)
+    }
 }
 
 /// VeRA attached to a model.
@@ -124,10 +171,19 @@ impl Vera {
     ) -> Result<Self> {
         let mut params = TrainableParams::new();
         let mut parts = BTreeMap::new();
+        let (mut a_of, mut b_of) = (BTreeMap::new(), BTreeMap::new());
         for (site, (lb, ld)) in vectors {
             let (i, o) = crate::site_shape(model, site.proj);
-            let a = shared_a.narrow(1, 0, i)?.contiguous()?;
-            let b = shared_b.narrow(0, 0, o)?.contiguous()?;
+            if !a_of.contains_key(&i) {
+                let a = shared_a.narrow(1, 0, i)?.contiguous()?;
+                let a_t = a.t()?.contiguous()?;
+                a_of.insert(i, (a, a_t));
+            }
+            if !b_of.contains_key(&o) {
+                b_of.insert(o, shared_b.narrow(0, 0, o)?.contiguous()?);
+            }
+            let (a, a_t) = a_of[&i].clone();
+            let b = b_of[&o].clone();
             let lambda_b = params.add(format!("{site}.vera_lambda_b"), lb)?;
             let lambda_d = params.add(format!("{site}.vera_lambda_d"), ld)?;
             parts.insert(
@@ -137,6 +193,7 @@ impl Vera {
                     lambda_d,
                     a,
                     b,
+                    a_t,
                 },
             );
         }
@@ -262,13 +319,21 @@ impl Intervention for Vera {
         if self.merged.get() {
             return Ok(output);
         }
-        // A and B are frozen: as the base's projections, their products return only the
-        // input's gradient (a matmul would also compute A's and B's, then drop them).
-        let frozen =
-            |w: &Tensor, x: &Tensor| peftbench_backbone::Linear::new(w.clone(), None).forward(x);
-        let low = scale_columns(&frozen(&part.a, input)?, &part.lambda_d)?;
-        let up = scale_columns(&frozen(&part.b, &low)?, &part.lambda_b)?;
-        output + up
+        match part.route(input, false)? {
+            Route::Beside => output + matmul_t(input, &part.trained_delta()?)?,
+            _ => output + part.through_factors(input)?,
+        }
+    }
+
+    /// ΔW where the weight takes it and building it costs less than the factor products (at
+    /// large r: VeRA's budget buys r in the thousands where LoRA's buys 8).
+    fn weight_delta(&self, site: Site, input: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        match self.parts.get(&site) {
+            Some(part) if !self.merged.get() && part.route(input, true)? == Route::Fold => {
+                Ok(Some(part.trained_delta()?))
+            }
+            _ => Ok(None),
+        }
     }
 }
 
@@ -372,5 +437,63 @@ impl crate::MethodSpec for VeraConfig {
     }
     fn attach(&self, ctx: &mut AttachContext) -> Result<Box<dyn Method>> {
         Ok(Box::new(Vera::attach(self, ctx)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Part;
+    use candle_core::{Device, Tensor, Var};
+    use peftbench_backbone::ops::matmul_t;
+    use peftbench_backbone::Initializer;
+    use proptest::prelude::*;
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// Building ΔW gives the factor products' output and the same gradients for the
+        /// input, λ_b and λ_d.
+        #[test]
+        fn building_delta_matches_the_factor_products(
+            (r, i, o) in (1usize..40, 1usize..24, 1usize..24),
+            rows in 1usize..30,
+            seed in any::<u64>(),
+        ) {
+            let dev = Device::Cpu;
+            let mut init = Initializer::new(seed);
+            let mut var = |shape: &[usize]| Var::from_tensor(&init.normal(shape, 1.0, &dev).unwrap()).unwrap();
+            let (lb, ld, x) = (var(&[o]), var(&[r]), var(&[rows, i]));
+            let (a, b) = (var(&[r, i]).as_tensor().detach(), var(&[o, r]).as_tensor().detach());
+            let g = var(&[rows, o]).as_tensor().detach();
+            let part = Part {
+                lambda_b: lb.as_tensor().clone(),
+                lambda_d: ld.as_tensor().clone(),
+                a_t: a.t().unwrap().contiguous().unwrap(),
+                a,
+                b,
+            };
+            let factors = part.through_factors(&x).unwrap();
+            let built = matmul_t(&x, &part.trained_delta().unwrap()).unwrap();
+            let close = |u: &Tensor, v: &Tensor| max_abs(u, v) <= 1e-5 * (1.0 + max_abs(v, &v.zeros_like().unwrap()));
+            prop_assert!(close(&built, &factors), "value differs by {}", max_abs(&built, &factors));
+            let gf = (&factors * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (&built * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &lb, &ld] {
+                let (p, q) = (gb.get(v).unwrap(), gf.get(v).unwrap());
+                prop_assert!(close(p, q), "gradient differs by {}", max_abs(p, q));
+            }
+        }
     }
 }
