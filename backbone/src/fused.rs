@@ -586,6 +586,8 @@ fn run_row_reduction(
     rows: impl Fn(&[f32], &[f32], Option<&mut [f32]>) -> (Vec<f32>, Vec<f32>) + Sync,
 ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
     let s = step(d);
+    // Partial sums added in chunk order (rayon's `reduce_with` pairs them as its threads
+    // split the work, and the weight's gradient bits would differ run to run).
     let add = |mut a: (Vec<f32>, Vec<f32>), b: (Vec<f32>, Vec<f32>)| {
         for (a, b) in a.0.iter_mut().zip(&b.0) {
             *a += b;
@@ -603,13 +605,17 @@ fn run_row_reduction(
             .par_chunks_mut(s)
             .zip(chunks)
             .map(|(dx, (x, g))| rows(x, g, Some(dx)))
-            .reduce_with(add)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .reduce(add)
             .unwrap_or_default();
         (Some(dx), sums.0, sums.1)
     } else {
         let sums = chunks
             .map(|(x, g)| rows(x, g, None))
-            .reduce_with(add)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .reduce(add)
             .unwrap_or_default();
         (None, sums.0, sums.1)
     }
@@ -662,15 +668,17 @@ fn column_sums(g: &[f32], x: Option<&[f32]>, n: usize) -> Vec<f32> {
             }
             acc
         })
-        .reduce(
-            || vec![0f32; n],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(&b) {
-                    *x += y;
-                }
-                a
-            },
-        )
+        .collect::<Vec<_>>()
+        .into_iter()
+        // In chunk order: rayon's `reduce` pairs partial sums as its threads happen to split
+        // the work, so the bits of a bias's or a scale's gradient would differ run to run.
+        .reduce(|mut a, b| {
+            for (x, y) in a.iter_mut().zip(&b) {
+                *x += y;
+            }
+            a
+        })
+        .unwrap_or_else(|| vec![0f32; n])
 }
 
 /// `out[row] = y[row] (+ or ⊙) v` for rows of `v.len()`.

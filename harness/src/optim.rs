@@ -269,8 +269,11 @@ impl AdamW {
         for s in &self.slots {
             if let Some(a) = &s.acc {
                 if a.device().is_cpu() && a.dtype() == DType::F32 {
+                    // Chunk sums added in chunk order: rayon's `sum` combines them in whatever
+                    // order the threads finish, and the bits would differ run to run.
                     sq += with_f32_slice(&a.contiguous()?, |g| {
-                        g.par_chunks(CHUNK).map(sum_of_squares).sum::<f64>()
+                        let parts: Vec<f64> = g.par_chunks(CHUNK).map(sum_of_squares).collect();
+                        parts.iter().sum::<f64>()
                     })?;
                 } else {
                     let part = a.sqr()?.sum_all()?;
