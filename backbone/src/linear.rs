@@ -16,6 +16,9 @@ pub struct Linear {
     quantized: Option<Arc<QTensor>>,
     /// The frozen weight packed for the bf16 GEMM, when the run asks for bf16 matmuls.
     packed: Option<Arc<crate::bf16_matmul::PackedWeight>>,
+    /// The run asks for bf16 products and this CPU has a kernel for them: a frozen weight's
+    /// go through `packed`, a trained weight's through a packing made per product.
+    bf16: bool,
 }
 
 impl Linear {
@@ -26,17 +29,23 @@ impl Linear {
             bias,
             quantized: None,
             packed: None,
+            bf16: false,
         }
     }
 
     /// Packs a frozen f32 CPU weight for the bf16 GEMM, so its products (forward and input
     /// gradient) run in bf16 with f32 sums. Returns whether it did: a trained, quantized or
     /// non-f32 weight, a CPU without a bf16 kernel, or the composite kernels keep the f32 GEMM
-    /// (see [`crate::bf16_matmul::PackedWeight::for_frozen`]).
+    /// (see [`crate::bf16_matmul::PackedWeight::for_frozen`]). Once the weight trains (full
+    /// fine-tuning), its products run in bf16 too, from its f32 values at each product, and
+    /// its gradient in f32 (autocast's mixed precision, with the weight gradient kept f32).
     pub fn pack_bf16(&mut self) -> Result<bool> {
         if self.quantized.is_some() {
             return Ok(false);
         }
+        self.bf16 = self.weight.dtype() == DType::F32
+            && crate::kernels::fused_on(DType::F32, self.weight.device())
+            && crate::bf16_gemm::available();
         self.packed = crate::bf16_matmul::PackedWeight::for_frozen(&self.weight)?.map(Arc::new);
         Ok(self.packed.is_some())
     }
@@ -152,12 +161,20 @@ impl Linear {
                 && x.dtype() == DType::F32
                 && crate::kernels::fused_on(DType::F32, x.device())
         });
+        let trained_bf16 = self.bf16
+            && self.weight.is_variable()
+            && self.weight.dtype() == DType::F32
+            && x.dtype() == DType::F32
+            && crate::kernels::fused_on(DType::F32, x.device())
+            && self.weight.is_contiguous();
         let mut y = if let Some(p) = packed {
             crate::bf16_matmul::bf16_matmul(&x2, p)?
         } else if let Some(q) = &self.quantized {
             crate::quantized::quantized_matmul(&x2, q)?
         } else if frozen {
             crate::frozen_matmul::frozen_matmul(&x2, &self.weight)?
+        } else if trained_bf16 {
+            crate::trained_matmul::trained_matmul(&x2, &self.weight, true)?
         } else {
             crate::ops::matmul_t(&x2, &self.weight.to_dtype(x.dtype())?)?
         };

@@ -53,7 +53,7 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let rows = lead.iter().product::<usize>();
     let x2 = x.reshape((rows, *inp.first().unwrap_or(&1)))?;
     let y = if fused::eligible(&[&x2, w]) && w.rank() == 2 && w.is_contiguous() {
-        crate::trained_matmul::trained_matmul(&x2, w)?
+        crate::trained_matmul::trained_matmul(&x2, w, false)?
     } else {
         x2.matmul(&w.t()?)?
     };

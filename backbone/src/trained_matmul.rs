@@ -5,13 +5,21 @@
 //! striding across memory (2% of a MiniLM full fine-tuning step in `perf`). Here the backward
 //! writes `gᵀ·x` straight into `[out, in]` with the GEMM, and skips either gradient when
 //! its operand does not train.
+//!
+//! In a bf16 run the forward and the input gradient go through the bf16 GEMM as a frozen
+//! weight's do, from a packing of the f32 weight made for that product (the weight changes
+//! every step); the weight's gradient stays an f32 product of f32 operands.
 
 use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
 
+use crate::bf16_gemm::PackedB;
 use crate::frozen_matmul::{gemm_traced, x_wt};
 use crate::fused::{gemm_output, slice, with_slices};
 
-struct TrainedMatmul;
+/// `bf16`: the forward and input-gradient products in bf16 (see the module's doc).
+struct TrainedMatmul {
+    bf16: bool,
+}
 
 impl CustomOp2 for TrainedMatmul {
     fn name(&self) -> &'static str {
@@ -30,7 +38,12 @@ impl CustomOp2 for TrainedMatmul {
         if w_in != inp {
             candle_core::bail!("trained-matmul: input width {inp}, weight [{out}, {w_in}]");
         }
-        let dst = x_wt(slice(s1, l1)?, rows, inp, slice(s2, l2)?, out);
+        let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
+        let dst = if self.bf16 {
+            bf16_product(x, rows, &PackedB::pack(w, inp, out, 1, inp))
+        } else {
+            x_wt(x, rows, inp, w, out)
+        };
         Ok((CpuStorage::F32(dst), Shape::from((rows, out))))
     }
 
@@ -49,6 +62,9 @@ impl CustomOp2 for TrainedMatmul {
             let (x, w, g) = (s[0], s[1], s[2]);
             // dx [rows, in] = g·W.
             let dx = need_dx.then(|| {
+                if self.bf16 {
+                    return bf16_product(g, rows, &PackedB::pack(w, out, inp, inp, 1));
+                }
                 let mut dx = gemm_output(rows * inp);
                 gemm_traced(
                     (rows, inp, out),
@@ -87,7 +103,16 @@ impl CustomOp2 for TrainedMatmul {
     }
 }
 
-/// `x [rows, in] · Wᵀ` for a contiguous f32 CPU weight `[out, in]` that trains.
-pub(crate) fn trained_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(weight, TrainedMatmul)
+/// `[rows, k] · B` through the bf16 GEMM into a new buffer.
+fn bf16_product(a: &[f32], rows: usize, b: &PackedB) -> Vec<f32> {
+    let mut dst = gemm_output(rows * b.n());
+    crate::bf16_gemm::matmul(a, rows, b, &mut dst);
+    dst
+}
+
+/// `x [rows, in] · Wᵀ` for a contiguous f32 CPU weight `[out, in]` that trains; with `bf16`
+/// (a bf16 kernel must run here: see [`crate::bf16_gemm::available`]) its forward and input
+/// gradient run in bf16.
+pub(crate) fn trained_matmul(x: &Tensor, weight: &Tensor, bf16: bool) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(weight, TrainedMatmul { bf16 })
 }

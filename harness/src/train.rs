@@ -437,7 +437,7 @@ pub fn run(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path) ->
     if spec.train.dtype == Precision::Bf16 && device.is_cpu() {
         match (fused, peftbench_backbone::bf16_gemm::best()) {
             (true, Some(k)) => {
-                rec.env.kernels = format!("fused; frozen products in bf16 ({})", k.name())
+                rec.env.kernels = format!("fused; projection products in bf16 ({})", k.name())
             }
             (false, _) => {
                 rec.env.dtype =
@@ -453,8 +453,9 @@ pub fn run(spec: &RunSpec, base: &Base, task: &TaskData, adapters_dir: &Path) ->
 
 /// On the CPU, `dtype = "bf16"` packs the frozen projections for the bf16 GEMM (AMX or
 /// AVX-512-BF16, picked at run time): their products, forward and input gradient, take
-/// bf16 operands and sum in f32; every other op, the trained parameters and the activations
-/// stay f32. Without either kernel, or under `PEFTBENCH_KERNELS=composite` (the packed
+/// bf16 operands and sum in f32 (a projection that trains, in full fine-tuning, packs its
+/// f32 weight at each product and keeps its gradient f32); every other op, the trained
+/// parameters and the activations stay f32. Without either kernel, or under `PEFTBENCH_KERNELS=composite` (the packed
 /// products are a fused CPU kernel), the run is f32, and its record says so.
 fn bf16_on_cpu(model: &mut Transformer) -> Result<(), HarnessError> {
     model.pack_frozen_bf16()?;
