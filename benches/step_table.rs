@@ -209,7 +209,7 @@ fn main() {
     if base.is_packed_bf16() {
         let k = peftbench_backbone::bf16_gemm::best().map_or("", |k| k.name());
         dtype.push_str(&format!(
-            " with the frozen projections' products in bf16 ({k}; the GEMM floor replays them with the same kernel on weights packed once)"
+            " with the projections' products in bf16 ({k}; frozen weights packed once, trained ones (full fine-tuning) at each product; the GEMM floor replays them with the same kernel on weights packed once)"
         ));
     }
     let _ = writeln!(md, "Device: {device}, dtype {dtype}, shape {shape}.\n");

@@ -80,7 +80,7 @@ pub fn bench_model() -> Transformer {
     };
     let device = bench_device();
     if bench_dtype() == candle_core::DType::BF16 && device.is_cpu() {
-        // On the CPU bf16 means the frozen projections' products in bf16 (as `run` does).
+        // On the CPU bf16 means the projections' products in bf16 (as `run` does).
         let mut base = base.to(&device, candle_core::DType::F32).unwrap();
         if base.pack_frozen_bf16().unwrap() == 0 {
             eprintln!("no bf16 kernel on this CPU, or composite kernels: the bench runs f32");
