@@ -14,6 +14,15 @@ use proptest::prelude::*;
 
 use common::bf16_rounded as rounded;
 
+/// Whether this CPU lacks a bf16 kernel (the test then says it is skipped).
+fn no_kernel() -> bool {
+    let none = !available();
+    if none {
+        eprintln!("skipped: no bf16 kernel on this CPU");
+    }
+    none
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
 
@@ -24,8 +33,7 @@ proptest! {
         out in 1usize..100,
         seed in 0u64..1000,
     ) {
-        if !available() {
-            eprintln!("skipped: no bf16 kernel on this CPU");
+        if no_kernel() {
             return Ok(());
         }
         let dev = Device::Cpu;
@@ -54,8 +62,7 @@ proptest! {
         out in 1usize..100,
         seed in 0u64..1000,
     ) {
-        if !available() {
-            eprintln!("skipped: no bf16 kernel on this CPU");
+        if no_kernel() {
             return Ok(());
         }
         let dev = Device::Cpu;
@@ -82,8 +89,7 @@ proptest! {
 
 #[test]
 fn a_replaced_weight_is_not_read_from_its_old_packing() {
-    if !available() {
-        eprintln!("skipped: no bf16 kernel on this CPU");
+    if no_kernel() {
         return;
     }
     let dev = Device::Cpu;
@@ -113,8 +119,7 @@ fn a_replaced_weight_is_not_read_from_its_old_packing() {
 
 #[test]
 fn a_packed_model_trains_lora_and_full_fine_tuning_like_the_f32_model_within_bf16_rounding() {
-    if !available() {
-        eprintln!("skipped: no bf16 kernel on this CPU");
+    if no_kernel() {
         return;
     }
     let mut init = Initializer::new(5);
@@ -132,40 +137,42 @@ fn a_packed_model_trains_lora_and_full_fine_tuning_like_the_f32_model_within_bf1
         assert!(packed.is_packed_bf16());
         // Full fine-tuning's weights train, so their products pack per call.
         for name in ["lora", "full_finetune"] {
-        let config = MethodConfig::defaults()
-            .into_iter()
-            .find(|m| m.name() == name)
-            .unwrap();
-        let run = |model: &Transformer| {
-            let mut model = model.clone();
-            let method = config.attach(&mut AttachContext::new(&mut model, 7)).unwrap();
-            let vars = method.params().vars();
-            // B starts at zero: nudge it so A's gradient is not zero too.
-            for v in &vars {
-                v.set(&(v.as_tensor() + 0.05).unwrap()).unwrap();
-            }
-            let h = model.forward(&x, method.as_ref()).unwrap().hidden;
-            // A random readout: a post-norm model's Σh² is nearly constant, its gradient all
-            // cancellation.
-            let c = Initializer::new(11)
-                .normal(h.dims(), 1.0, &Device::Cpu)
+            let config = MethodConfig::defaults()
+                .into_iter()
+                .find(|m| m.name() == name)
                 .unwrap();
-            let g = (&h * &c).unwrap().sum_all().unwrap().backward().unwrap();
-            (h, grads_of(&g, &vars))
-        };
-        let (h32, g32) = run(&base);
-        let (h16, g16) = run(&packed);
-        let dh = max_abs_diff(&h16, &h32) / common::largest(std::slice::from_ref(&h32));
-        assert!(dh > 0.0, "{family} {name}: the packing was not used");
-        assert!(
-            dh < 2e-2,
-            "{family} {name}: hidden states differ by {dh} of the largest"
-        );
-        let dg = grads_rel_diff(&g16, &g32);
-        assert!(
-            dg < 2e-2,
-            "{family} {name}: gradients differ by {dg} of the largest"
-        );
+            let run = |model: &Transformer| {
+                let mut model = model.clone();
+                let method = config
+                    .attach(&mut AttachContext::new(&mut model, 7))
+                    .unwrap();
+                let vars = method.params().vars();
+                // B starts at zero: nudge it so A's gradient is not zero too.
+                for v in &vars {
+                    v.set(&(v.as_tensor() + 0.05).unwrap()).unwrap();
+                }
+                let h = model.forward(&x, method.as_ref()).unwrap().hidden;
+                // A random readout: a post-norm model's Σh² is nearly constant, its gradient all
+                // cancellation.
+                let c = Initializer::new(11)
+                    .normal(h.dims(), 1.0, &Device::Cpu)
+                    .unwrap();
+                let g = (&h * &c).unwrap().sum_all().unwrap().backward().unwrap();
+                (h, grads_of(&g, &vars))
+            };
+            let (h32, g32) = run(&base);
+            let (h16, g16) = run(&packed);
+            let dh = max_abs_diff(&h16, &h32) / common::largest(std::slice::from_ref(&h32));
+            assert!(dh > 0.0, "{family} {name}: the packing was not used");
+            assert!(
+                dh < 2e-2,
+                "{family} {name}: hidden states differ by {dh} of the largest"
+            );
+            let dg = grads_rel_diff(&g16, &g32);
+            assert!(
+                dg < 2e-2,
+                "{family} {name}: gradients differ by {dg} of the largest"
+            );
         }
     }
 }

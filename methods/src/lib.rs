@@ -25,6 +25,8 @@ pub mod prefix_kv;
 pub mod prefix_tuning;
 pub mod prompt_tuning;
 mod registry;
+#[cfg(test)]
+mod test_util;
 pub mod vera;
 
 pub use adalora::{AdaLora, AdaLoraConfig};

@@ -505,23 +505,11 @@ impl crate::MethodSpec for LokrConfig {
 #[cfg(test)]
 mod tests {
     use super::{factorization, kron, Factor, Kron};
-    use candle_core::{Device, Tensor, Var};
+    use crate::test_util::{close, max_abs};
+    use candle_core::{Device, Var};
     use peftbench_backbone::kernels::{with_kernels, Kernels};
     use peftbench_backbone::Initializer;
     use proptest::prelude::*;
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
@@ -556,15 +544,14 @@ mod tests {
             let delta = kron(&w1.as_tensor().clone(), &k.w2.value().unwrap()).unwrap();
             let dense = x.as_tensor().broadcast_matmul(&(delta * 0.75).unwrap().t().unwrap()).unwrap();
             let gd = (&dense * &g).unwrap().sum_all().unwrap().backward().unwrap();
-            let close = |a: &Tensor, b: &Tensor| max_abs(a, b) <= 2e-5 * (1.0 + max_abs(b, &b.zeros_like().unwrap()));
             // The fused CPU op and the composition of candle ops other devices run.
             for kernels in [Kernels::Fused, Kernels::Composite] {
                 let structured = with_kernels(kernels, || k.product(&x)).unwrap();
-                prop_assert!(close(&structured, &dense), "{:?}: value", kernels);
+                prop_assert!(close(&structured, &dense, 2e-5), "{:?}: value", kernels);
                 let gs = (structured * &g).unwrap().sum_all().unwrap().backward().unwrap();
                 for v in std::iter::once(&x).chain([&w1]).chain(w2.iter()) {
                     let (s, d) = (gs.get(v).unwrap(), gd.get(v).unwrap());
-                    prop_assert!(close(s, d), "{:?}: gradient differs by {}", kernels, max_abs(s, d));
+                    prop_assert!(close(s, d, 2e-5), "{:?}: gradient differs by {}", kernels, max_abs(s, d));
                 }
             }
         }
