@@ -14,15 +14,16 @@ pub(crate) trait Delta {
     /// ΔW `[out, in]`, scaling included.
     fn delta(&self) -> candle_core::Result<Tensor>;
 
-    /// x·ΔWᵀ computed from ΔW's structure without building it, where that is cheaper than
-    /// the dense product; `None` where it is not.
-    fn apply(&self, _x: &Tensor) -> Option<candle_core::Result<Tensor>> {
-        None
+    /// `x·ΔWᵀ`: by default one product with ΔW over the flattened rows (a batched matmul
+    /// would take each row's product, and each row's share of ΔW's gradient, as a GEMM of
+    /// its own); through ΔW's structure where [`Delta::structured`].
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        peftbench_backbone::ops::matmul_t(x, &self.delta()?.contiguous()?)
     }
 
-    /// Whether [`Delta::apply`] answers. Then the backbone is not offered ΔW to fold into the
-    /// weight either: the structured product beside the frozen one costs less than a product
-    /// against W + ΔW and ΔW's dense gradient.
+    /// Whether [`Delta::apply`] goes through ΔW's structure. Then the backbone is not offered
+    /// ΔW to fold into the weight either: the structured product beside the frozen one costs
+    /// less than a product against W + ΔW and ΔW's dense gradient.
     fn structured(&self) -> bool {
         false
     }
@@ -62,14 +63,7 @@ impl<D: Delta> DeltaSites<D> {
         output: Tensor,
     ) -> candle_core::Result<Tensor> {
         match self.sites.get(&site) {
-            // As one [tokens, in] product: a batched matmul would take each row's product,
-            // and each row's share of ΔW's gradient, as a GEMM of its own.
-            Some(d) if !self.merged.get() => match d.apply(input) {
-                Some(y) => output + y?,
-                None => {
-                    output + peftbench_backbone::ops::matmul_t(input, &d.delta()?.contiguous()?)?
-                }
-            },
+            Some(d) if !self.merged.get() => output + d.apply(input)?,
             _ => Ok(output),
         }
     }

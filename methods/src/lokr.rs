@@ -10,7 +10,7 @@ use crate::peft::{PeftKey, PeftReader, PeftState};
 use crate::{AttachContext, Method, Targets};
 use candle_core::{DType, Tensor};
 use peftbench_backbone::hf_names::{fused_qkv, module_path, target_name};
-use peftbench_backbone::ops::kronecker_product;
+use peftbench_backbone::ops::{kronecker_product, matmul_t};
 use peftbench_backbone::{Intervention, ModelConfig, Site, TrainableParams, Transformer};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -212,8 +212,12 @@ impl Delta for Kron {
     /// With an input row seen as a `[c, d]` block X, its output as an `[a, b]` block is
     /// W1·X·W2ᵀ: two small products per row instead of one against all of ΔW, and no ΔW
     /// gradient the size of the weight.
-    fn apply(&self, x: &Tensor) -> Option<candle_core::Result<Tensor>> {
-        self.structured().then(|| self.product(x))
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.structured() {
+            self.product(x)
+        } else {
+            matmul_t(x, &self.delta()?.contiguous()?)
+        }
     }
 
     /// Where it takes under half the dense product's work (not when a dimension factors
