@@ -9,11 +9,10 @@
 //! the backward reads the input and the incoming gradient once for all three gradients.
 
 use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
 use crate::attention::SendPtr;
 use crate::fused::{mad, simd, slice, uninit, with_slices};
-use crate::low_rank::{for_blocks, transposed, BLOCK};
+use crate::low_rank::{for_blocks, sum_over_blocks, transposed, BLOCK};
 
 /// `x [.., c·d]·(scale·w1 ⊗ w2)ᵀ` for `w1 [a, c]`, `w2 [b, d]`; returns `[.., a·b]`. Element
 /// `(i·b + k, j·d + l)` of the Kronecker product is `w1[i, j]·w2[k, l]`.
@@ -195,17 +194,17 @@ impl CustomOp3 for Kronecker {
                 Vec::new()
             };
             let dxp = SendPtr(dx.as_mut_ptr());
-            // Per task: the factors' gradients, summed in task order (the same bits every run).
-            let blocks = rows.div_ceil(BLOCK);
-            let tasks = rayon::current_num_threads().clamp(1, blocks);
-            let per = blocks.div_ceil(tasks);
-            let task = |i: usize| {
-                let (mut dw1, mut dw2) = (vec![0f32; a * c], vec![0f32; b * d]);
-                let (mut t, mut u) = (vec![0f32; BLOCK * c * b], vec![0f32; BLOCK * c * b]);
-                let mut tt = vec![0f32; c * b];
-                for blk in i * per..((i + 1) * per).min(blocks) {
-                    let lo = blk * BLOCK;
-                    let n = BLOCK.min(rows - lo);
+            // The factors' gradients, unscaled.
+            let start = || {
+                let scratch = (
+                    vec![0f32; BLOCK * c * b],
+                    vec![0f32; BLOCK * c * b],
+                    vec![0f32; c * b],
+                );
+                (scratch, [vec![0f32; a * c], vec![0f32; b * d]])
+            };
+            let [mut dw1, mut dw2] =
+                sum_over_blocks(rows, start, |(t, u, tt), lo, n, [dw1, dw2]| {
                     let (xb, gb) = (&x[lo * inp..(lo + n) * inp], &g[lo * out..(lo + n) * out]);
                     let (t, u) = (&mut t[..n * c * b], &mut u[..n * c * b]);
                     forward_rows(xb, w1, &w2t, k, s, t, &mut []);
@@ -215,23 +214,8 @@ impl CustomOp3 for Kronecker {
                     } else {
                         &mut []
                     };
-                    backward_rows(
-                        xb, gb, t, &w1t, w2, k, s, u, &mut tt, dxb, &mut dw1, &mut dw2,
-                    );
-                }
-                (dw1, dw2)
-            };
-            let parts: Vec<_> = if tasks > 1 {
-                (0..tasks).into_par_iter().map(task).collect()
-            } else {
-                vec![task(0)]
-            };
-            let mut parts = parts.into_iter();
-            let (mut dw1, mut dw2) = parts.next().expect("one task at least");
-            for (p1, p2) in parts {
-                dw1.iter_mut().zip(p1).for_each(|(d, p)| *d += p);
-                dw2.iter_mut().zip(p2).for_each(|(d, p)| *d += p);
-            }
+                    backward_rows(xb, gb, t, &w1t, w2, k, s, u, tt, dxb, dw1, dw2);
+                });
             dw1.iter_mut().chain(dw2.iter_mut()).for_each(|v| *v *= s);
             Ok((need_dx.then_some(dx), dw1, dw2))
         })?;

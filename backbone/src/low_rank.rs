@@ -151,6 +151,40 @@ pub(crate) fn for_blocks(rows: usize, f: impl Fn(usize, usize) + Sync) {
     }
 }
 
+/// Runs `f(scratch, lo, n, sums)` on every block of `rows` (its first row and length), the
+/// blocks cut into one contiguous run per thread. Each run starts from `start()` and adds
+/// into its own two sums; the runs' sums are added in run order, so the bits repeat.
+pub(crate) fn sum_over_blocks<S>(
+    rows: usize,
+    start: impl Fn() -> (S, [Vec<f32>; 2]) + Sync,
+    f: impl Fn(&mut S, usize, usize, &mut [Vec<f32>; 2]) + Sync,
+) -> [Vec<f32>; 2] {
+    let blocks = rows.div_ceil(BLOCK);
+    let runs = rayon::current_num_threads().clamp(1, blocks.max(1));
+    let per = blocks.div_ceil(runs);
+    let run = |t: usize| {
+        let (mut scratch, mut sums) = start();
+        for i in t * per..((t + 1) * per).min(blocks) {
+            let lo = i * BLOCK;
+            f(&mut scratch, lo, BLOCK.min(rows - lo), &mut sums);
+        }
+        sums
+    };
+    let parts: Vec<_> = if runs > 1 {
+        (0..runs).into_par_iter().map(run).collect()
+    } else {
+        vec![run(0)]
+    };
+    let mut parts = parts.into_iter();
+    let mut total = parts.next().expect("one run at least");
+    for part in parts {
+        for (t, p) in total.iter_mut().zip(part) {
+            t.iter_mut().zip(p).for_each(|(d, v)| *d += v);
+        }
+    }
+    total
+}
+
 impl CustomOp3 for LowRank {
     fn name(&self) -> &'static str {
         "low-rank-delta"
@@ -205,44 +239,25 @@ impl CustomOp3 for LowRank {
                 Vec::new()
             };
             let dxp = SendPtr(dx.as_mut_ptr());
-            // Per task: dA [r, in] and dBᵀ/s [r, out], summed in task order (the same bits
-            // every run).
-            let blocks = rows.div_ceil(BLOCK);
-            let tasks = rayon::current_num_threads().clamp(1, blocks);
-            let per = blocks.div_ceil(tasks);
-            let task = |t: usize| {
-                let (mut da, mut dbt) = (vec![0f32; r * inp], vec![0f32; r * out]);
-                let (mut low, mut dlow) = (vec![0f32; BLOCK * r], vec![0f32; BLOCK * r]);
-                for i in t * per..((t + 1) * per).min(blocks) {
-                    let lo = i * BLOCK;
-                    let n = BLOCK.min(rows - lo);
-                    let (xb, gb) = (&x[lo * inp..(lo + n) * inp], &g[lo * out..(lo + n) * out]);
-                    let (low, dlow) = (&mut low[..n * r], &mut dlow[..n * r]);
-                    dots(xb, a, inp, 1.0, low);
-                    // d_low = s·g·B.
-                    dots(gb, &bt, out, s, dlow);
-                    outer_acc(low, gb, out, &mut dbt);
-                    outer_acc(dlow, xb, inp, &mut da);
-                    if need_dx {
-                        // SAFETY: blocks are disjoint row ranges of `dx` (`rows · in`).
-                        let dxb =
-                            unsafe { std::slice::from_raw_parts_mut(dxp.at(lo * inp), n * inp) };
-                        combine(dlow, a, inp, 1.0, dxb);
-                    }
+            // dA [r, in] and dBᵀ/s [r, out].
+            let start = || {
+                let scratch = (vec![0f32; BLOCK * r], vec![0f32; BLOCK * r]);
+                (scratch, [vec![0f32; r * inp], vec![0f32; r * out]])
+            };
+            let [da, dbt] = sum_over_blocks(rows, start, |(low, dlow), lo, n, [da, dbt]| {
+                let (xb, gb) = (&x[lo * inp..(lo + n) * inp], &g[lo * out..(lo + n) * out]);
+                let (low, dlow) = (&mut low[..n * r], &mut dlow[..n * r]);
+                dots(xb, a, inp, 1.0, low);
+                // d_low = s·g·B.
+                dots(gb, &bt, out, s, dlow);
+                outer_acc(low, gb, out, dbt);
+                outer_acc(dlow, xb, inp, da);
+                if need_dx {
+                    // SAFETY: blocks are disjoint row ranges of `dx` (`rows · in`).
+                    let dxb = unsafe { std::slice::from_raw_parts_mut(dxp.at(lo * inp), n * inp) };
+                    combine(dlow, a, inp, 1.0, dxb);
                 }
-                (da, dbt)
-            };
-            let parts: Vec<_> = if tasks > 1 {
-                (0..tasks).into_par_iter().map(task).collect()
-            } else {
-                vec![task(0)]
-            };
-            let mut parts = parts.into_iter();
-            let (mut da, mut dbt) = parts.next().expect("one task at least");
-            for (pa, pb) in parts {
-                da.iter_mut().zip(pa).for_each(|(d, p)| *d += p);
-                dbt.iter_mut().zip(pb).for_each(|(d, p)| *d += p);
-            }
+            });
             let mut db = transposed(&dbt, r, out);
             db.iter_mut().for_each(|v| *v *= s);
             Ok((need_dx.then_some(dx), da, db))
