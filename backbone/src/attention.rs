@@ -25,6 +25,8 @@ struct Attention {
     visible: Visible,
     /// The packed rows' example per key, `[b, s]` flat, read on the host.
     segments: Option<Vec<u32>>,
+    /// Each query's own key, `[b, t]` flat, when not the last `t` keys in order.
+    queries: Option<Vec<u32>>,
     heads: usize,
     kv_heads: usize,
     scale: f32,
@@ -171,6 +173,13 @@ impl Attention {
                 if self.segments.as_ref().is_some_and(|g| g.len() != b * s) {
                     bail!("fused attention: segment ids do not fit [{b}, {s}]");
                 }
+                if let Some(q) = &self.queries {
+                    if q.len() != b * t || q.iter().any(|&j| j as usize >= s) {
+                        bail!(
+                            "fused attention: query positions do not fit [{b}, {t}] over {s} keys"
+                        );
+                    }
+                }
                 b
             }
         };
@@ -248,16 +257,19 @@ impl Attention {
             Visible::Keys { causal, .. } => {
                 let keys = &mask[bi * s..][..s];
                 let segments = self.segments.as_ref().map(|g| &g[bi * s..][..s]);
+                let queries = self.queries.as_ref().map(|q| &q[bi * n.t..][..n.t]);
                 for (i, p) in p.chunks_mut(s).enumerate() {
+                    // The query's own key: the last t keys in order unless given.
+                    let own_key = queries.map_or(r0 + i + s - n.t, |q| q[r0 + i] as usize);
                     // Keys after `last` are hidden from query r0 + i in a decoder (the same
                     // f32::MIN the dense bias holds there).
-                    let last = if *causal { r0 + i + s - n.t } else { s - 1 };
+                    let last = if *causal { own_key } else { s - 1 };
                     for (j, ((r, &x), &b)) in row.iter_mut().zip(p.iter()).zip(keys).enumerate() {
                         *r = x + if j > last { f32::MIN } else { b };
                     }
                     if let Some(seg) = segments {
                         // Another example's keys are hidden; example 0's are shared.
-                        let own = seg[r0 + i + s - n.t];
+                        let own = seg[own_key];
                         for (r, &g) in row.iter_mut().zip(seg) {
                             if g != 0 && g != own {
                                 *r = f32::MIN;
@@ -459,27 +471,33 @@ pub(crate) fn attention(
     kv_heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
-    let (visible, segments) = match visible {
-        Visible::Bias(b) => (Visible::Bias(b.contiguous()?), None),
+    let host = |x: &Option<Tensor>| -> Result<Option<Vec<u32>>> {
+        x.as_ref()
+            .map(|g| g.flatten_all()?.to_vec1::<u32>())
+            .transpose()
+    };
+    let (visible, segments, queries) = match visible {
+        Visible::Bias(b) => (Visible::Bias(b.contiguous()?), None, None),
         Visible::Keys {
             keys,
             causal,
             segments,
+            queries,
         } => (
             Visible::Keys {
                 keys: keys.contiguous()?,
                 causal: *causal,
                 segments: None,
+                queries: None,
             },
-            match segments {
-                Some(g) => Some(g.flatten_all()?.to_vec1::<u32>()?),
-                None => None,
-            },
+            host(segments)?,
+            host(queries)?,
         ),
     };
     let op = Attention {
         visible,
         segments,
+        queries,
         heads,
         kv_heads,
         scale: scale as f32,

@@ -5,6 +5,7 @@ use crate::init::Initializer;
 use crate::linear::Linear;
 use crate::model::{Encoded, Transformer};
 use crate::params::TrainableParams;
+use crate::read::Read;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +24,14 @@ pub enum Pooling {
 
 /// Pools `[batch, len, hidden]` into `[batch, hidden]`.
 pub fn pool(enc: &Encoded, pooling: Pooling) -> Result<Tensor> {
+    match (&enc.read, pooling) {
+        (Read::All, _) => {}
+        // The forward computed just the pooled position.
+        (Read::First, Pooling::First) | (Read::Last, Pooling::LastToken) => {
+            return Ok(enc.hidden.squeeze(1)?.to_dtype(DType::F32)?)
+        }
+        (read, _) => return Err(unpoolable(read, pooling)),
+    }
     let (b, s, h) = enc.hidden.dims3()?;
     // Heads, losses and metrics run in f32 whatever the base's dtype.
     let hidden = &enc.hidden;
@@ -45,6 +54,12 @@ pub fn pool(enc: &Encoded, pooling: Pooling) -> Result<Tensor> {
         }
     };
     Ok(pooled.to_dtype(DType::F32)?)
+}
+
+fn unpoolable(read: &Read, pooling: Pooling) -> crate::BackboneError {
+    crate::BackboneError::Input(format!(
+        "hidden states read at {read:?} cannot be pooled {pooling:?}"
+    ))
 }
 
 /// Index of the last non-padding position of each row of a `[batch, len]` 0/1 mask, as a
@@ -139,6 +154,18 @@ impl SequenceHead {
         self
     }
 
+    /// The final positions this head reads, so the forward computes the last layer at those
+    /// alone: one per row, or (`spans`, packed rows) one per example as
+    /// [`SequenceHead::forward_spans`] pools them; every position for mean pooling.
+    pub fn read(&self, spans: Option<&[(usize, usize)]>) -> Read {
+        match (self.pooling, spans) {
+            (Pooling::Mean, _) => Read::All,
+            (Pooling::First, None) => Read::First,
+            (Pooling::LastToken, None) => Read::Last,
+            (pooling, Some(spans)) => Read::At(span_reads(pooling, spans)),
+        }
+    }
+
     /// Closed-form trainable count: `outputs·hidden`, plus `outputs` with a bias (encoders).
     pub fn num_parameters(kind: HeadKind, hidden: usize, bias: bool) -> usize {
         kind.outputs() * (hidden + bias as usize)
@@ -154,12 +181,15 @@ impl SequenceHead {
                 self.pooling
             )));
         }
-        let (b, s, h) = enc.hidden.dims3()?;
-        let x = enc
-            .hidden
-            .reshape((b * s, h))?
-            .index_select(at, 0)?
-            .to_dtype(DType::F32)?;
+        let x = match &enc.read {
+            Read::All => {
+                let (b, s, h) = enc.hidden.dims3()?;
+                enc.hidden.reshape((b * s, h))?.index_select(at, 0)?
+            }
+            Read::At(read) if *read == at.to_vec1::<u32>()? => enc.hidden.squeeze(1)?,
+            read => return Err(unpoolable(read, self.pooling)),
+        }
+        .to_dtype(DType::F32)?;
         Ok(self.out.forward(&x)?)
     }
 
@@ -172,7 +202,9 @@ impl SequenceHead {
         enc: &Encoded,
         spans: &[(usize, usize)],
     ) -> Result<Tensor> {
-        let (b, s, h) = enc.hidden.dims3()?;
+        // The batch's shape: the mask's, whatever rows `hidden` holds.
+        let (b, s) = enc.mask.dims2()?;
+        let h = enc.hidden.dim(2)?;
         if enc.input_prefix_len > 0 {
             return Err(crate::BackboneError::Input(
                 "packed rows with an input prefix before every row".into(),
@@ -186,23 +218,28 @@ impl SequenceHead {
             )));
         }
         let dev = enc.hidden.device();
-        let flat = enc.hidden.reshape((b * s, h))?;
         let rows = |at: Vec<u32>| -> Result<Tensor> {
             let n = at.len();
+            let flat = enc.hidden.reshape((b * s, h))?;
             Ok(flat.index_select(&Tensor::from_vec(at, n, dev)?, 0)?)
         };
-        let mut x = match self.pooling {
-            Pooling::First => rows(spans.iter().map(|&(st, _)| st as u32).collect())?,
-            Pooling::LastToken => rows(spans.iter().map(|&(st, l)| (st + l - 1) as u32).collect())?,
-            Pooling::Mean => {
+        let mut x = match (&enc.read, self.pooling) {
+            (Read::All, Pooling::Mean) => {
                 // One averaging row per example: a product whose backward spreads the gradient.
                 let mut w = vec![0f32; spans.len() * b * s];
                 for (i, &(st, l)) in spans.iter().enumerate() {
                     w[i * b * s + st + p..][..l - p].fill(1.0 / (l - p) as f32);
                 }
+                let flat = enc.hidden.reshape((b * s, h))?;
                 Tensor::from_vec(w, (spans.len(), b * s), dev)?
                     .matmul(&flat.to_dtype(DType::F32)?)?
             }
+            (Read::All, pooling) => rows(span_reads(pooling, spans))?,
+            // The forward computed these rows alone, in span order.
+            (Read::At(read), pooling) if *read == span_reads(pooling, spans) => {
+                enc.hidden.squeeze(1)?
+            }
+            (read, pooling) => return Err(unpoolable(read, pooling)),
         }
         .to_dtype(DType::F32)?;
         if self.pooling == Pooling::First {
@@ -223,6 +260,17 @@ impl SequenceHead {
         }
         Ok(self.out.forward(&x)?)
     }
+}
+
+/// The flat position each packed example is pooled at: its first token or its last.
+fn span_reads(pooling: Pooling, spans: &[(usize, usize)]) -> Vec<u32> {
+    spans
+        .iter()
+        .map(|&(st, l)| match pooling {
+            Pooling::LastToken => (st + l - 1) as u32,
+            _ => st as u32,
+        })
+        .collect()
 }
 
 /// Next-token logits `[batch, len, vocab]` from the (tied or untied) LM head.

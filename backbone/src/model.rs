@@ -6,6 +6,7 @@ use crate::error::{BackboneError, Result};
 use crate::intervention::{Block, Intervention, KvPrefix, NormParams, NormSite, Proj, Site};
 use crate::linear::Linear;
 use crate::ops;
+use crate::read::{Read, Rows};
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
@@ -191,6 +192,8 @@ pub struct Encoded {
     pub input_prefix_len: usize,
     /// How many input-prefix vectors open each example of packed rows (in its slots).
     pub prompt_per_example: usize,
+    /// Which positions `hidden` holds.
+    pub read: Read,
 }
 
 /// The keys and values a decoder has computed so far, per layer (prefix keys included), so
@@ -491,7 +494,18 @@ impl Transformer {
 
     /// Runs the model on `inputs` with a method's hooks.
     pub fn forward(&self, inputs: &Inputs, iv: &dyn Intervention) -> Result<Encoded> {
-        self.forward_with(inputs, iv, None)
+        self.forward_with(inputs, iv, None, &Read::All)
+    }
+
+    /// [`Transformer::forward`] returning only the final hidden states `read` names: the last
+    /// layer computes its keys and values at every position and the rest at those alone.
+    pub fn forward_read(
+        &self,
+        inputs: &Inputs,
+        iv: &dyn Intervention,
+        read: &Read,
+    ) -> Result<Encoded> {
+        self.forward_with(inputs, iv, None, read)
     }
 
     /// Runs a causal decoder on `inputs` as the continuation of what `cache` holds and adds
@@ -516,7 +530,7 @@ impl Transformer {
                 "a key/value cache takes unpadded rows (the attention mask has zeros)".into(),
             ));
         }
-        self.forward_with(inputs, iv, Some(cache))
+        self.forward_with(inputs, iv, Some(cache), &Read::All)
     }
 
     fn forward_with(
@@ -524,6 +538,7 @@ impl Transformer {
         inputs: &Inputs,
         iv: &dyn Intervention,
         mut cache: Option<&mut KvCache>,
+        read: &Read,
     ) -> Result<Encoded> {
         let cfg = &self.config;
         // Positions already in the cache: the prefixes entered with its first call.
@@ -628,6 +643,7 @@ impl Transformer {
         } else {
             token_mask
         };
+        let rows = Rows::resolve(read, &mask)?;
 
         // Each packed token's position: after its example's virtual tokens where they take
         // positions.
@@ -670,6 +686,7 @@ impl Transformer {
                     keys: key_bias(&mask, kv_len)?,
                     causal: cfg.is_causal(),
                     segments,
+                    queries: None,
                 };
                 if fused {
                     keys
@@ -698,6 +715,7 @@ impl Transformer {
             c.layers
                 .resize_with(self.layers.len(), || (none.clone(), none.clone()));
         }
+        let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             let prefix_i = kv.as_ref().map(|k| &k[i]);
             let cached = cache.as_deref_mut().map(|c| &mut c.layers[i]);
@@ -707,7 +725,8 @@ impl Transformer {
                 prefix: prefix_i,
                 cached,
             };
-            h = self.layer_forward(i, layer, &h, step, iv)?;
+            let rows = rows.as_ref().filter(|_| i == last);
+            h = self.layer_forward(i, layer, &h, step, iv, rows)?;
             if !crate::grad_enabled() {
                 // Frees this layer's activations once the next layer has read `h`.
                 h = h.detach();
@@ -719,11 +738,15 @@ impl Transformer {
         if let Some(n) = &self.final_norm {
             h = n.apply(iv, NormSite::Final, &h)?;
         }
+        if let Some(r) = &rows {
+            h = r.finish(h)?;
+        }
         Ok(Encoded {
             hidden: h,
             mask,
             input_prefix_len: p_in,
             prompt_per_example: p_each,
+            read: read.clone(),
         })
     }
 
@@ -882,6 +905,7 @@ impl Transformer {
         h: &Tensor,
         step: Step,
         iv: &dyn Intervention,
+        rows: Option<&Rows>,
     ) -> Result<Tensor> {
         let post_norm = self.config.family == Family::Bert;
         let attn_in = if post_norm {
@@ -889,8 +913,13 @@ impl Transformer {
         } else {
             layer.attn_norm.apply(iv, NormSite::Attention(i), h)?
         };
-        let a = self.attention(i, layer, &attn_in, step, iv)?;
+        let a = self.attention(i, layer, &attn_in, step, iv, rows)?;
         let a = after_block(iv, i, Block::Attention, a)?;
+        // The residual at the rows attention computed.
+        let h = &match rows {
+            Some(r) => r.gather(h)?,
+            None => h.clone(),
+        };
         let h = if post_norm {
             layer
                 .attn_norm
@@ -920,6 +949,7 @@ impl Transformer {
         x: &Tensor,
         step: Step,
         iv: &dyn Intervention,
+        rows: Option<&Rows>,
     ) -> Result<Tensor> {
         let Step {
             visible,
@@ -931,12 +961,20 @@ impl Transformer {
         let b = x.dim(0)?;
         let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim());
         let site = |proj| Site { layer: i, proj };
-        let mut q = project(iv, site(Proj::Query), &layer.query, x)?;
+        // Queries only where the caller reads; keys and values everywhere.
+        let xq = match rows {
+            Some(r) => r.gather(x)?,
+            None => x.clone(),
+        };
+        let mut q = project(iv, site(Proj::Query), &layer.query, &xq)?;
         let mut k = project(iv, site(Proj::Key), &layer.key, x)?;
         let mut v = project(iv, site(Proj::Value), &layer.value, x)?;
         // Attention takes token-major [b, len, heads·d]; RoPE works on [b, heads, len, d].
         if let Some((cos, sin)) = rope {
-            q = ops::rope(&q, cos, sin, nh)?;
+            q = match rows {
+                Some(r) => ops::rope(&q, &r.tables(cos)?, &r.tables(sin)?, nh)?,
+                None => ops::rope(&q, cos, sin, nh)?,
+            };
             k = ops::rope(&k, cos, sin, nkv)?;
         }
         if let Some(p) = prefix.filter(|p| !p.is_empty()) {
@@ -962,6 +1000,16 @@ impl Transformer {
             (*ck, *cv) = (k.detach(), v.detach());
         }
         let scale = 1.0 / (d as f64).sqrt();
+        let restricted;
+        let visible = match rows {
+            Some(r) => {
+                // Keys before this call's tokens (the prefix) come first.
+                let before = k.dim(1)? - x.dim(1)?;
+                restricted = visible.at(&r.at.affine(1.0, before as f64)?)?;
+                &restricted
+            }
+            None => visible,
+        };
         let ctx = ops::attention(&q, &k, &v, visible, nh, nkv, scale)?;
         project(iv, site(Proj::AttnOut), &layer.attn_out, &ctx)
     }

@@ -198,6 +198,9 @@ pub enum Visible {
         /// last `t` keys). A query sees keys of its own example and keys of example 0, which
         /// is shared: a method's prefix keys, or a prompt several continuations branch from.
         segments: Option<Tensor>,
+        /// Where each query sits among the keys, `[b, t]` u32, when the queries are not the
+        /// last `t` keys in order (a layer that computes only the positions its caller reads).
+        queries: Option<Tensor>,
     },
 }
 
@@ -210,6 +213,7 @@ impl Visible {
                 keys,
                 causal,
                 segments,
+                queries,
             } => {
                 let (b, s) = keys.dims2()?;
                 let mut bias = keys.reshape((b, 1, 1, s))?.broadcast_as((b, 1, t, s))?;
@@ -219,20 +223,25 @@ impl Visible {
                     let min = hidden.to_dtype(DType::F32)?.affine(f32::MIN as f64, 0.0)?;
                     bias.broadcast_minimum(&min)
                 };
-                if *causal {
-                    // Key j is later than query i when j > i + s − t.
-                    let j = Tensor::arange(0u32, s as u32, dev)?
+                // Each query's own key: the last t keys in order unless given.
+                let at = match queries {
+                    Some(q) => q.clone(),
+                    None => Tensor::arange((s - t) as u32, s as u32, dev)?
                         .unsqueeze(0)?
-                        .broadcast_as((t, s))?;
-                    let limit = Tensor::arange((s - t) as u32, s as u32, dev)?
-                        .unsqueeze(1)?
-                        .broadcast_as((t, s))?;
-                    bias = hide(&bias, j.gt(&limit)?.reshape((1, 1, t, s))?)?;
+                        .broadcast_as((b, t))?
+                        .contiguous()?,
+                };
+                if *causal {
+                    // Key j is later than query i when j > its own key.
+                    let j = Tensor::arange(0u32, s as u32, dev)?.reshape((1, 1, 1, s))?;
+                    let later = j.broadcast_gt(&at.reshape((b, 1, t, 1))?)?;
+                    bias = hide(&bias, later)?;
                 }
                 if let Some(seg) = segments {
                     let key = seg.reshape((b, 1, 1, s))?.broadcast_as((b, 1, t, s))?;
                     let query = seg
-                        .narrow(1, s - t, t)?
+                        .contiguous()?
+                        .gather(&at, 1)?
                         .reshape((b, 1, t, 1))?
                         .broadcast_as((b, 1, t, s))?;
                     let other = key.ne(&query)?.to_dtype(DType::F32)?;
@@ -242,6 +251,37 @@ impl Visible {
                 bias.contiguous()
             }
         }
+    }
+
+    /// The same visibility for queries at the given keys only, `at [b, k]` u32 (key indices,
+    /// prefix keys counted): what a layer computing only some positions attends with.
+    pub fn at(&self, at: &Tensor) -> Result<Visible> {
+        let (b, k) = at.dims2()?;
+        Ok(match self {
+            Visible::Bias(bias) => {
+                let (bb, _, t, s) = bias.dims4()?;
+                // Bias rows are numbered by query: key index minus the keys before them.
+                let rows = (at.to_dtype(DType::F32)? - (s - t) as f64)?.to_dtype(DType::U32)?;
+                let rows = rows.reshape((b, 1, k, 1))?.broadcast_as((b, 1, k, s))?;
+                let bias = match bb {
+                    1 => bias.broadcast_as((b, 1, t, s))?.contiguous()?,
+                    _ => bias.clone(),
+                };
+                Visible::Bias(bias.gather(&rows.contiguous()?, 2)?)
+            }
+            Visible::Keys {
+                keys,
+                causal,
+                segments,
+                queries: None,
+            } => Visible::Keys {
+                keys: keys.clone(),
+                causal: *causal,
+                segments: segments.clone(),
+                queries: Some(at.contiguous()?),
+            },
+            Visible::Keys { .. } => candle_core::bail!("queries chosen twice"),
+        })
     }
 }
 
@@ -513,6 +553,7 @@ mod tests {
             keys,
             causal: true,
             segments: None,
+            queries: None,
         };
         assert!(is_fused(&attention(x, &kv, &kv, &keys, 2, 1, 0.5).unwrap()));
         // f64 falls back to the composite.
@@ -636,6 +677,7 @@ mod tests {
                 keys,
                 causal,
                 segments: None,
+                queries: None,
             };
             let dense = visible.dense(t).unwrap();
             let scale = 1.0 / (d as f64).sqrt();
@@ -666,6 +708,7 @@ mod tests {
                     keys,
                     causal,
                     segments: None,
+                    queries: None,
                 }
                 .dense(t)
                 .unwrap();

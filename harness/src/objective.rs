@@ -111,13 +111,14 @@ fn scores(
     inputs: &peftbench_backbone::Inputs,
     spans: Option<&[(usize, usize)]>,
 ) -> candle_core::Result<Tensor> {
-    let enc = s
-        .model
-        .forward(inputs, s.method)
-        .map_err(candle_core::Error::wrap)?;
     let head = s
         .head
         .ok_or_else(|| candle_core::Error::Msg("objective needs a head".into()))?;
+    // The last layer computes only the positions the head reads.
+    let enc = s
+        .model
+        .forward_read(inputs, s.method, &head.read(spans))
+        .map_err(candle_core::Error::wrap)?;
     match spans {
         Some(spans) => head.forward_spans(s.model, &enc, spans),
         None => head.forward(s.model, &enc),
@@ -227,14 +228,19 @@ pub fn pair_scores(
             },
         }),
     };
+    let reads = [at_c, at_r].concat();
     let enc = s
         .model
-        .forward(&inputs, s.method)
+        .forward_read(
+            &inputs,
+            s.method,
+            &peftbench_backbone::Read::At(reads.clone()),
+        )
         .map_err(candle_core::Error::wrap)?;
     let head = s
         .head
         .ok_or_else(|| candle_core::Error::Msg("objective needs a head".into()))?;
-    let at = Tensor::from_vec([at_c, at_r].concat(), 2 * n, dev)?;
+    let at = Tensor::from_vec(reads, 2 * n, dev)?;
     let both = head
         .forward_at(&enc, &at)
         .map_err(candle_core::Error::wrap)?
