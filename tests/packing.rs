@@ -7,7 +7,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::tiny_model;
+use common::{attach_perturbed as attach, random_rows, tiny_model};
 use peftbench_backbone::{
     pad_rows, with_kernels, Initializer, Inputs, Kernels, Packing, Transformer,
 };
@@ -34,23 +34,6 @@ fn packed(tokens: &[u32], segments: &[u32], positions: &[u32]) -> Inputs {
             prompt: None,
         }),
     }
-}
-
-/// A method attached to a copy of `base` with its parameters moved off their identity start
-/// (so every gradient is live); `None` where the method refuses the family.
-fn attach(base: &Transformer, config: &MethodConfig) -> Option<(Transformer, Box<dyn Method>)> {
-    config.validate(&base.config).ok()?;
-    let mut model = base.clone();
-    let method = config
-        .attach(&mut AttachContext::new(&mut model, 7))
-        .unwrap();
-    let mut init = Initializer::new(9);
-    for v in method.params().vars() {
-        let noise = init.normal(v.shape(), 0.05, v.device()).unwrap();
-        v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
-    }
-    method.set_training(false);
-    Some((model, method))
 }
 
 /// Hidden states `[tokens, hidden]` of `picks` ((row, position) pairs) and the gradients of
@@ -116,13 +99,6 @@ fn agree(
     let e = common::grads_rel_diff(&g, &g_ref);
     assert!(e <= 1e-4, "{what}: gradients differ by {e}");
     true
-}
-
-fn random_rows(lens: &[usize], seed: u64) -> Vec<Vec<u32>> {
-    let mut init = Initializer::new(seed);
-    lens.iter()
-        .map(|&n| (0..n).map(|_| 1 + init.index(45) as u32).collect())
-        .collect()
 }
 
 proptest! {

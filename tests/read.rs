@@ -6,29 +6,12 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::tiny_model;
+use common::{attach_perturbed as attach, random_rows, tiny_model};
 use peftbench_backbone::{
     pad_rows, with_kernels, Encoded, Initializer, Inputs, Kernels, Packing, Read, Transformer,
 };
 use peftbench_methods::*;
 use proptest::prelude::*;
-
-/// A method attached to a copy of `base`, its parameters moved off their identity start so
-/// every gradient is live; `None` where the method refuses the family.
-fn attach(base: &Transformer, config: &MethodConfig) -> Option<(Transformer, Box<dyn Method>)> {
-    config.validate(&base.config).ok()?;
-    let mut model = base.clone();
-    let method = config
-        .attach(&mut AttachContext::new(&mut model, 7))
-        .unwrap();
-    let mut init = Initializer::new(9);
-    for v in method.params().vars() {
-        let noise = init.normal(v.shape(), 0.05, v.device()).unwrap();
-        v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
-    }
-    method.set_training(false);
-    Some((model, method))
-}
 
 /// The flat `row · seq + position` indices `read` names in the whole forward's output.
 fn positions(read: &Read, whole: &Encoded) -> Vec<u32> {
@@ -46,8 +29,18 @@ fn positions(read: &Read, whole: &Encoded) -> Vec<u32> {
     }
 }
 
-/// The read states `[n, hidden]` and the gradients of `Σ states · probe` for the method's
-/// variables.
+/// `states` and the gradients of `Σ states · probe` for the method's variables.
+fn with_grads(states: Tensor, probe: &Tensor, method: &dyn Method) -> (Tensor, Vec<Tensor>) {
+    let grads = (&states * probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    (states, common::grads_of(&grads, &method.params().vars()))
+}
+
+/// The read states `[n, hidden]` from the forward that computes only them, with gradients.
 fn states_and_grads(
     model: &Transformer,
     method: &dyn Method,
@@ -60,15 +53,10 @@ fn states_and_grads(
         Read::All => unreachable!(),
         _ => enc.hidden.squeeze(1).unwrap(),
     };
-    let grads = (&states * probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    (states, common::grads_of(&grads, &method.params().vars()))
+    with_grads(states, probe, method)
 }
 
+/// The same states picked from the whole forward's output, with gradients.
 fn whole_at(
     model: &Transformer,
     method: &dyn Method,
@@ -86,13 +74,7 @@ fn whole_at(
         .unwrap()
         .index_select(&idx, 0)
         .unwrap();
-    let grads = (&states * probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    (states, common::grads_of(&grads, &method.params().vars()))
+    with_grads(states, probe, method)
 }
 
 /// Reads `read` both ways for every method on `family`; returns how many runs compared.
@@ -123,13 +105,6 @@ fn compare(family: &str, x: &Inputs, read: &Read, n: usize, what: &str) -> usize
         compared += 1;
     }
     compared
-}
-
-fn random_rows(lens: &[usize], seed: u64) -> Vec<Vec<u32>> {
-    let mut init = Initializer::new(seed);
-    lens.iter()
-        .map(|&n| (0..n).map(|_| 1 + init.index(45) as u32).collect())
-        .collect()
 }
 
 fn kernels(composite: bool) -> Kernels {

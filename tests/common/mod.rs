@@ -171,3 +171,31 @@ pub fn bf16_rounded(t: &Tensor) -> Tensor {
     let r: Vec<f32> = v.into_iter().map(|x| from_bf16(to_bf16(x))).collect();
     Tensor::from_vec(r, t.dims(), t.device()).unwrap()
 }
+
+/// A method attached to a copy of `base` with its parameters moved off their identity start
+/// (so every gradient is live); `None` where the method refuses the family.
+pub fn attach_perturbed(
+    base: &Transformer,
+    config: &peftbench_methods::MethodConfig,
+) -> Option<(Transformer, Box<dyn peftbench_methods::Method>)> {
+    config.validate(&base.config).ok()?;
+    let mut model = base.clone();
+    let method = config
+        .attach(&mut peftbench_methods::AttachContext::new(&mut model, 7))
+        .unwrap();
+    let mut init = peftbench_backbone::Initializer::new(9);
+    for v in method.params().vars() {
+        let noise = init.normal(v.shape(), 0.05, v.device()).unwrap();
+        v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
+    }
+    method.set_training(false);
+    Some((model, method))
+}
+
+/// Rows of random token ids (1..=45, inside the tiny models' vocabulary) of the given lengths.
+pub fn random_rows(lens: &[usize], seed: u64) -> Vec<Vec<u32>> {
+    let mut init = peftbench_backbone::Initializer::new(seed);
+    lens.iter()
+        .map(|&n| (0..n).map(|_| 1 + init.index(45) as u32).collect())
+        .collect()
+}
