@@ -359,16 +359,7 @@ fn lora_plus_moves_b_at_the_ratio_times_as_its_rate() {
     opt.step(1e-3).unwrap();
     let mut largest = std::collections::HashMap::new();
     for (name, v) in method.params().entries() {
-        let d: f32 = (v.as_tensor() - &before[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = common::max_abs_diff(v.as_tensor(), &before[name]);
         let kind = if name.ends_with(".lora_B") { "B" } else { "A" };
         let e = largest.entry(kind).or_insert(0f32);
         *e = e.max(d);
