@@ -33,6 +33,7 @@ mod quantized;
 pub mod random;
 pub mod read;
 mod rope;
+mod small_gemm;
 pub mod tokenizer;
 mod trained_matmul;
 pub mod weights;
