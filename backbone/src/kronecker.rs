@@ -7,8 +7,8 @@
 //! (a transpose of the last two axes each way), which cost more than the dense product at
 //! MiniLM's widths. Here a block of rows goes through both factors while it is in cache, and
 //! the backward reads the input and the incoming gradient once for all three gradients;
-//! every product is `small_gemm`'s register-blocked tiles (a plain loop over these short
-//! rows ran at a quarter of the speed, bound by loads and stores).
+//! every product is `small_gemm`'s register-blocked tiles (plain loops over these short
+//! rows were bound by loads and stores).
 
 use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor, D};
 
