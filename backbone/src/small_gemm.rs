@@ -1,6 +1,6 @@
 //! Products with a short side (a few dozen columns), register-blocked for the calling
-//! kernel's SIMD build: the structured deltas' per-row products, which a GEMM library runs
-//! at a fraction of its speed at these shapes and a plain loop runs load- and store-bound.
+//! kernel's SIMD build: the structured deltas' per-row products, too small to amortise a GEMM
+//! library's packing, and load- and store-bound as plain loops.
 //!
 //! `y[m, n] (+)= s·A[m, r]·W[r, n]` with A read through any strides (one broadcast per
 //! element, so a transposed A costs nothing) and W row-major: tiles of 4 rows × 32 columns
@@ -112,12 +112,8 @@ fn tile<const MR: usize, const NB: usize>(
     ldy: usize,
     accumulate: bool,
 ) {
-    if r == 0 {
-        // Nothing to multiply: the product is zero.
-    } else {
-        // Every A element the tile reads is in bounds (so the loop reads them unchecked).
-        assert!((row + MR - 1) * a.rs + (r - 1) * a.cs < a.data.len());
-    }
+    // Every A element the tile reads is in bounds (so `step` reads them unchecked).
+    assert!(r == 0 || (row + MR - 1) * a.rs + (r - 1) * a.cs < a.data.len());
     // Rows of W whose NB·16 lanes lie inside `w` (read unchecked); the rest, at most the last
     // few, are read with zeros past the end.
     let whole = (w.len() + 1)
@@ -151,9 +147,11 @@ fn tile<const MR: usize, const NB: usize>(
 }
 
 #[cfg(test)]
+#[allow(clippy::too_many_arguments)]
 mod tests {
     use super::*;
     use crate::fused::simd;
+    use proptest::prelude::*;
 
     simd! {
         fn run(dims: (usize, usize, usize), a: Strided, w: &[f32], ldw: usize, s: f32,
@@ -162,58 +160,44 @@ mod tests {
         }
     }
 
-    /// Every tile shape and tail, both strides of A, both modes, against f64 sums.
-    #[test]
-    fn matches_the_plain_product() {
-        let mut seed = 1u64;
-        let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
-        for (m, r, n) in [
-            (1, 1, 1),
-            (3, 5, 7),
-            (4, 24, 16),
-            (17, 16, 24),
-            (9, 48, 33),
-            (64, 3, 48),
-        ] {
-            for transposed in [false, true] {
-                for accumulate in [false, true] {
-                    let a: Vec<f32> = (0..m * r).map(|_| next()).collect();
-                    let (ldw, ldy) = (n + 2, n + 3);
-                    let w: Vec<f32> = (0..r * ldw).map(|_| next()).collect();
-                    let y0: Vec<f32> = (0..m * ldy).map(|_| next()).collect();
-                    let av = if transposed {
-                        Strided::transposed(&a, m)
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Any shape (every tile and tail), either stride of A, either mode, against f64 sums;
+        /// the lanes past `n` in each row of `y` stay as they were.
+        #[test]
+        fn matches_the_plain_product(
+            (m, r, n) in (1usize..40, 0usize..50, 1usize..70),
+            (pad_w, pad_y) in (0usize..3, 0usize..3),
+            transposed in any::<bool>(),
+            accumulate in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            let mut state = seed | 1;
+            let mut next = || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            };
+            let a: Vec<f32> = (0..m * r).map(|_| next()).collect();
+            let (ldw, ldy) = (n + pad_w, n + pad_y);
+            let w: Vec<f32> = (0..r * ldw).map(|_| next()).collect();
+            let y0: Vec<f32> = (0..m * ldy).map(|_| next()).collect();
+            let av = if transposed { Strided::transposed(&a, m) } else { Strided::rows(&a, r) };
+            let at = |i: usize, j: usize| av.data[i * av.rs + j * av.cs] as f64;
+            let mut y = y0.clone();
+            run((m, r, n), av, &w, ldw, 0.75, &mut y, ldy, accumulate);
+            for i in 0..m {
+                for k in 0..ldy {
+                    let old = y0[i * ldy + k] as f64;
+                    let want = if k >= n {
+                        old
                     } else {
-                        Strided::rows(&a, r)
+                        let p: f64 = (0..r).map(|j| at(i, j) * w[j * ldw + k] as f64).sum();
+                        0.75 * p + if accumulate { old } else { 0.0 }
                     };
-                    let at = |i: usize, j: usize| av.data[i * av.rs + j * av.cs] as f64;
-                    let mut y = y0.clone();
-                    run((m, r, n), av, &w, ldw, 0.75, &mut y, ldy, accumulate);
-                    for i in 0..m {
-                        for k in 0..ldy {
-                            let got = y[i * ldy + k] as f64;
-                            let want = if k >= n {
-                                y0[i * ldy + k] as f64
-                            } else {
-                                let p: f64 = (0..r).map(|j| at(i, j) * w[j * ldw + k] as f64).sum();
-                                0.75 * p
-                                    + if accumulate {
-                                        y0[i * ldy + k] as f64
-                                    } else {
-                                        0.0
-                                    }
-                            };
-                            assert!(
-                                (got - want).abs() < 1e-5,
-                                "{m}×{r}×{n} transposed {transposed} accumulate {accumulate} at ({i}, {k}): {got} against {want}"
-                            );
-                        }
-                    }
+                    let got = y[i * ldy + k] as f64;
+                    prop_assert!((got - want).abs() < 1e-5, "({}, {}): {} against {}", i, k, got, want);
                 }
             }
         }
