@@ -40,6 +40,8 @@ const REFERENCE_MS: [(&str, f64); 6] = [
 const ROUNDS: usize = 3;
 /// Timed steps per method per round.
 const STEPS: usize = 10;
+/// Steps, then as many replays, per block of the GEMM floor's timing.
+const FLOOR_BLOCK: usize = 5;
 
 /// Timed steps per method per round: `PEFTBENCH_BENCH_STEPS`, else [`STEPS`] (large shapes on
 /// a CPU take seconds a step).
@@ -163,14 +165,36 @@ fn main() {
         }
     }
     // The GEMM floor: each method's step's own GEMM calls (recorded from one step) replayed
-    // alone, one method at a time so only one set of replay buffers is alive.
+    // alone, one method at a time so only one set of replay buffers is alive. Blocks of
+    // replays alternate with blocks of the same method's steps and the share is the floor
+    // over those steps, so both are timed in the same stretch of the run (the host's speed
+    // drifts); in blocks, as a step timed right after a replay runs on the replay's cache
+    // (alternating one by one read 2-20% slower steps than the rounds), and the medians
+    // leave each block's first out.
     let mut floors = Vec::new();
+    let mut paired = Vec::new();
+    let mut owns = Vec::new();
     for s in setups.iter_mut() {
-        let ((), calls, bf16) = peftbench_backbone::gemm_floor::record_with_bf16(|| s.step(&b));
-        let mut replay = peftbench_backbone::gemm_floor::Replay::new(calls).with_bf16(bf16);
+        let ((), record) = peftbench_backbone::gemm_floor::record_all(|| s.step(&b));
+        let mut replay = peftbench_backbone::gemm_floor::Replay::of(record);
         replay.run();
-        let ms: Vec<f64> = (0..steps()).map(|_| replay.run() * 1e3).collect();
-        floors.push(median(&ms));
+        let (mut floor, mut own, mut step) = (Vec::new(), Vec::new(), Vec::new());
+        for block in 0..steps().div_ceil(FLOOR_BLOCK) {
+            let n = FLOOR_BLOCK.min(steps() - block * FLOOR_BLOCK);
+            for _ in 0..n {
+                let t0 = Instant::now();
+                s.step(&b);
+                step.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            for _ in 0..n {
+                let [library, own_kernels] = replay.run_split();
+                floor.push((library + own_kernels) * 1e3);
+                own.push(own_kernels * 1e3);
+            }
+        }
+        floors.push(median(&floor));
+        owns.push(median(&own));
+        paired.push(median(&step));
     }
     let full_peak = methods
         .iter()
@@ -188,7 +212,7 @@ fn main() {
         )
     };
     let mut md = String::new();
-    let mut csv = String::from("method,trainable_params,ms_per_step,gemm_ms,gemm_share,tokens_per_s,peak_mb,peak_vs_full,pytorch_ms,pytorch_same_run,ratio_vs_pytorch\n");
+    let mut csv = String::from("method,trainable_params,ms_per_step,gemm_ms,own_kernel_ms,paired_step_ms,gemm_share,tokens_per_s,peak_mb,peak_vs_full,pytorch_ms,pytorch_same_run,ratio_vs_pytorch\n");
     let _ = writeln!(md, "# Training step cost per method\n");
     let _ = writeln!(md, "CPU: {}.\n", cpu_line());
     let shape = match base.is_quantized() {
@@ -214,9 +238,12 @@ fn main() {
     }
     let _ = writeln!(md, "Device: {device}, dtype {dtype}, shape {shape}.\n");
     let _ = writeln!(md, "all-MiniLM-L6-v2 shape unless named above, batch {rows} × {seq}, each method's default configuration (the reference's: LoRA r=8 on query/value, AdaLoRA 12 → 8, 20 virtual tokens), {objective}, trainable counts include the 2-class head, median ms of interleaved steps after {warm} warm-up, peak MB the heap's high-water mark while the method is attached and takes two steps (the base's weights included), {} threads. {py_note}. Produced by `cargo bench --bench step_table`.\n", candle_core::utils::get_num_threads());
-    let _ = writeln!(md, "GEMM ms is the step's floor: every GEMM call one step of the method made (candle's matmuls and the backbone's own projection and attention kernels, recorded by `candle_core::gemm_trace`) replayed alone with the same shapes, strides and threading, median of {} replays in the same run; in GEMM is that over ms/step.\n", steps());
-    let _ = writeln!(md, "| method | trainable | ms/step | GEMM ms | in GEMM | tokens/s | peak MB | peak vs full FT | {py_label} | ratio |");
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "GEMM ms is the step's floor: every GEMM call one step of the method made (candle's matmuls and the backbone's own projection and attention kernels, recorded by `candle_core::gemm_trace`) replayed alone with the same shapes, strides and threading, and the small products of the low-rank and Kronecker deltas replayed by their own kernels (own ms, part of GEMM ms), median of {} replays in the same run; in GEMM is that over the median of as many steps of the method timed in blocks of {FLOOR_BLOCK} alternating with blocks of the replays, not over ms/step, which comes from the rounds beside PyTorch: the host's speed drifts between phases of a run.\n", steps());
+    let _ = writeln!(md, "| method | trainable | ms/step | GEMM ms | own ms | in GEMM | tokens/s | peak MB | peak vs full FT | {py_label} | ratio |");
+    let _ = writeln!(
+        md,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for (i, m) in methods.iter().enumerate() {
         let med = median(&times[i]);
         let tps = (rows * seq) as f64 / (med / 1e3);
@@ -241,21 +268,24 @@ fn main() {
         let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.2}"));
         let _ = writeln!(
             md,
-            "| {} | {} | {med:.0} | {:.0} | {:.0}% | {tps:.0} | {mb:.0} | {rel:.2} | {} | {} |",
+            "| {} | {} | {med:.0} | {:.0} | {:.1} | {:.0}% | {tps:.0} | {mb:.0} | {rel:.2} | {} | {} |",
             m.name(),
             setups[i].trainable,
             floors[i],
-            100.0 * floors[i] / med,
+            owns[i],
+            100.0 * floors[i] / paired[i],
             py.map_or("-".to_string(), |p| format!("{p:.0}")),
             fmt(ratio)
         );
         let _ = writeln!(
             csv,
-            "{},{},{med:.1},{:.1},{:.3},{tps:.0},{mb:.1},{rel:.3},{},{},{}",
+            "{},{},{med:.1},{:.1},{:.2},{:.1},{:.3},{tps:.0},{mb:.1},{rel:.3},{},{},{}",
             m.name(),
             setups[i].trainable,
             floors[i],
-            floors[i] / med,
+            owns[i],
+            paired[i],
+            floors[i] / paired[i],
             py.map_or(String::new(), |p| format!("{p:.1}")),
             python.is_some(),
             ratio.map_or(String::new(), |r| format!("{r:.3}"))

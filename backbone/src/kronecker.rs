@@ -14,6 +14,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Te
 
 use crate::attention::SendPtr;
 use crate::fused::{simd, slice, uninit, with_slices};
+use crate::gemm_floor::{Own, Pass};
 use crate::low_rank::{for_blocks, sum_over_blocks, transposed, BLOCK};
 use crate::small_gemm::{small_gemm, Strided};
 
@@ -59,12 +60,16 @@ struct Kronecker {
 }
 
 /// Sizes of one op: `w1 [a, c]`, `w2 [b, d]`.
-#[derive(Clone, Copy)]
-struct Dims {
-    a: usize,
-    b: usize,
-    c: usize,
-    d: usize,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    /// Rows of `w1`.
+    pub a: usize,
+    /// Rows of `w2`.
+    pub b: usize,
+    /// Columns of `w1`.
+    pub c: usize,
+    /// Columns of `w2`.
+    pub d: usize,
 }
 
 simd! {
@@ -107,6 +112,76 @@ simd! {
     }
 }
 
+/// The forward on slices: `x [rows, c·d]·(scale·w1 ⊗ w2)ᵀ`, `[rows, a·b]`.
+pub(crate) fn forward(
+    x: &[f32],
+    w1: &[f32],
+    w2: &[f32],
+    rows: usize,
+    k: Dims,
+    scale: f32,
+) -> Vec<f32> {
+    let Dims { a, b, c, d } = k;
+    let (inp, out) = (c * d, a * b);
+    let w2t = transposed(w2, b, d);
+    let mut y = uninit(rows * out);
+    let yp = SendPtr(y.as_mut_ptr());
+    for_blocks(rows, |lo, n| {
+        let mut t = vec![0f32; n * c * b];
+        // SAFETY: blocks are disjoint row ranges of `y`, which spans `rows · out`.
+        let yb = unsafe { std::slice::from_raw_parts_mut(yp.at(lo * out), n * out) };
+        forward_rows(&x[lo * inp..(lo + n) * inp], w1, &w2t, k, scale, &mut t, yb);
+    });
+    y
+}
+
+/// The backward on slices, for the incoming gradient `g [rows, a·b]`: the input's gradient
+/// (when `need_dx`) and the factors' gradients.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    x: &[f32],
+    w1: &[f32],
+    w2: &[f32],
+    g: &[f32],
+    rows: usize,
+    k: Dims,
+    s: f32,
+    need_dx: bool,
+) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let Dims { a, b, c, d } = k;
+    let (inp, out) = (c * d, a * b);
+    let w2t = transposed(w2, b, d);
+    let mut dx = if need_dx {
+        uninit(rows * inp)
+    } else {
+        Vec::new()
+    };
+    let dxp = SendPtr(dx.as_mut_ptr());
+    // The factors' gradients, unscaled.
+    let start = || {
+        let scratch = (
+            vec![0f32; BLOCK * c * b],
+            vec![0f32; BLOCK * c * b],
+            vec![0f32; c * b],
+        );
+        (scratch, [vec![0f32; a * c], vec![0f32; b * d]])
+    };
+    let [mut dw1, mut dw2] = sum_over_blocks(rows, start, |(t, u, tt), lo, n, [dw1, dw2]| {
+        let (xb, gb) = (&x[lo * inp..(lo + n) * inp], &g[lo * out..(lo + n) * out]);
+        let (t, u) = (&mut t[..n * c * b], &mut u[..n * c * b]);
+        forward_rows(xb, w1, &w2t, k, s, t, &mut []);
+        let dxb: &mut [f32] = if need_dx {
+            // SAFETY: blocks are disjoint row ranges of `dx` (`rows · in`).
+            unsafe { std::slice::from_raw_parts_mut(dxp.at(lo * inp), n * inp) }
+        } else {
+            &mut []
+        };
+        backward_rows(xb, gb, t, w1, w2, k, s, u, tt, dxb, dw1, dw2);
+    });
+    dw1.iter_mut().chain(dw2.iter_mut()).for_each(|v| *v *= s);
+    (need_dx.then_some(dx), dw1, dw2)
+}
+
 impl CustomOp3 for Kronecker {
     fn name(&self) -> &'static str {
         "kronecker-product"
@@ -122,28 +197,13 @@ impl CustomOp3 for Kronecker {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w1, w2) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let (rows, inp) = l1.shape().dims2()?;
+        let (rows, _) = l1.shape().dims2()?;
         let (a, c) = l2.shape().dims2()?;
         let (b, d) = l3.shape().dims2()?;
         let k = Dims { a, b, c, d };
+        crate::gemm_floor::note(Own::Kronecker(rows, k, Pass::Forward));
+        let y = forward(x, w1, w2, rows, k, self.scale);
         let out = a * b;
-        let w2t = transposed(w2, b, d);
-        let mut y = uninit(rows * out);
-        let yp = SendPtr(y.as_mut_ptr());
-        for_blocks(rows, |lo, n| {
-            let mut t = vec![0f32; n * c * b];
-            // SAFETY: blocks are disjoint row ranges of `y`, which spans `rows · out`.
-            let yb = unsafe { std::slice::from_raw_parts_mut(yp.at(lo * out), n * out) };
-            forward_rows(
-                &x[lo * inp..(lo + n) * inp],
-                w1,
-                &w2t,
-                k,
-                self.scale,
-                &mut t,
-                yb,
-            );
-        });
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
@@ -159,43 +219,12 @@ impl CustomOp3 for Kronecker {
         let (a, c) = w1.dims2()?;
         let (b, d) = w2.dims2()?;
         let k = Dims { a, b, c, d };
-        let out = a * b;
         let grad = grad.contiguous()?;
         let need_dx = x.track_op();
         let s = self.scale;
+        crate::gemm_floor::note(Own::Kronecker(rows, k, Pass::Backward { dx: need_dx }));
         let (dx, dw1, dw2) = with_slices(&[x, w1, w2, &grad], |v| {
-            let (x, w1, w2, g) = (v[0], v[1], v[2], v[3]);
-            let w2t = transposed(w2, b, d);
-            let mut dx = if need_dx {
-                uninit(rows * inp)
-            } else {
-                Vec::new()
-            };
-            let dxp = SendPtr(dx.as_mut_ptr());
-            // The factors' gradients, unscaled.
-            let start = || {
-                let scratch = (
-                    vec![0f32; BLOCK * c * b],
-                    vec![0f32; BLOCK * c * b],
-                    vec![0f32; c * b],
-                );
-                (scratch, [vec![0f32; a * c], vec![0f32; b * d]])
-            };
-            let [mut dw1, mut dw2] =
-                sum_over_blocks(rows, start, |(t, u, tt), lo, n, [dw1, dw2]| {
-                    let (xb, gb) = (&x[lo * inp..(lo + n) * inp], &g[lo * out..(lo + n) * out]);
-                    let (t, u) = (&mut t[..n * c * b], &mut u[..n * c * b]);
-                    forward_rows(xb, w1, &w2t, k, s, t, &mut []);
-                    let dxb: &mut [f32] = if need_dx {
-                        // SAFETY: blocks are disjoint row ranges of `dx` (`rows · in`).
-                        unsafe { std::slice::from_raw_parts_mut(dxp.at(lo * inp), n * inp) }
-                    } else {
-                        &mut []
-                    };
-                    backward_rows(xb, gb, t, w1, w2, k, s, u, tt, dxb, dw1, dw2);
-                });
-            dw1.iter_mut().chain(dw2.iter_mut()).for_each(|v| *v *= s);
-            Ok((need_dx.then_some(dx), dw1, dw2))
+            Ok(backward(v[0], v[1], v[2], v[3], rows, k, s, need_dx))
         })?;
         let t = |v: Vec<f32>, shape: (usize, usize)| Tensor::from_vec(v, shape, &Device::Cpu);
         Ok((

@@ -8,14 +8,16 @@
 //! of rows at a time goes through both factors while it is in cache: the forward reads `x`
 //! once, the backward reads `x` and the incoming gradient once and yields all three gradients
 //! (the input's only when something upstream trains). The products are plain loops compiled
-//! per CPU (`simd!`), so they are not in the GEMM floor's record; their multiply-adds are
-//! `2·r·(in + out)` per row each way, under 1% of a projection's.
+//! per CPU (`simd!`); the GEMM floor records their sizes and replays them with these same
+//! functions. Their multiply-adds are `2·r·(in + out)` per row each way, under 1% of a
+//! projection's.
 
 use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::attention::SendPtr;
 use crate::fused::{mad, simd, slice, uninit, with_slices};
+use crate::gemm_floor::{Own, Pass};
 
 /// Ranks the fused op takes; above it the products are wide enough for the GEMM library
 /// (`[1024, 384]` rows fused vs as GEMMs, forward and backward: r 8 2.4 vs 4.1 ms, r 16 3.0
@@ -185,6 +187,78 @@ pub(crate) fn sum_over_blocks<S>(
     total
 }
 
+/// Sizes of one delta: `x [rows, inp]`, `A [r, inp]`, `B [out, r]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size {
+    /// Rows of the input.
+    pub rows: usize,
+    /// Input width.
+    pub inp: usize,
+    /// Rank.
+    pub r: usize,
+    /// Output width.
+    pub out: usize,
+}
+
+/// The forward on slices: `scale·x·Aᵀ·Bᵀ`, `[rows, out]`.
+pub(crate) fn forward(x: &[f32], a: &[f32], b: &[f32], k: Size, scale: f32) -> Vec<f32> {
+    let Size { rows, inp, r, out } = k;
+    let bt = transposed(b, out, r);
+    let mut y = uninit(rows * out);
+    let yp = SendPtr(y.as_mut_ptr());
+    for_blocks(rows, |lo, n| {
+        let mut low = vec![0f32; n * r];
+        dots(&x[lo * inp..(lo + n) * inp], a, inp, 1.0, &mut low);
+        // SAFETY: blocks are disjoint row ranges of `y`, which spans `rows · out`.
+        let yb = unsafe { std::slice::from_raw_parts_mut(yp.at(lo * out), n * out) };
+        combine(&low, &bt, out, scale, yb);
+    });
+    y
+}
+
+/// The backward on slices, for the incoming gradient `g [rows, out]`: the input's gradient
+/// (when `need_dx`), dA and dB.
+pub(crate) fn backward(
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    g: &[f32],
+    k: Size,
+    s: f32,
+    need_dx: bool,
+) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let Size { rows, inp, r, out } = k;
+    let bt = transposed(b, out, r);
+    let mut dx = if need_dx {
+        uninit(rows * inp)
+    } else {
+        Vec::new()
+    };
+    let dxp = SendPtr(dx.as_mut_ptr());
+    // dA [r, in] and dBᵀ/s [r, out].
+    let start = || {
+        let scratch = (vec![0f32; BLOCK * r], vec![0f32; BLOCK * r]);
+        (scratch, [vec![0f32; r * inp], vec![0f32; r * out]])
+    };
+    let [da, dbt] = sum_over_blocks(rows, start, |(low, dlow), lo, n, [da, dbt]| {
+        let (xb, gb) = (&x[lo * inp..(lo + n) * inp], &g[lo * out..(lo + n) * out]);
+        let (low, dlow) = (&mut low[..n * r], &mut dlow[..n * r]);
+        dots(xb, a, inp, 1.0, low);
+        // d_low = s·g·B.
+        dots(gb, &bt, out, s, dlow);
+        outer_acc(low, gb, out, dbt);
+        outer_acc(dlow, xb, inp, da);
+        if need_dx {
+            // SAFETY: blocks are disjoint row ranges of `dx` (`rows · in`).
+            let dxb = unsafe { std::slice::from_raw_parts_mut(dxp.at(lo * inp), n * inp) };
+            combine(dlow, a, inp, 1.0, dxb);
+        }
+    });
+    let mut db = transposed(&dbt, r, out);
+    db.iter_mut().for_each(|v| *v *= s);
+    (need_dx.then_some(dx), da, db)
+}
+
 impl CustomOp3 for LowRank {
     fn name(&self) -> &'static str {
         "low-rank-delta"
@@ -203,16 +277,9 @@ impl CustomOp3 for LowRank {
         let (rows, inp) = l1.shape().dims2()?;
         let (r, _) = l2.shape().dims2()?;
         let (out, _) = l3.shape().dims2()?;
-        let bt = transposed(b, out, r);
-        let mut y = uninit(rows * out);
-        let yp = SendPtr(y.as_mut_ptr());
-        for_blocks(rows, |lo, n| {
-            let mut low = vec![0f32; n * r];
-            dots(&x[lo * inp..(lo + n) * inp], a, inp, 1.0, &mut low);
-            // SAFETY: blocks are disjoint row ranges of `y`, which spans `rows · out`.
-            let yb = unsafe { std::slice::from_raw_parts_mut(yp.at(lo * out), n * out) };
-            combine(&low, &bt, out, self.scale, yb);
-        });
+        let size = Size { rows, inp, r, out };
+        crate::gemm_floor::note(Own::LowRank(size, Pass::Forward));
+        let y = forward(x, a, b, size, self.scale);
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
@@ -230,37 +297,10 @@ impl CustomOp3 for LowRank {
         let grad = grad.contiguous()?;
         let need_dx = x.track_op();
         let s = self.scale;
+        let size = Size { rows, inp, r, out };
+        crate::gemm_floor::note(Own::LowRank(size, Pass::Backward { dx: need_dx }));
         let (dx, da, db) = with_slices(&[x, a, b, &grad], |v| {
-            let (x, a, b, g) = (v[0], v[1], v[2], v[3]);
-            let bt = transposed(b, out, r);
-            let mut dx = if need_dx {
-                uninit(rows * inp)
-            } else {
-                Vec::new()
-            };
-            let dxp = SendPtr(dx.as_mut_ptr());
-            // dA [r, in] and dBᵀ/s [r, out].
-            let start = || {
-                let scratch = (vec![0f32; BLOCK * r], vec![0f32; BLOCK * r]);
-                (scratch, [vec![0f32; r * inp], vec![0f32; r * out]])
-            };
-            let [da, dbt] = sum_over_blocks(rows, start, |(low, dlow), lo, n, [da, dbt]| {
-                let (xb, gb) = (&x[lo * inp..(lo + n) * inp], &g[lo * out..(lo + n) * out]);
-                let (low, dlow) = (&mut low[..n * r], &mut dlow[..n * r]);
-                dots(xb, a, inp, 1.0, low);
-                // d_low = s·g·B.
-                dots(gb, &bt, out, s, dlow);
-                outer_acc(low, gb, out, dbt);
-                outer_acc(dlow, xb, inp, da);
-                if need_dx {
-                    // SAFETY: blocks are disjoint row ranges of `dx` (`rows · in`).
-                    let dxb = unsafe { std::slice::from_raw_parts_mut(dxp.at(lo * inp), n * inp) };
-                    combine(dlow, a, inp, 1.0, dxb);
-                }
-            });
-            let mut db = transposed(&dbt, r, out);
-            db.iter_mut().for_each(|v| *v *= s);
-            Ok((need_dx.then_some(dx), da, db))
+            Ok(backward(v[0], v[1], v[2], v[3], size, s, need_dx))
         })?;
         let t = |v: Vec<f32>, shape: (usize, usize)| Tensor::from_vec(v, shape, &Device::Cpu);
         Ok((
