@@ -15,7 +15,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Te
 use crate::attention::SendPtr;
 use crate::fused::{simd, slice, uninit, with_slices};
 use crate::gemm_floor::{Own, Pass};
-use crate::low_rank::{for_blocks, sum_over_blocks, transposed, BLOCK};
+use crate::low_rank::{for_blocks, input_grad, sum_over_blocks, transposed, BLOCK};
 use crate::small_gemm::{small_gemm, Strided};
 
 /// `x [.., c·d]·(scale·w1 ⊗ w2)ᵀ` for `w1 [a, c]`, `w2 [b, d]`; returns `[.., a·b]`. Element
@@ -151,11 +151,7 @@ pub(crate) fn backward(
     let Dims { a, b, c, d } = k;
     let (inp, out) = (c * d, a * b);
     let w2t = transposed(w2, b, d);
-    let mut dx = if need_dx {
-        uninit(rows * inp)
-    } else {
-        Vec::new()
-    };
+    let mut dx = input_grad(need_dx, rows * inp);
     let dxp = SendPtr(dx.as_mut_ptr());
     // The factors' gradients, unscaled.
     let start = || {

@@ -216,6 +216,15 @@ pub(crate) fn forward(x: &[f32], a: &[f32], b: &[f32], k: Size, scale: f32) -> V
     y
 }
 
+/// A buffer for the input's gradient, empty when nothing upstream trains.
+pub(crate) fn input_grad(need: bool, len: usize) -> Vec<f32> {
+    if need {
+        uninit(len)
+    } else {
+        Vec::new()
+    }
+}
+
 /// The backward on slices, for the incoming gradient `g [rows, out]`: the input's gradient
 /// (when `need_dx`), dA and dB.
 pub(crate) fn backward(
@@ -229,11 +238,7 @@ pub(crate) fn backward(
 ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
     let Size { rows, inp, r, out } = k;
     let bt = transposed(b, out, r);
-    let mut dx = if need_dx {
-        uninit(rows * inp)
-    } else {
-        Vec::new()
-    };
+    let mut dx = input_grad(need_dx, rows * inp);
     let dxp = SendPtr(dx.as_mut_ptr());
     // dA [r, in] and dBᵀ/s [r, out].
     let start = || {
