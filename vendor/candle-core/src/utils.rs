@@ -394,7 +394,14 @@ pub fn init_global_threadpool() {
         .build_global();
 }
 
+/// The hardware's count is read once: it parses `/proc/cpuinfo` and sysfs files, and
+/// `get_num_threads` is called on every matmul.
 fn default_num_threads() -> usize {
+    static DEFAULT: OnceLock<usize> = OnceLock::new();
+    *DEFAULT.get_or_init(hardware_num_threads)
+}
+
+fn hardware_num_threads() -> usize {
     let physical = {
         #[cfg(target_os = "macos")]
         {
