@@ -40,8 +40,16 @@ const REFERENCE_MS: [(&str, f64); 6] = [
 const ROUNDS: usize = 3;
 /// Timed steps per method per round.
 const STEPS: usize = 10;
-/// Steps, then as many replays, per block of the GEMM floor's timing.
+/// Timed steps, then as many replays, per block of the GEMM floor's timing (each after one
+/// untimed).
 const FLOOR_BLOCK: usize = 5;
+/// Blocks of the GEMM floor's timing per method.
+const FLOOR_BLOCKS: usize = 6;
+
+/// Blocks of the GEMM floor's timing: `PEFTBENCH_BENCH_FLOOR_BLOCKS`, else [`FLOOR_BLOCKS`].
+fn floor_blocks() -> usize {
+    env_usize("PEFTBENCH_BENCH_FLOOR_BLOCKS", FLOOR_BLOCKS).max(1)
+}
 
 /// Timed steps per method per round: `PEFTBENCH_BENCH_STEPS`, else [`STEPS`] (large shapes on
 /// a CPU take seconds a step).
@@ -166,35 +174,46 @@ fn main() {
     }
     // The GEMM floor: each method's step's own GEMM calls (recorded from one step) replayed
     // alone, one method at a time so only one set of replay buffers is alive. Blocks of
-    // replays alternate with blocks of the same method's steps and the share is the floor
-    // over those steps, so both are timed in the same stretch of the run (the host's speed
-    // drifts); in blocks, as a step timed right after a replay runs on the replay's cache
-    // (alternating one by one read 2-20% slower steps than the rounds), and the medians
-    // leave each block's first out.
+    // replays alternate with blocks of the same method's steps, so both are timed in the
+    // same stretch of the run (the host's speed drifts); in blocks, as a step timed right
+    // after a replay runs on the replay's cache (alternating one by one read 2-20% slower
+    // steps than the rounds), and each block's first step and first replay are left out.
+    // The share is the median over blocks of each block's floor over its steps: a burst of
+    // host noise moves one block, not the result.
     let mut floors = Vec::new();
     let mut paired = Vec::new();
     let mut owns = Vec::new();
+    let mut shares = Vec::new();
     for s in setups.iter_mut() {
         let ((), record) = peftbench_backbone::gemm_floor::record_all(|| s.step(&b));
         let mut replay = peftbench_backbone::gemm_floor::Replay::of(record);
         replay.run();
-        let (mut floor, mut own, mut step) = (Vec::new(), Vec::new(), Vec::new());
-        for block in 0..steps().div_ceil(FLOOR_BLOCK) {
-            let n = FLOOR_BLOCK.min(steps() - block * FLOOR_BLOCK);
-            for _ in 0..n {
+        let (mut floor, mut own, mut step, mut share) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..floor_blocks() {
+            let (mut f, mut st) = (Vec::new(), Vec::new());
+            for i in 0..=FLOOR_BLOCK {
                 let t0 = Instant::now();
                 s.step(&b);
-                step.push(t0.elapsed().as_secs_f64() * 1e3);
+                if i > 0 {
+                    st.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
             }
-            for _ in 0..n {
+            for i in 0..=FLOOR_BLOCK {
                 let [library, own_kernels] = replay.run_split();
-                floor.push((library + own_kernels) * 1e3);
-                own.push(own_kernels * 1e3);
+                if i > 0 {
+                    f.push((library + own_kernels) * 1e3);
+                    own.push(own_kernels * 1e3);
+                }
             }
+            share.push(median(&f) / median(&st));
+            floor.extend(f);
+            step.extend(st);
         }
         floors.push(median(&floor));
         owns.push(median(&own));
         paired.push(median(&step));
+        shares.push(median(&share));
     }
     let full_peak = methods
         .iter()
@@ -238,7 +257,7 @@ fn main() {
     }
     let _ = writeln!(md, "Device: {device}, dtype {dtype}, shape {shape}.\n");
     let _ = writeln!(md, "all-MiniLM-L6-v2 shape unless named above, batch {rows} × {seq}, each method's default configuration (the reference's: LoRA r=8 on query/value, AdaLoRA 12 → 8, 20 virtual tokens), {objective}, trainable counts include the 2-class head, median ms of interleaved steps after {warm} warm-up, peak MB the heap's high-water mark while the method is attached and takes two steps (the base's weights included), {} threads. {py_note}. Produced by `cargo bench --bench step_table`.\n", candle_core::utils::get_num_threads());
-    let _ = writeln!(md, "GEMM ms is the step's floor: every GEMM call one step of the method made (candle's matmuls and the backbone's own projection and attention kernels, recorded by `candle_core::gemm_trace`) replayed alone with the same shapes, strides and threading, and the small products of the low-rank and Kronecker deltas replayed by their own kernels (own ms, part of GEMM ms), median of {} replays in the same run; in GEMM is that over the median of as many steps of the method timed in blocks of {FLOOR_BLOCK} alternating with blocks of the replays, not over ms/step, which comes from the rounds beside PyTorch: the host's speed drifts between phases of a run.\n", steps());
+    let _ = writeln!(md, "GEMM ms is the step's floor: every GEMM call one step of the method made (candle's matmuls and the backbone's own projection and attention kernels, recorded by `candle_core::gemm_trace`) replayed alone with the same shapes, strides and threading, and the small products of the low-rank and Kronecker deltas replayed by their own kernels (own ms, part of GEMM ms), median of {} replays in the same run; in GEMM is the median over {} blocks of a block's median floor over its median step, each block {FLOOR_BLOCK} steps of the method then {FLOOR_BLOCK} replays (each after one untimed), not the floor over ms/step, which comes from the rounds beside PyTorch: the host's speed drifts between phases of a run.\n", floor_blocks() * FLOOR_BLOCK, floor_blocks());
     let _ = writeln!(md, "| method | trainable | ms/step | GEMM ms | own ms | in GEMM | tokens/s | peak MB | peak vs full FT | {py_label} | ratio |");
     let _ = writeln!(
         md,
@@ -273,7 +292,7 @@ fn main() {
             setups[i].trainable,
             floors[i],
             owns[i],
-            100.0 * floors[i] / paired[i],
+            100.0 * shares[i],
             py.map_or("-".to_string(), |p| format!("{p:.0}")),
             fmt(ratio)
         );
@@ -285,7 +304,7 @@ fn main() {
             floors[i],
             owns[i],
             paired[i],
-            floors[i] / paired[i],
+            shares[i],
             py.map_or(String::new(), |p| format!("{p:.1}")),
             python.is_some(),
             ratio.map_or(String::new(), |r| format!("{r:.3}"))
