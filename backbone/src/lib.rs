@@ -29,6 +29,7 @@ pub mod model;
 mod no_grad;
 pub mod ops;
 pub mod params;
+mod prepend;
 mod quantized;
 pub mod random;
 pub mod read;

@@ -958,7 +958,6 @@ impl Transformer {
             cached,
         } = step;
         let cfg = &self.config;
-        let b = x.dim(0)?;
         let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim());
         let site = |proj| Site { layer: i, proj };
         // Queries only where the caller reads; keys and values everywhere.
@@ -978,19 +977,8 @@ impl Transformer {
             k = ops::rope(&k, cos, sin, nkv)?;
         }
         if let Some(p) = prefix.filter(|p| !p.is_empty()) {
-            let len = p.len();
-            let batched = |y: &Tensor| -> candle_core::Result<Tensor> {
-                let y = y.to_dtype(self.dtype)?;
-                if y.rank() == 2 {
-                    y.unsqueeze(0)?
-                        .broadcast_as((b, len, nkv * d))?
-                        .contiguous()
-                } else {
-                    Ok(y)
-                }
-            };
-            k = Tensor::cat(&[&batched(&p.key)?, &k], 1)?;
-            v = Tensor::cat(&[&batched(&p.value)?, &v], 1)?;
+            k = ops::prepend_rows(&p.key.to_dtype(self.dtype)?, &k)?;
+            v = ops::prepend_rows(&p.value.to_dtype(self.dtype)?, &v)?;
         }
         if let Some((ck, cv)) = cached {
             if ck.elem_count() > 0 {

@@ -11,6 +11,7 @@ use candle_core::{DType, Result, Tensor, D};
 
 pub use crate::kronecker::kronecker_product;
 pub use crate::low_rank::low_rank_delta;
+pub use crate::prepend::prepend_rows;
 
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
