@@ -15,9 +15,9 @@ use crate::fused::{slice, uninit, with_slices};
 /// `[b, len, w]` (one per example); returns `[b, len + t, w]`.
 pub fn prepend_rows(p: &Tensor, x: &Tensor) -> Result<Tensor> {
     let (b, _, w) = x.dims3()?;
-    let len = match p.dims() {
-        &[len, pw] if pw == w => len,
-        &[pb, len, pw] if pb == b && pw == w => len,
+    let len = match *p.dims() {
+        [len, pw] if pw == w => len,
+        [pb, len, pw] if pb == b && pw == w => len,
         _ => bail!("prepend rows: rows {:?} before {:?}", p.dims(), x.dims()),
     };
     if crate::fused::eligible(&[x, p]) && len * w > 0 {
