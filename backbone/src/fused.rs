@@ -648,8 +648,23 @@ fn column_sums(g: &[f32], x: Option<&[f32]>, n: usize) -> Vec<f32> {
             let range = c * s..(c * s + s).min(g.len());
             let mut acc = vec![0f32; n];
             match x {
-                None => add_rows_into(&mut acc, &g[range]),
-                Some(x) => add_row_products_into(&mut acc, &g[range.clone()], &x[range]),
+                None => {
+                    for row in g[range].chunks_exact(n) {
+                        for (a, &g) in acc.iter_mut().zip(row) {
+                            *a += g;
+                        }
+                    }
+                }
+                Some(x) => {
+                    let rows = g[range.clone()]
+                        .chunks_exact(n)
+                        .zip(x[range].chunks_exact(n));
+                    for (g, x) in rows {
+                        for ((a, &g), &x) in acc.iter_mut().zip(g).zip(x) {
+                            *a += g * x;
+                        }
+                    }
+                }
             }
             acc
         })
@@ -658,59 +673,27 @@ fn column_sums(g: &[f32], x: Option<&[f32]>, n: usize) -> Vec<f32> {
         // In chunk order: rayon's `reduce` pairs partial sums as its threads happen to split
         // the work, so the bits of a bias's or a scale's gradient would differ run to run.
         .reduce(|mut a, b| {
-            add_rows_into(&mut a, &b);
+            for (x, y) in a.iter_mut().zip(&b) {
+                *x += y;
+            }
             a
         })
         .unwrap_or_else(|| vec![0f32; n])
 }
 
-// The column ops are passes over whole activations: built for the CPU's widest vectors.
-simd! {
-    /// `acc += row` for every row of `rows` (rows of `acc.len()`).
-    fn add_rows_into(acc: &mut [f32], rows: &[f32]) {
-        for row in rows.chunks_exact(acc.len()) {
-            for (a, &g) in acc.iter_mut().zip(row) {
-                *a += g;
-            }
-        }
-    }
-}
-
-simd! {
-    /// `acc += g[row] ⊙ x[row]` for every row (rows of `acc.len()`).
-    fn add_row_products_into(acc: &mut [f32], g: &[f32], x: &[f32]) {
-        let n = acc.len();
-        for (g, x) in g.chunks_exact(n).zip(x.chunks_exact(n)) {
-            for ((a, &g), &x) in acc.iter_mut().zip(g).zip(x) {
-                *a += g * x;
-            }
-        }
-    }
-}
-
-simd! {
-    /// `o = r + v` elementwise.
-    fn add_row(o: &mut [f32], r: &[f32], v: &[f32]) {
-        for ((o, &r), &v) in o.iter_mut().zip(r).zip(v) {
-            *o = r + v;
-        }
-    }
-}
-
-simd! {
-    /// `o = r ⊙ v` elementwise.
-    fn mul_row(o: &mut [f32], r: &[f32], v: &[f32]) {
-        for ((o, &r), &v) in o.iter_mut().zip(r).zip(v) {
-            *o = r * v;
-        }
-    }
-}
-
 /// `out[row] = y[row] (+ or ⊙) v` for rows of `v.len()`.
 fn apply_columns(op: ColumnOp, y: &[f32], v: &[f32]) -> Vec<f32> {
     map_rows(y, v.len(), |r, o| match op {
-        ColumnOp::Add => add_row(o, r, v),
-        ColumnOp::Mul => mul_row(o, r, v),
+        ColumnOp::Add => {
+            for ((o, &r), &v) in o.iter_mut().zip(r).zip(v) {
+                *o = r + v;
+            }
+        }
+        ColumnOp::Mul => {
+            for ((o, &r), &v) in o.iter_mut().zip(r).zip(v) {
+                *o = r * v;
+            }
+        }
     })
 }
 
